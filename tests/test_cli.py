@@ -1,0 +1,41 @@
+"""The command line: validate prints ok or every problem (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from secure_kd.cli import app
+
+runner = CliRunner()
+
+
+def test_validate_ok():
+    result = runner.invoke(app, ["validate", "configs/tiny.yaml"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "ok"
+
+
+def test_validate_reports_every_error_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kd: {temperature: 0, params: {beta: 2}}\ntrain: {lr: -1}\nbogus: 1\n")
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    text = result.output
+    assert "Traceback" not in text
+    for field in ("kd.temperature", "train.lr", "bogus"):
+        assert field in text
+
+
+def test_validate_with_override_error():
+    result = runner.invoke(app, ["validate", "configs/tiny.yaml", "--set", "kd.params.beta=-0.5"])
+    assert result.exit_code == 2 and "beta" in result.output
+
+
+def test_distill_missing_config_file():
+    result = runner.invoke(app, ["distill", "--config", "nope.yaml"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_bench_unknown_name():
+    result = runner.invoke(app, ["bench", "no_such_bench"])
+    assert result.exit_code == 2 and "no benchmark" in result.output

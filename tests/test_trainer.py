@@ -1,0 +1,160 @@
+"""The Distiller: learning happens, resume is exact, on-policy and seq-KD generate, fused == unfused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from secure_kd.checkpoint import ResumeError, latest_checkpoint
+from secure_kd.config import KDConfig, TrainConfig
+from secure_kd.teacher_targets import LiveTeacher
+from secure_kd.trainer import Distiller, TrainingInterrupted
+
+PAD, EOS = 0, 1
+
+
+def make_distiller(tiny_llama, examples, out, *, kd=None, train=None, student_seed=1, on_step=None, run_hash="h",
+                   wrap=None):
+    teacher = tiny_llama(hidden=48, layers=2, seed=0).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = tiny_llama(seed=student_seed)
+    if wrap is not None:
+        student = wrap(student)
+    kd = kd or KDConfig(loss="forward_kl", top_k=None)
+    train = train or TrainConfig(max_steps=8, batch_size=4, lr=3e-3, checkpoint_every=3, schedule="constant")
+    return Distiller(
+        student=student, teacher=teacher, targets=LiveTeacher(teacher, kd.top_k), examples=examples, kd=kd,
+        train=train, out=out, pad_id=PAD, eos_id=EOS, seed=0, run_hash=run_hash, progress=False, on_step=on_step,
+    )
+
+
+def test_kd_loss_decreases(tiny_llama, token_examples, tmp_path):
+    d = make_distiller(tiny_llama, token_examples(), tmp_path,
+                       train=TrainConfig(max_steps=40, batch_size=8, lr=1e-2, schedule="constant"))
+    result = d.fit()
+    assert result.steps == 40 and len(result.losses) == 40
+    assert sum(result.losses[-5:]) / 5 < 0.5 * sum(result.losses[:5]) / 5
+    assert result.tokens > 0
+
+
+def test_resume_after_kill_reproduces_the_loss_curve(tiny_llama, token_examples, tmp_path):
+    examples = token_examples()
+    full = make_distiller(tiny_llama, examples, tmp_path / "full").fit().losses
+
+    def kill(step, loss):
+        if step == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_distiller(tiny_llama, examples, tmp_path / "run", on_step=kill).fit()
+    assert latest_checkpoint(tmp_path / "run").name == "step-000003"
+    # a fresh process: a new student from a different init; the checkpoint restores everything
+    resumed = make_distiller(tiny_llama, examples, tmp_path / "run", student_seed=99).fit(resume=True)
+    assert resumed.resumed_from == 3
+    assert resumed.losses == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
+def test_ctrl_c_saves_and_resumes(tiny_llama, token_examples, tmp_path):
+    examples = token_examples()
+    full = make_distiller(tiny_llama, examples, tmp_path / "full").fit().losses
+
+    def interrupt(step, loss):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as info:
+        make_distiller(tiny_llama, examples, tmp_path / "run", on_step=interrupt).fit()
+    assert info.value.step == 4 and info.value.checkpoint.name == "step-000004"
+    resumed = make_distiller(tiny_llama, examples, tmp_path / "run").fit(resume=True)
+    assert resumed.resumed_from == 4
+    assert resumed.losses == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
+def test_resume_refuses_a_changed_config(tiny_llama, token_examples, tmp_path):
+    examples = token_examples()
+    make_distiller(tiny_llama, examples, tmp_path, run_hash="a").fit()
+    with pytest.raises(ResumeError, match="different configuration"):
+        make_distiller(tiny_llama, examples, tmp_path, run_hash="b").fit(resume=True)
+
+
+def test_fused_path_matches_logits_path(tiny_llama, token_examples, tmp_path):
+    examples = token_examples(n=8)
+    kd_top = dict(loss="forward_kl", top_k=8, tail="uniform", ce_weight=0.5)
+    plain = make_distiller(tiny_llama, examples, tmp_path / "a", kd=KDConfig(**kd_top))
+    fused = make_distiller(tiny_llama, examples, tmp_path / "b", kd=KDConfig(**kd_top, fused=True))
+    batch = plain.micro_batch(0)
+    values = []
+    for d in (plain, fused):
+        loss, _ = d.loss_on(batch)
+        loss.backward()
+        values.append(loss.detach())
+    torch.testing.assert_close(values[0], values[1], rtol=1e-6, atol=0)
+    for pa, pb in zip(plain.student.parameters(), fused.student.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_on_policy_student_generates(tiny_llama, token_examples, tmp_path, monkeypatch):
+    calls = []
+    d = make_distiller(
+        tiny_llama, token_examples(n=8), tmp_path,
+        kd=KDConfig(loss="jsd", top_k=None, mode="on_policy", lmbda=1.0, max_new_tokens=4),
+        train=TrainConfig(max_steps=2, batch_size=4, schedule="constant"),
+    )
+    original = d.student.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(d.student, "generate", spy)
+    result = d.fit()
+    assert len(calls) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_on_policy_lmbda_zero_never_generates(tiny_llama, token_examples, tmp_path, monkeypatch):
+    d = make_distiller(
+        tiny_llama, token_examples(n=8), tmp_path,
+        kd=KDConfig(loss="jsd", top_k=None, mode="on_policy", lmbda=0.0),
+        train=TrainConfig(max_steps=2, batch_size=4),
+    )
+    monkeypatch.setattr(d.student, "generate", lambda *a, **k: pytest.fail("student generated"))
+    d.fit()
+
+
+def test_seq_kd_trains_on_teacher_generations(tiny_llama, token_examples, tmp_path, monkeypatch):
+    from secure_kd import generation
+
+    seen = []
+    real = generation.generate_continuations
+
+    def spy(model, batch, **kwargs):
+        new = real(model, batch, **kwargs)
+        seen.append((model, batch["input_ids"].shape, new))
+        return new
+
+    monkeypatch.setattr("secure_kd.trainer.generate_continuations", spy)
+    d = make_distiller(
+        tiny_llama, token_examples(n=8), tmp_path,
+        kd=KDConfig(loss="forward_kl", top_k=None, mode="seq_kd", max_new_tokens=3),
+        train=TrainConfig(max_steps=1, batch_size=4),
+    )
+    d.fit()
+    (model, _, new), = seen
+    assert model is d.teacher
+    # only generated tokens are trained: every row has <= 3 trained labels, prompts masked
+    trained = (new["labels"] != -100).sum(1)
+    assert bool((trained <= 3).all()) and bool((trained >= 1).all())
+
+
+def test_lora_student_trains_only_adapters(tiny_llama, token_examples, tmp_path):
+    from secure_kd.config import LoraConfig
+    from secure_kd.models import apply_lora
+
+    d = make_distiller(tiny_llama, token_examples(n=8), tmp_path,
+                       train=TrainConfig(max_steps=2, batch_size=4, lr=1e-2),
+                       wrap=lambda m: apply_lora(m, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    before = {n: p.detach().clone() for n, p in d.student.named_parameters()}
+    d.fit()
+    changed = {n for n, p in d.student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
