@@ -103,6 +103,15 @@ def _records(job: DistillJob) -> tuple[list[dict], list[dict], dict[str, Any]]:
     return train, heldout, {"source": data.train}
 
 
+def record_text(record: dict, text_field: str) -> str:
+    """All the text of a record, whatever its schema (for training a tokenizer on it)."""
+    if text_field in record:
+        return str(record[text_field])
+    if "messages" in record:
+        return "\n".join(str(m.get("content", "")) for m in record["messages"])
+    return "\n".join(str(record.get(k, "")) for k in ("prompt", "completion"))
+
+
 def _tokenizer(job: DistillJob, texts: list[str], out: Path):
     spec = job.tokenizer
     if spec == "teacher":
@@ -148,13 +157,18 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
     device = resolve_device(job.device)
 
     train_records, heldout_records, data_info = _records(job)
-    tokenizer = _tokenizer(job, [r.get(job.data.text_field, "") for r in train_records], out)
+    tokenizer = _tokenizer(job, [record_text(r, job.data.text_field) for r in train_records], out)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenize = dict(max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt)
     train = tokenize_records(train_records, tokenizer, **tokenize)
     heldout = tokenize_records(heldout_records, tokenizer, **tokenize)
     if job.data.packing:
         train = pack_examples(train, job.data.max_length, eos_id=tokenizer.eos_token_id)
+    if not train or not heldout:
+        raise ValueError(
+            f"after tokenization there are {len(train)} training and {len(heldout)} held-out sequences; "
+            "give more records or a larger data.max_length"
+        )
 
     teacher = load_teacher(job.teacher, vocab_size=len(tokenizer), seed=job.seed, pad_token_id=pad_id).to(device)
     student = load_student(
