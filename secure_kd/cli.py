@@ -111,6 +111,54 @@ def evaluate(
     typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
 
 
+def _run_plugin(kind: str, name: str, config: Path | None, overrides: list[str], out: Path | None) -> None:
+    """Shared by `attack` and `defend`: validate the plugin's Config, run it, print the result path."""
+    if kind == "attack":
+        from attacks import available_attacks as available
+        from attacks import get_attack as get
+    else:
+        from defenses import available_defenses as available
+        from defenses import get_defense as get
+    if name == "list":
+        typer.echo("\n".join(f"{n}: {get(n).summary}" for n in available()))
+        return
+    try:
+        plugin = get(name)
+    except KeyError as exc:
+        raise ConfigError([(kind, str(exc))]) from None
+    job = load_config(config, _with_out(overrides, out), plugin.Config)
+    result = plugin.run(job)
+    where = Path(getattr(job, "out", ".")) / "results.json"
+    console.print(f"{kind} {name}: done; results: {where}")
+    summary = result.model_dump(mode="json")
+    headline = {k: v for k, v in summary.items() if isinstance(v, int | float | str | bool)}
+    typer.echo(json.dumps(headline, indent=2))
+
+
+@app.command()
+@user_errors
+def attack(
+    name: str = typer.Argument(..., help="attack name, or `list`"),
+    config: Path | None = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    out: Path | None = OUT_OPTION,
+) -> None:
+    """Run an attack from the registry (`secure-kd attack list` shows them) and write results.json."""
+    _run_plugin("attack", name, config, overrides, out)
+
+
+@app.command()
+@user_errors
+def defend(
+    name: str = typer.Argument(..., help="defense name, or `list`"),
+    config: Path | None = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    out: Path | None = OUT_OPTION,
+) -> None:
+    """Run a defense from the registry (`secure-kd defend list` shows them) and write results.json."""
+    _run_plugin("defense", name, config, overrides, out)
+
+
 @assets_app.command("fetch-smollm2")
 @user_errors
 def fetch_smollm2_cmd(

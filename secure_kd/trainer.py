@@ -225,7 +225,7 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         if self.objective_module is not None and hasattr(self.objective_module, "update"):
-            self.objective_module.update(total)
+            self.objective_module.update(total, step + 1, self.total_steps)
         return total, tokens
 
     # -- loop ----------------------------------------------------------------------------------------

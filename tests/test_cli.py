@@ -39,3 +39,27 @@ def test_distill_missing_config_file():
 def test_bench_unknown_name():
     result = runner.invoke(app, ["bench", "no_such_bench"])
     assert result.exit_code == 2 and "no benchmark" in result.output
+
+
+def test_attack_list_and_unknown():
+    listed = runner.invoke(app, ["attack", "list"])
+    assert listed.exit_code == 0 and "logit_leak" in listed.output
+    unknown = runner.invoke(app, ["attack", "no_such_attack"])
+    assert unknown.exit_code == 2 and "available" in unknown.output
+
+
+def test_attack_logit_leak_from_cli(tmp_path):
+    result = runner.invoke(app, ["attack", "logit_leak", "--config", "configs/attacks/logit_leak.yaml",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["schema_version"] == 1
+    assert data["estimated_hidden_size"] == data["true_hidden_size"]
+
+
+def test_attack_bad_config_is_a_user_error(tmp_path):
+    result = runner.invoke(app, ["attack", "logit_leak", "--config", "configs/attacks/logit_leak.yaml",
+                                 "--set", "bogus=1"])
+    assert result.exit_code == 2 and "bogus" in result.output

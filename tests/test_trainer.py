@@ -158,3 +158,23 @@ def test_lora_student_trains_only_adapters(tiny_llama, token_examples, tmp_path)
     d.fit()
     changed = {n for n, p in d.student.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_taid_t_advances_and_is_checkpointed(tiny_llama, token_examples, tmp_path):
+    examples = token_examples(n=8)
+    kd = KDConfig(loss="taid", top_k=None)
+    train = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, checkpoint_every=3, schedule="constant")
+    full = make_distiller(tiny_llama, examples, tmp_path / "full", kd=kd, train=train)
+    full.fit()
+    t_start = full.objective_module.t_start if hasattr(full.objective_module, "t_start") else 0.4
+    assert float(full.objective_module.t) > t_start
+
+    def kill(step, loss):
+        if step == 4:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        make_distiller(tiny_llama, examples, tmp_path / "run", kd=kd, train=train, on_step=kill).fit()
+    resumed = make_distiller(tiny_llama, examples, tmp_path / "run", kd=kd, train=train)
+    resumed.fit(resume=True)
+    assert float(resumed.objective_module.t) == pytest.approx(float(full.objective_module.t))
