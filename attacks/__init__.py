@@ -8,7 +8,8 @@ from secure_kd.plugins import Plugin
 from secure_kd.registry import Registry
 
 ATTACKS: Registry[Plugin] = Registry("attack")
-_MODULES = ()  # modules that register themselves on import; filled as attacks land
+# Modules that register themselves on import.
+_MODULES = ("logit_leak", "clone", "memorization", "membership")
 
 
 def _load_all() -> None:

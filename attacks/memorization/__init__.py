@@ -1,0 +1,28 @@
+"""Memorization audits: canary exposure (`exposure`), training-data extraction (`extraction`) and the
+`memorization` plugin (`audit`)."""
+
+from attacks.memorization.audit import MemorizationConfig, MemorizationResult, run
+from attacks.memorization.exposure import CanaryExposure, mean_exposure_by_repeats, measure_canary
+from attacks.memorization.extraction import (
+    TrainingDataIndex,
+    precision_at,
+    sample_generations,
+    targeted_canary_extraction,
+    zlib_entropy_bits,
+    zlib_ratio,
+)
+
+__all__ = [
+    "CanaryExposure",
+    "MemorizationConfig",
+    "MemorizationResult",
+    "TrainingDataIndex",
+    "mean_exposure_by_repeats",
+    "measure_canary",
+    "precision_at",
+    "run",
+    "sample_generations",
+    "targeted_canary_extraction",
+    "zlib_entropy_bits",
+    "zlib_ratio",
+]
