@@ -1,0 +1,58 @@
+"""Distillation objectives.
+
+Every entry of the registry `LOSSES` is found by name with `get_loss(name)`; `available_losses()`
+lists the names. `loss_info(name)` (also `get_loss(name).loss_info`) says how to call an entry:
+
+- `stateful=False` (a function): call it directly,
+  `loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, reduction="mean",
+  tail=None, chunk_size=None, **params) -> Tensor`.
+  Names: forward_kl, reverse_kl, jsd (beta), tvd, skew_forward_kl / skew_reverse_kl (alpha),
+  token_selective (ratio), ce (teacher ignored, labels required).
+- `stateful=True` (an `nn.Module` class): instantiate it once per run, keep it with the student
+  (its `state_dict` goes into checkpoints, its parameters, if any, into the optimizer) and call the
+  instance. `taid` -> `TAID(t_start=..., ...)`, same call as above, plus `update(loss, step,
+  total_steps)` once per optimizer step; `hidden_mse` -> `HiddenMSE(student_dim, teacher_dim)`, called
+  with hidden states (`inputs="hidden"`).
+
+Conventions shared by all logit objectives: logits [batch, seq, vocab] or [batch, classes]; labels
+-100 excluded, never shifted here; "mean" over kept tokens, "none" per-example means [batch], "sum";
+logits divided by the temperature, never multiplied by temperature**2; `teacher_logits` may be a
+`TopKLogits`, then `tail="uniform"` or `tail="zero"` is required. Memory: the kept tokens are
+processed in chunks in forward and backward (see `chunked.py`); `fused_linear_kd_loss` also fuses
+the output layer so the student's logits are never materialized.
+"""
+
+from secure_kd.losses.catalog import LOSSES, LossInfo, loss_info
+from secure_kd.losses.ce import ce
+from secure_kd.losses.forward_kl import forward_kl
+from secure_kd.losses.fused import fused_linear_kd_loss
+from secure_kd.losses.hidden_mse import HiddenMSE
+from secure_kd.losses.jsd import jsd
+from secure_kd.losses.reverse_kl import reverse_kl
+from secure_kd.losses.skew_forward_kl import skew_forward_kl
+from secure_kd.losses.skew_reverse_kl import skew_reverse_kl
+from secure_kd.losses.taid import TAID
+from secure_kd.losses.token_selective import token_selective
+from secure_kd.losses.tvd import tvd
+from secure_kd.topk import TopKLogits
+
+
+def get_loss(name: str):
+    """The registered objective: a function, or an `nn.Module` class to instantiate (see `loss_info`)."""
+    return LOSSES.get(name)
+
+
+def available_losses() -> list[str]:
+    return LOSSES.names()
+
+
+def is_stateful(name: str) -> bool:
+    """True when `get_loss(name)` is an `nn.Module` class (TAID, hidden-state matching)."""
+    return loss_info(name).stateful
+
+
+__all__ = [
+    "LOSSES", "LossInfo", "TopKLogits", "available_losses", "get_loss", "is_stateful", "loss_info",
+    "fused_linear_kd_loss", "ce", "forward_kl", "jsd", "reverse_kl", "skew_forward_kl", "skew_reverse_kl",
+    "token_selective", "tvd", "TAID", "HiddenMSE",
+]
