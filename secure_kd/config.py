@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from secure_kd.dp.config import PrivacyConfig
+
 SCHEMA_VERSION = 1
 
 
@@ -61,6 +63,9 @@ class ModelConfig(Strict):
     tiny: TinyModelConfig = TinyModelConfig()
     layers: list[int] | None = None
     lora: LoraConfig | None = None
+    freeze_embeddings: bool = Field(
+        False, description="students: keep the input embeddings (and a tied output layer) fixed; faster on CPU"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 
@@ -124,7 +129,10 @@ class KDConfig(Strict):
     teacher_targets: Literal["live", "cache"] = "live"
     top_k: int | None = Field(64, gt=0, description="teacher top-k; null = full vocabulary (live only)")
     tail: Literal["uniform", "zero"] = "uniform"
-    chunk_size: int = Field(1024, gt=0)
+    chunk_size: int | None = Field(
+        None, gt=0, description="tokens per loss chunk; default: about 8 MiB of float32 per chunk (42 tokens at "
+        "vocab 49,152), which measured fastest on CPU"
+    )
     fused: bool = False
     mode: Literal["off_policy", "on_policy", "seq_kd"] = "off_policy"
     lmbda: float = Field(0.5, ge=0, le=1, description="on_policy: fraction of batches the student generates")
@@ -180,6 +188,7 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(50, gt=0)
     log_every: int = Field(10, gt=0)
     eval_batches: int = Field(8, gt=0)
+    privacy: PrivacyConfig | None = Field(None, description="DP-SGD of the student; see docs/privacy.md")
 
 
 class DistillJob(Strict):
@@ -205,7 +214,30 @@ class DistillJob(Strict):
             raise ValueError("teacher.source cannot be 'teacher_layers'; that is a way to build a student")
         if self.tokenizer.startswith("tiny:") and self.teacher.source == "smollm2":
             raise ValueError("the SmolLM2 teacher has its own tokenizer: use tokenizer: teacher")
+        if self.train.privacy is not None:
+            _check_private_job(self)
         return self
+
+
+def _check_private_job(job: DistillJob) -> None:
+    """What DP-SGD (train.privacy) cannot protect or cannot see, refused before anything runs."""
+    from secure_kd.losses import loss_info
+
+    if job.data.packing:
+        raise ValueError(
+            "train.privacy with data.packing: DP protects one record per training sequence, and a packed "
+            "block mixes several records; set data.packing: false"
+        )
+    if job.kd.fused:
+        raise ValueError(
+            "train.privacy with kd.fused: the fused loss bypasses the output layer module, so Opacus cannot "
+            "see its per-example gradients; set kd.fused: false"
+        )
+    if loss_info(job.kd.loss).stateful:
+        raise ValueError(
+            f"train.privacy with kd.loss {job.kd.loss!r}: its state is updated from whole batches, outside "
+            "DP-SGD; choose a stateless objective (forward_kl, reverse_kl, jsd, tvd, skew_*, ce, ...)"
+        )
 
 
 class ConfigError(ValueError):
