@@ -43,6 +43,11 @@ from secure_kd.paths import atomic_write_json
 from secure_kd.teacher_targets import CachedTeacher, LiveTeacher
 from secure_kd.trainer import Distiller, config_hash
 
+TOKENIZER_CAVEAT = (
+    "the tokenizer was trained on the private training text (tokenizer: tiny:N): its vocabulary is "
+    "outside the DP guarantee; train it on public text for a complete guarantee"
+)
+
 
 class EvalSummary(BaseModel):
     perplexity: float
@@ -71,6 +76,7 @@ class DistillResult(BaseModel):
     resumed_from: int | None
     student_dir: str
     cache: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -157,7 +163,9 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
     device = resolve_device(job.device)
 
     train_records, heldout_records, data_info = _records(job)
-    tokenizer = _tokenizer(job, [record_text(r, job.data.text_field) for r in train_records], out)
+    # A tokenizer trained on the canaries can learn a secret as one token and fake high exposure.
+    tokenizer_texts = [record_text(r, job.data.text_field) for r in train_records if r.get("topic") != "canary"]
+    tokenizer = _tokenizer(job, tokenizer_texts, out)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenize = dict(max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt)
     train = tokenize_records(train_records, tokenizer, **tokenize)
@@ -196,11 +204,23 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         {**job.model_dump(exclude={"out": True, "train": {"max_steps", "epochs", "checkpoint_every", "log_every"}}),
          "data_fingerprint": data_fp}
     )
-    distiller = Distiller(
+    trainer_args = dict(
         student=student, teacher=teacher, targets=targets, examples=train, kd=job.kd, train=job.train, out=out,
         pad_id=pad_id, eos_id=tokenizer.eos_token_id, seed=job.seed, device=device, run_hash=run_hash,
         progress=progress,
     )
+    if job.train.privacy is not None:
+        from secure_kd.dp.ledger import dataset_key
+        from secure_kd.dp.trainer import DPDistiller
+
+        key = dataset_key([record_text(r, job.data.text_field) for r in train_records])
+        caveats = []
+        if job.tokenizer.startswith("tiny:"):
+            caveats.append(TOKENIZER_CAVEAT)
+            log(f"warning: {TOKENIZER_CAVEAT}")
+        distiller = DPDistiller(dataset_key=key, log=log, caveats=caveats, **trainer_args)
+    else:
+        distiller = Distiller(**trainer_args)
     log(f"training {count_parameters(student, trainable_only=True):,} parameters for {distiller.total_steps} steps "
         f"on {len(train)} sequences ({job.kd.loss}, targets: {job.kd.teacher_targets}) ...")
     started = time.perf_counter()
@@ -229,6 +249,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         steps=fit.steps, train_tokens=fit.tokens, train_seconds=train_seconds,
         tokens_per_second=fit.tokens_per_second, final_loss=fit.losses[-1] if fit.losses else float("nan"),
         losses=fit.losses, resumed_from=fit.resumed_from, student_dir=str(student_dir), cache=cache_info,
+        privacy=distiller.report.model_dump(mode="json") if getattr(distiller, "report", None) else None,
     )
     atomic_write_json(out / "results.json", result.model_dump(mode="json"))
     return result

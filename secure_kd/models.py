@@ -168,6 +168,8 @@ def load_student(
     else:
         model = load_pretrained(cfg.source, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     model.to(DTYPES[cfg.dtype])
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     model.train()

@@ -1,0 +1,172 @@
+"""Time and peak memory of a DP-SGD step vs a non-DP step, per Opacus grad_sample_mode.
+
+Method. A random Llama student (4 layers, width 256, 4 heads, untied embeddings, vocabulary 8,000)
+and one fixed batch of 16 x 64 random tokens, every position trained, with a fixed random teacher
+given as its top-64 log-probabilities (uniform tail), the way a cached KD step sees it. Every variant
+starts from the same initialization and runs the same work per step: zero_grad, forward, JSD
+(beta 0.5), backward, optimizer step (torch AdamW, lr 1e-4), float32:
+
+  non_dp     the plain step: batch-mean loss, one backward, AdamW;
+  hooks      Opacus per-example gradients from its layer hooks (RMSNorm by secure-kd's rule), the
+             per-example losses (reduction="none") clipped at 1.0, Gaussian noise (sigma 1.0), AdamW;
+  functorch  the same with every per-example gradient from torch.func (vmap);
+  ghost      ghost clipping: per-example gradient norms without per-example gradients, then a
+             second backward of the clipped loss (two backward passes through the model).
+
+A DP step here is exactly what `DPDistiller` runs per physical batch (`secure_kd.dp.engine.PrivateStudent`).
+Timing: all variants live in one process; after one untimed warm-up step each, `rounds` rounds time
+`steps` steps of every variant in turn (the order rotates each round), so load changes on this shared
+machine hit all variants alike; a variant's figure is its median step time, and the ratios of the
+minimums (the least disturbed steps) are reported next to the ratios of the medians.
+Peak memory: one step in a fresh process per variant (`_measure.run_variant_in_subprocess`: VmHWM
+beyond the inputs, i.e. what the step allocates on top of weights and batch).
+
+Target (issue 4): a DP step within 1.5x of the non-DP step, with ghost clipping where the layers allow.
+Run from the repository root: `python benchmarks/dp_step.py` (writes benchmarks/results/dp_step.json)
+or `--quick` (smaller model, prints only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from _measure import ratio, run_variant_in_subprocess, write_results  # noqa: E402
+
+from secure_kd.config import TinyModelConfig  # noqa: E402
+from secure_kd.dp.engine import PrivateStudent  # noqa: E402
+from secure_kd.losses import get_loss  # noqa: E402
+from secure_kd.models import build_tiny  # noqa: E402
+from secure_kd.topk import TopKLogits  # noqa: E402
+
+VARIANTS = ("non_dp", "hooks", "functorch", "ghost")
+TARGET_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 4
+    vocab: int = 8000
+    batch: int = 16
+    seq: int = 64
+    top_k: int = 64
+
+
+QUICK = Shape(layers=2, hidden=64, heads=2, vocab=1000, batch=8, seq=32, top_k=16)
+
+
+def build_step(variant: str, **shape_fields: int) -> Callable[[], None]:
+    """One training step of `variant` on fixed data; called in-process and by the memory subprocess."""
+    shape = Shape(**shape_fields)
+    torch.manual_seed(0)
+    config = TinyModelConfig(hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads)
+    student = build_tiny(config, shape.vocab, seed=0)
+    student.train()
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    teacher = TopKLogits.from_logits(3.0 * torch.randn(shape.batch, shape.seq, shape.vocab), shape.top_k)
+    jsd = get_loss("jsd")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+
+    def loss(logits: torch.Tensor, reduction: str) -> torch.Tensor:
+        return jsd(logits, teacher, labels, beta=0.5, tail="uniform", reduction=reduction)
+
+    if variant == "non_dp":
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss(student(input_ids=ids).logits, "mean").backward()
+            optimizer.step()
+
+        return step
+    private = PrivateStudent(student, optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
+                             expected_batch_size=shape.batch, mode=variant)
+
+    def dp_step() -> None:
+        private.optimizer.zero_grad(set_to_none=True)
+        private.backward(student(input_ids=ids).logits, lambda logits: loss(logits, "none"))
+        private.optimizer.step()
+
+    return dp_step
+
+
+def within_target(time_ratio: float | None) -> bool:
+    return time_ratio is not None and time_ratio <= TARGET_RATIO
+
+
+def time_variants(shape: Shape, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    built = {name: build_step(name, **asdict(shape)) for name in VARIANTS}
+    for step in built.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for round_index in range(rounds):
+        order = VARIANTS[round_index % len(VARIANTS):] + VARIANTS[: round_index % len(VARIANTS)]
+        for name, _ in itertools.product(order, range(steps)):
+            start = time.perf_counter()
+            built[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"time_median_s": statistics.median(t), "time_min_s": min(t)} for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, prints only")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    shape = QUICK if args.quick else Shape()
+    timing = time_variants(shape, args.rounds, args.steps)
+    memory = {
+        name: run_variant_in_subprocess("dp_step:build_step", {"variant": name, **asdict(shape)}, repeats=0,
+                                        warmup=True)["peak_bytes_beyond_inputs"]
+        for name in VARIANTS
+    }
+    base_time, base_memory = timing["non_dp"]["time_median_s"], memory["non_dp"]
+    variants = {name: {**timing[name], "peak_bytes_beyond_inputs": memory[name]} for name in VARIANTS}
+    private = [name for name in VARIANTS if name != "non_dp"]
+    time_ratios = {name: ratio(timing[name]["time_median_s"], base_time) for name in private}
+    base_min = timing["non_dp"]["time_min_s"]
+    min_ratios = {name: ratio(timing[name]["time_min_s"], base_min) for name in private}
+    results = {
+        "benchmark": "dp_step",
+        "shape": asdict(replace(shape)),
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "opacus": __import__("opacus").__version__,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "variants": variants,
+        "time_ratio_vs_non_dp": time_ratios,
+        "time_ratio_vs_non_dp_of_minimums": min_ratios,
+        "memory_ratio_vs_non_dp": {name: ratio(memory[name], base_memory) for name in private},
+        "target_time_ratio": TARGET_RATIO,
+        "meets_target": {name: within_target(r) for name, r in time_ratios.items()},
+        "meets_target_by_minimums": {name: within_target(r) for name, r in min_ratios.items()},
+    }
+    if args.quick:
+        import json
+
+        print(json.dumps(results, sort_keys=True))
+    else:
+        write_results("dp_step", results)
+
+
+if __name__ == "__main__":
+    main()

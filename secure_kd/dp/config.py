@@ -1,0 +1,89 @@
+"""`train.privacy`: the DP-SGD settings of a job (pydantic only, no torch, no secure_kd.config import).
+
+Exactly one of these decides the noise:
+- `target_epsilon` alone: the noise multiplier is calibrated with Opacus so that the planned steps
+  end at that epsilon (counting what the dataset's ledger has already spent), and training stops
+  before a step that would exceed it;
+- `noise_multiplier` alone: fixed noise, the epsilon is whatever the ledger adds up to;
+- both: fixed noise, and `target_epsilon` is a hard budget (stop before exceeding it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LEDGER_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+GradSampleMode = Literal["hooks", "functorch", "ghost"]
+AccountantName = Literal["rdp", "prv"]
+
+
+class PrivacyConfig(BaseModel):
+    """Differentially private training of the student (Opacus DP-SGD, example-level)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    target_epsilon: float | None = Field(None, gt=0, description="the budget for this dataset (all runs)")
+    noise_multiplier: float | None = Field(None, gt=0, description="fixed noise; omit to calibrate it")
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="default: the largest power of ten not above 1/(10*N); must be < 1/N"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example gradient clipping bound C")
+    accountant: AccountantName = Field("rdp", description="calibrates the noise and enforces the budget")
+    poisson_sampling: bool = Field(True, description="false: shuffled fixed-size batches (not covered)")
+    grad_sample_mode: GradSampleMode = "hooks"
+    max_physical_batch_size: int | None = Field(
+        None, gt=0, description="examples per forward/backward (memory); default: train.batch_size"
+    )
+    max_noise_multiplier: float = Field(
+        10.0, gt=0, description="refuse a calibrated noise multiplier above this (noise would swamp learning)"
+    )
+    untie_embeddings: bool = Field(
+        False, description="give a tied output layer its own copy of the embedding matrix (needed for ghost)"
+    )
+    secure_mode: bool = Field(False, description="Opacus' noise sampling robust to floating-point attacks")
+    ledger_dir: str | None = Field(None, description="default: $SECURE_KD_HOME/privacy-ledgers")
+    ledger_key: str | None = Field(
+        None, description="name of the private dataset's ledger; default: a fingerprint of its records"
+    )
+
+    @field_validator("accountant", mode="before")
+    @classmethod
+    def _no_gdp(cls, value: object) -> object:
+        if value == "gdp":
+            raise ValueError(
+                "accountant 'gdp' is not offered: Opacus documents that the Gaussian DP accountant can "
+                "underestimate epsilon for DP-SGD; use 'rdp' (default) or 'prv'"
+            )
+        return value
+
+    @field_validator("ledger_key")
+    @classmethod
+    def _safe_key(cls, value: str | None) -> str | None:
+        if value is not None and not LEDGER_KEY_PATTERN.match(value):
+            raise ValueError(
+                f"ledger_key {value!r} must be 1-128 characters of letters, digits, '.', '_' or '-' "
+                "(it names a file), starting with a letter or digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _noise_is_decided(self) -> PrivacyConfig:
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                "set target_epsilon (the noise is then calibrated to it) or noise_multiplier (fixed noise), "
+                "or both (fixed noise with a hard budget)"
+            )
+        if self.noise_multiplier is not None and self.noise_multiplier > self.max_noise_multiplier:
+            raise ValueError(
+                f"noise_multiplier {self.noise_multiplier} is above max_noise_multiplier "
+                f"{self.max_noise_multiplier}; raise max_noise_multiplier if you mean it"
+            )
+        return self
+
+    def resume_relevant(self) -> dict:
+        """The settings a resumed run must share with its checkpoint (all but the physical batch size)."""
+        return self.model_dump(mode="json", exclude={"max_physical_batch_size"})

@@ -1,0 +1,237 @@
+"""Opacus wiring of a student: per-sample gradients, clipping and noise.
+
+`PrivateStudent` attaches Opacus' per-sample gradient hooks to a model (grad_sample_mode `hooks`,
+`functorch`, or `ghost` = ghost clipping, which computes per-example gradient norms without
+materializing per-example gradients) and wraps its optimizer in Opacus' DP optimizer. The caller
+feeds it per-example losses (shape [batch]): a batch mean would couple the examples.
+
+What is checked before training, with a message naming the layer and the way out:
+- a trainable layer with buffers (e.g. BatchNorm) mixes examples: freeze or replace it;
+- tied input/output embeddings that are trained are unsafe with ghost clipping in Opacus 1.6 (the
+  two uses of the one matrix get one per-example norm between them): untie them
+  (`untie_embeddings`) or use `hooks`/`functorch`, which add both uses up correctly.
+
+`LlamaRMSNorm` (tiny students, SmolLM2) gets a direct per-sample gradient rule; Opacus would
+otherwise fall back to functorch for it, which is correct but slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.grad_sample_module import GradSampleHooks
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
+from torch import Tensor, nn
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+# Raised by torch for the embedding (integer inputs) and by Opacus' functorch path on CPU; both benign.
+_BENIGN_WARNINGS = (
+    "Full backward hook is firing when gradients are computed with respect to module outputs",
+    "In CPU autocast, but the target dtype is not supported",
+)
+
+
+def _llama_rms_norm_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict:
+    """d(weight * normalize(x))/d(weight) = normalize(x), summed over positions, per example."""
+    x = activations[0]
+    if not layer.weight.requires_grad:
+        return {}
+    hidden = x.to(torch.float32)
+    inverse_rms = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)
+    normalized = (hidden * inverse_rms).to(x.dtype)
+    return {layer.weight: sum_over_all_but_batch_and_last_n(normalized * backprops, layer.weight.dim())}
+
+
+def register_rms_norm_samplers() -> None:
+    """Register the LlamaRMSNorm rule with Opacus (idempotent)."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:  # another transformers layout: Opacus' functorch fallback still covers it
+        return
+    if LlamaRMSNorm not in GradSampleHooks.GRAD_SAMPLERS:
+        register_grad_sampler(LlamaRMSNorm)(_llama_rms_norm_grad_sample)
+
+
+def tied_trainable_embedding(model: nn.Module) -> nn.Parameter | None:
+    """The shared matrix when input and output embeddings are one trained parameter, else None."""
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return None
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or out.weight is not inp.weight:
+        return None
+    return inp.weight if inp.weight.requires_grad else None
+
+
+def untie_embeddings(model: nn.Module) -> bool:
+    """Give the output layer its own copy of a tied embedding matrix; True if something was untied."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or out.weight is not inp.weight:
+        return False
+    out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if base is not None and getattr(base, "config", None) is not None:
+        base.config.tie_word_embeddings = False
+    return True
+
+
+def check_supported(model: nn.Module, mode: str) -> None:
+    """Refuse, before any training, what Opacus would get wrong or reject mid-run."""
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode {mode!r} is not one of {', '.join(GRAD_SAMPLE_MODES)}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the student has no trainable parameters: nothing for DP-SGD to train")
+    with_buffers = [
+        f"{name} ({type(m).__name__}: buffers {', '.join(n for n, _ in m.named_buffers())})"
+        for name, m in model.named_modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False)) and any(True for _ in m.buffers())
+    ]
+    if with_buffers:
+        raise ValueError(
+            f"Opacus cannot compute per-example gradients for layer(s) {'; '.join(with_buffers)}: a "
+            "trainable layer with buffers (e.g. BatchNorm's running statistics) mixes examples. Freeze them "
+            "(requires_grad=False), or replace them with a per-example layer (LayerNorm, GroupNorm, RMSNorm)"
+        )
+    if mode == "ghost" and tied_trainable_embedding(model) is not None:
+        raise ValueError(
+            "the student's input and output embeddings are one tied, trained matrix, which ghost clipping in "
+            "Opacus 1.6 cannot handle (the two uses need one combined per-example norm). Set "
+            "train.privacy.untie_embeddings: true (the output layer gets its own copy), or use "
+            "grad_sample_mode: hooks (adds both uses up correctly), or freeze the embeddings "
+            "(student.freeze_embeddings: true)"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_benign_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _BENIGN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def _checked(losses: Tensor) -> Tensor:
+    if losses.ndim != 1:
+        raise ValueError(
+            f"DP-SGD needs one loss per example, shape [batch]; got shape {tuple(losses.shape)} "
+            "(call the objective with reduction='none')"
+        )
+    return losses
+
+
+class PrivateStudent:
+    """A model with Opacus hooks and its optimizer wrapped in Opacus' DP optimizer.
+
+    Per physical batch: `backward(logits, per_example_loss)`, then `optimizer.step()` (Opacus clips each
+    example's gradient to `max_grad_norm`, sums, and, at the end of a logical batch, adds Gaussian
+    noise of std `noise_multiplier * max_grad_norm` and divides by `expected_batch_size`), then
+    `optimizer.zero_grad()`. An empty Poisson batch still takes a (noise-only) step: call
+    `prepare_empty_batch()` instead of `backward`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        mode: str = "hooks",
+        secure_mode: bool = False,
+    ) -> None:
+        register_rms_norm_samplers()
+        check_supported(model, mode)
+        self.model, self.mode = model, mode
+        options: dict = dict(batch_first=True, loss_reduction="mean", strict=True)
+        if mode == "ghost":
+            options.update(max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+        try:
+            self.module = prepare_module(model, mode, **options)
+        except NotImplementedError as exc:
+            raise ValueError(f"Opacus rejected the student: {exc}. Freeze the layers it names.") from None
+        optimizer_class = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
+        self.optimizer: DPOptimizer = optimizer_class(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, loss_reduction="mean", secure_mode=secure_mode,
+        )
+
+    def backward(self, logits: Tensor, per_example_loss: Callable[[Tensor], Tensor]) -> Tensor:
+        """Backward pass leaving what the optimizer clips; returns the detached per-example losses.
+
+        `per_example_loss(logits)` must return one loss per example, shape [batch] (a batch mean would
+        couple the examples). Ghost clipping needs two backward passes through the model; the loss is
+        differentiated once, and both passes go through the surrogate `sum(logits * dloss/dlogits)`,
+        which has the same per-example gradients and is cheap to differentiate twice (the chunked
+        objectives free their gradient buffers after one backward).
+        """
+        if self.mode != "ghost":
+            losses = _checked(per_example_loss(logits))
+            with _quiet_benign_warnings():
+                losses.mean().backward()
+            return losses.detach()
+        detached = logits.detach().requires_grad_(True)
+        losses = _checked(per_example_loss(detached))
+        (dloss_dlogits,) = torch.autograd.grad(losses.sum(), detached)
+        surrogate = (logits * dloss_dlogits.to(logits.dtype)).flatten(1).sum(1, dtype=torch.float32)
+        with _quiet_benign_warnings():
+            DPTensorFastGradientClipping(self.module, self.optimizer, surrogate, "mean").backward()
+        return losses.detach()
+
+    def per_sample_norms(self) -> Tensor:
+        """The per-example gradient norms the optimizer will clip (after `backward`, before `step`)."""
+        if self.mode == "ghost":
+            return self.module.per_sample_gradient_norms
+        norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.optimizer.grad_samples]
+        return torch.stack(norms, dim=1).norm(2, dim=1)
+
+    def prepare_empty_batch(self) -> None:
+        """An empty logical batch: zero gradients, so that the step releases noise only."""
+        for p in self.optimizer.params:
+            if self.mode == "ghost":
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+
+    def close(self) -> nn.Module:
+        """Remove Opacus' hooks and attributes; returns the plain model."""
+        self.module.cleanup()
+        for p in self.model.parameters():
+            for attr in ("summed_grad", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        return self.model
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    mode: str = "hooks",
+    secure_mode: bool = False,
+) -> PrivateStudent:
+    """Attach Opacus to `model` and wrap `optimizer` (see `PrivateStudent`)."""
+    return PrivateStudent(
+        model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, mode=mode, secure_mode=secure_mode,
+    )
+
+
+__all__ = [
+    "GRAD_SAMPLE_MODES", "PrivateStudent", "check_supported",
+    "make_private", "register_rms_norm_samplers", "tied_trainable_embedding", "untie_embeddings",
+]

@@ -1,0 +1,96 @@
+"""`<out>/privacy.json`: what a DP run guarantees, in numbers a compliance report can quote."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from secure_kd.dp.accounting import History, epsilon, epsilons
+
+PRIVACY_SCHEMA_VERSION = 1
+
+CAVEATS = [
+    "the unit is one record of the training set: a record present k times is protected at about k*epsilon",
+    "the teacher is assumed public or trained on other data; its own training data is not covered",
+    "a teacher logit cache built over the private records is private data itself (not covered)",
+    "training losses in results.json and evaluation on held-out private text are not covered",
+    "checkpoints hold the run's sampling/noise secret: keep them as private as the data",
+]
+SHUFFLE_CAVEAT = (
+    "poisson_sampling was off: the accountants assume Poisson sampling, so for shuffled batches the "
+    "epsilon above is an estimate, not a proven guarantee"
+)
+
+
+class PrivacyReport(BaseModel):
+    schema_version: int = PRIVACY_SCHEMA_VERSION
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon: float
+    accountant: str
+    epsilons: dict[str, float | None]
+    run_epsilon: float
+    budget_accountant: str
+    target_epsilon: float | None
+    max_grad_norm: float
+    expected_batch_size: int
+    max_physical_batch_size: int
+    n_records: int
+    sampling: Literal["poisson", "shuffle"]
+    grad_sample_mode: str
+    stopped_by_budget: bool
+    stop_reason: str | None
+    ledger: dict
+    history: list[tuple[float, float, int]]
+    guarantee: str
+    caveats: list[str]
+
+
+def build_report(
+    *,
+    ledger_history: History,
+    run_history: History,
+    delta: float,
+    budget_accountant: str,
+    target_epsilon: float | None,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    max_physical_batch_size: int,
+    n_records: int,
+    poisson: bool,
+    grad_sample_mode: str,
+    stop_reason: str | None,
+    ledger: dict,
+    extra_caveats: list[str] | None = None,
+) -> PrivacyReport:
+    """The claim is the smallest epsilon among the sound accountants (RDP, PRV upper bound) for the ledger."""
+    by_accountant = epsilons(ledger_history, delta)
+    usable = {name: value for name, value in by_accountant.items() if value is not None}
+    if not usable:  # PRV can fail on extreme histories; never claim what was not computed
+        usable = {budget_accountant: epsilon(ledger_history, delta, budget_accountant)}
+    claim_by = min(usable, key=lambda name: usable[name])
+    claim = usable[claim_by]
+    n_runs = len(ledger_history)
+    guarantee = (
+        f"({claim:.4g}, {delta:g})-differential privacy for each record of the training set (add or remove "
+        f"one record), for the released student and every checkpoint, composed over all {n_runs} DP "
+        f"stretch(es) recorded for this dataset; Opacus {claim_by.upper()} accountant, Poisson-subsampled "
+        f"Gaussian mechanism with per-example clipping at {max_grad_norm:g}"
+    )
+    return PrivacyReport(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta, epsilon=claim,
+        accountant=claim_by, epsilons=by_accountant, run_epsilon=epsilon(run_history, delta, claim_by),
+        budget_accountant=budget_accountant, target_epsilon=target_epsilon, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, max_physical_batch_size=max_physical_batch_size,
+        n_records=n_records, sampling="poisson" if poisson else "shuffle", grad_sample_mode=grad_sample_mode,
+        stopped_by_budget=stop_reason is not None, stop_reason=stop_reason, ledger=ledger,
+        history=[(float(s), float(q), int(n)) for s, q, n in ledger_history],
+        guarantee=guarantee,
+        caveats=CAVEATS + ([] if poisson else [SHUFFLE_CAVEAT]) + list(extra_caveats or []),
+    )

@@ -1,0 +1,358 @@
+"""DPDistiller: the Distiller trained with DP-SGD (Opacus), with a ledger and a budget stop.
+
+What changes from `Distiller`:
+- each optimizer step trains on a Poisson sample of the records (secret randomness, see
+  `sampling.py`), split into physical batches by Opacus' `BatchMemoryManager`;
+- losses are per example (`reduction="none"`), each example's gradient is clipped, Gaussian noise
+  is added once per step (`engine.py`); an empty sample still takes a noise-only step;
+- every step is recorded in the dataset's ledger before the update is applied, so the ledger
+  never counts less than what was released; a resumed run continues its own ledger entry;
+- with `target_epsilon`, the noise is calibrated to the budget left in the ledger and training
+  stops, saves and says so before a step that would exceed it; `<out>/privacy.json` is written.
+
+Off-policy KD (live teacher or cache), on-policy KD (DP-OPD: the student samples continuations of
+private prompts, the teacher scores them), sequence-level KD and DP-SFT (ce only) all go through
+the same per-example loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import Tensor
+
+from secure_kd.checkpoint import ResumeError, latest_checkpoint, save_checkpoint
+from secure_kd.config import KDConfig
+from secure_kd.data import assert_one_record_per_sequence, collate
+from secure_kd.dp.accounting import (
+    PrivacyBudgetExhausted,
+    epsilon,
+    noise_multiplier_for_budget,
+    resolve_delta,
+    steps_within_budget,
+)
+from secure_kd.dp.engine import PrivateStudent, check_supported, register_rms_norm_samplers, untie_embeddings
+from secure_kd.dp.ledger import Ledger
+from secure_kd.dp.report import PrivacyReport, build_report
+from secure_kd.dp.sampling import SecretRandomness, step_loader
+from secure_kd.losses import loss_info
+from secure_kd.paths import atomic_write_json
+from secure_kd.teacher_targets import shift_labels
+from secure_kd.trainer import Distiller, FitResult
+
+
+class _BudgetTakenConcurrently(Exception):
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
+def check_private_objective(kd: KDConfig) -> None:
+    """Objectives whose per-example loss depends on other examples, or on hidden state, are refused."""
+    if kd.fused:
+        raise ValueError(
+            "kd.fused is not available under DP: the fused loss multiplies by the output layer's weight "
+            "directly, so Opacus never sees that layer's per-example gradients. Set kd.fused: false"
+        )
+    if loss_info(kd.loss).stateful:
+        raise ValueError(
+            f"kd.loss {kd.loss!r} keeps state updated from whole batches (not privatized), which DP-SGD "
+            "does not cover; choose a stateless objective (forward_kl, reverse_kl, jsd, tvd, skew_*, ce, ...)"
+        )
+
+
+class DPDistiller(Distiller):
+    """`Distiller` with DP-SGD. Takes Distiller's arguments, `train.privacy` set, plus `dataset_key`
+    (the ledger's name for the private dataset, see `secure_kd.dp.ledger.dataset_key`) and `caveats`
+    the caller knows of (e.g. a tokenizer trained on the private text), added to privacy.json."""
+
+    def __init__(
+        self,
+        *,
+        dataset_key: str,
+        log: Callable[[str], None] = print,
+        caveats: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        train, kd, student = kwargs["train"], kwargs["kd"], kwargs["student"]
+        privacy = train.privacy
+        if privacy is None:
+            raise ValueError("DPDistiller needs train.privacy; without it use Distiller")
+        assert_one_record_per_sequence(kwargs["examples"])
+        check_private_objective(kd)
+        if privacy.untie_embeddings:
+            untie_embeddings(student)  # before the optimizer exists, so it trains the new output layer
+        register_rms_norm_samplers()
+        check_supported(student, privacy.grad_sample_mode)
+        super().__init__(**kwargs)
+        self.privacy, self.log, self.extra_caveats = privacy, log, list(caveats)
+        self.n_records = len(self.examples)
+        self.expected_batch_size = train.batch_size * train.grad_accum
+        self.sample_rate = min(1.0, self.expected_batch_size / self.n_records)
+        self.physical_batch_size = privacy.max_physical_batch_size or train.batch_size
+        self.delta = resolve_delta(privacy.delta, self.n_records)
+        self.ledger = Ledger.open(privacy.ledger_key or dataset_key, privacy.ledger_dir)
+        self.planned_steps = self.total_steps
+        self.noise_multiplier: float | None = None
+        self.entry_id: str | None = None
+        self.randomness: SecretRandomness | None = None
+        self.stop_reason: str | None = None
+        self.report: PrivacyReport | None = None
+        self._private: PrivateStudent | None = None
+        self._others: list = []
+        self._allowed = self.planned_steps
+        self._run_steps, self._losses, self._tokens = 0, [], 0
+
+    # -- per-example loss --------------------------------------------------------------------------------
+    def per_example_objective(self, batch: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+        """logits -> loss of each example, shape [batch]: the mean over its own trained tokens."""
+        kd = self.kd
+        labels = shift_labels(batch["labels"])
+        teacher = self.targets(batch) if kd.kd_weight > 0 else None
+
+        def losses_of(logits: Tensor) -> Tensor:
+            losses = logits.new_zeros(logits.shape[0], dtype=torch.float32)
+            if kd.kd_weight > 0:
+                kd_losses = self.objective(logits, teacher, labels, temperature=kd.temperature, tail=kd.tail,
+                                           chunk_size=kd.chunk_size, reduction="none", **self._call_params())
+                losses = losses + kd.kd_weight * self._t2() * kd_losses
+            if kd.ce_weight > 0:
+                losses = losses + kd.ce_weight * self.ce(logits, None, labels, reduction="none")
+            return losses
+
+        return losses_of
+
+    def _forward_backward(self, private: PrivateStudent, batch: dict[str, Tensor]) -> Tensor:
+        objective = self.per_example_objective(batch)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return private.backward(logits, objective)
+
+    def _collate(self, indices: list[int]) -> dict[str, Tensor]:
+        batch = collate([self.examples[i] for i in indices], pad_id=self.pad_id)
+        batch["example_index"] = torch.tensor(indices, dtype=torch.long)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # -- one DP step ---------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[float, int]:
+        self._check_budget_unchanged(step)
+        private = self._private
+        assert private is not None and self.randomness is not None, "train_step runs inside fit()"
+        private.optimizer.zero_grad(set_to_none=True)
+        private.optimizer.generator = self.randomness.generator("noise", step, self.device)
+        loader = step_loader(n_records=self.n_records, sample_rate=self.sample_rate, step=step,
+                             randomness=self.randomness, poisson=self.privacy.poisson_sampling)
+        loss_sum, n_examples, tokens = 0.0, 0, 0
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=self.physical_batch_size,
+                                optimizer=private.optimizer) as physical_batches:
+            for indices in physical_batches:
+                if indices:
+                    batch = self._policy_batch(self._collate(indices), step)
+                    losses = self._forward_backward(private, batch)
+                    loss_sum += float(losses.sum())
+                    n_examples += len(indices)
+                    tokens += int((shift_labels(batch["labels"]) != -100).sum())
+                else:
+                    private.prepare_empty_batch()
+                private.optimizer.step()  # clips and accumulates; noise and update at the logical batch's end
+                private.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loss = loss_sum / n_examples if n_examples else 0.0
+        self._losses.append(loss)
+        self._tokens += tokens
+        return loss, tokens
+
+    def _record_step(self, _optimizer: Any) -> None:
+        """Opacus' step hook: runs after the noise is added, before the parameters change."""
+        self._run_steps += 1
+        self.ledger.record(
+            entry_id=self.entry_id, kind="run", noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate, steps=self._run_steps, max_grad_norm=self.privacy.max_grad_norm,
+            n_records=self.n_records,
+        )
+
+    # -- budget ----------------------------------------------------------------------------------------------
+    def _eps_after(self, steps: int) -> float:
+        return epsilon([*self._others, (self.noise_multiplier, self.sample_rate, steps)], self.delta,
+                       self.privacy.accountant)
+
+    def _allowed_steps(self) -> int:
+        return steps_within_budget(
+            target_epsilon=self.privacy.target_epsilon, delta=self.delta,
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, upper=self.planned_steps,
+            accountant=self.privacy.accountant, prior=self._others,
+        )
+
+    def _stop_message(self, allowed: int) -> str:
+        return (
+            f"privacy budget: training stops after step {allowed} of {self.planned_steps}: one more step "
+            f"would take epsilon ({self.privacy.accountant}, delta={self.delta:g}) from "
+            f"{self._eps_after(allowed):.4f} to {self._eps_after(allowed + 1):.4f}, above "
+            f"target_epsilon={self.privacy.target_epsilon}"
+        )
+
+    def _plan_budget(self, start: int) -> None:
+        self.total_steps = self.planned_steps
+        self._others = self.ledger.history(exclude=self.entry_id)
+        if self.privacy.target_epsilon is None:
+            return
+        allowed = self._allowed = self._allowed_steps()
+        if allowed == 0 and start == 0:
+            spent = epsilon(self._others, self.delta, self.privacy.accountant)
+            raise PrivacyBudgetExhausted(
+                f"no DP step fits in target_epsilon={self.privacy.target_epsilon}: the ledger "
+                f"{self.ledger.path} has spent epsilon={spent:.4f} ({self.privacy.accountant}, "
+                f"delta={self.delta:g}) and one step at noise_multiplier={self.noise_multiplier:.4g} would "
+                f"take it to {self._eps_after(1):.4f}"
+            )
+        if allowed < self.planned_steps:
+            self.total_steps = max(allowed, start)
+            self.stop_reason = self._stop_message(allowed)
+            self.log(self.stop_reason)
+
+    def _check_budget_unchanged(self, step: int) -> None:
+        """Another run may have spent budget on this dataset meanwhile: re-plan, never overshoot."""
+        if self.privacy.target_epsilon is None:
+            return
+        others = self.ledger.history(exclude=self.entry_id)
+        if others != self._others:
+            self._others = others
+            self._allowed = self._allowed_steps()
+        if step >= self._allowed:
+            meanwhile = " (another run spent budget on this dataset meanwhile)"
+            raise _BudgetTakenConcurrently(step, self._stop_message(self._allowed) + meanwhile)
+
+    # -- fresh start or resume ----------------------------------------------------------------------------
+    def _resume_record(self) -> dict:
+        return {
+            "config": self.privacy.resume_relevant(), "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate, "delta": self.delta, "n_records": self.n_records,
+            "entry_id": self.entry_id, "ledger": str(self.ledger.path),
+        }
+
+    def _start_fresh(self) -> int:
+        self.randomness = SecretRandomness()
+        self.noise_multiplier = self.privacy.noise_multiplier
+        if self.noise_multiplier is None:
+            self.noise_multiplier = self._calibrated_noise()
+        self._run_steps, self._losses, self._tokens = 0, [], 0
+        return 0
+
+    def _calibrated_noise(self) -> float:
+        cfg, prior = self.privacy, self.ledger.history()
+        sigma = noise_multiplier_for_budget(
+            target_epsilon=cfg.target_epsilon, delta=self.delta, sample_rate=self.sample_rate,
+            steps=self.planned_steps, accountant=cfg.accountant, prior=prior,
+        )
+        if sigma <= cfg.max_noise_multiplier:
+            return sigma
+        spent = epsilon(prior, self.delta, cfg.accountant)
+        noise_std = sigma * cfg.max_grad_norm / self.expected_batch_size
+        raise ValueError(
+            f"target_epsilon={cfg.target_epsilon} over {self.planned_steps} steps at sample rate "
+            f"{self.sample_rate:.4g} needs noise_multiplier={sigma:.3f}"
+            + (f" (the dataset's ledger has already spent epsilon={spent:.4f} of it)" if prior else "")
+            + f", above max_noise_multiplier={cfg.max_noise_multiplier}: the noise would swamp the gradient "
+            f"(noise std on the averaged gradient: {noise_std:.3g}). Raise target_epsilon, train fewer "
+            "steps, use larger batches, or raise max_noise_multiplier to accept the utility loss"
+        )
+
+    def _restore(self, checkpoint: Path) -> int:
+        meta = json.loads((checkpoint / "trainer.json").read_text())
+        saved = meta.get("privacy")
+        if saved is None:
+            raise ResumeError(
+                f"checkpoint {checkpoint} was written without DP; resume it without train.privacy, or start "
+                "the DP run in a new --out directory"
+            )
+        current = {"config": self.privacy.resume_relevant(), "sample_rate": self.sample_rate,
+                   "delta": self.delta, "n_records": self.n_records, "ledger": str(self.ledger.path)}
+        changes = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
+                   if k != "config" and saved[k] != v]
+        changes += [
+            f"privacy.{k}: {saved['config'].get(k)!r} -> {v!r}"
+            for k, v in current["config"].items() if saved["config"].get(k) != v
+        ]
+        if changes:
+            raise ResumeError(
+                f"refusing to resume {checkpoint}: the privacy configuration changed ({'; '.join(changes)}). "
+                "A run's accounting cannot change midway; restore the original settings to resume, or start "
+                "a new run in a new --out directory (the dataset's ledger keeps counting either way)"
+            )
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        self.randomness = SecretRandomness(int(state["extra"]["privacy_secret"]))
+        self.noise_multiplier, self.entry_id = float(saved["noise_multiplier"]), saved["entry_id"]
+        self._run_steps, self._losses, self._tokens = int(meta["step"]), list(meta.get("losses", [])), 0
+        return int(meta["step"])
+
+    def _save(self, step: int, losses: list[float]) -> Path:
+        assert self.randomness is not None
+        return save_checkpoint(
+            self.out, step=step, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
+            config_hash=self.run_hash, extra={"losses": losses, "privacy": self._resume_record()},
+            extra_state={"privacy_secret": self.randomness.secret},
+        )
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def fit(self, *, resume: bool = False) -> FitResult:
+        checkpoint = latest_checkpoint(self.out) if resume else None
+        start = self._restore(checkpoint) if checkpoint is not None else self._start_fresh()
+        self._plan_budget(start)
+        if self.entry_id is None:
+            self.entry_id = self.ledger.record(
+                kind="run", label=str(self.out.resolve()), noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate, steps=0, max_grad_norm=self.privacy.max_grad_norm,
+                n_records=self.n_records,
+            )
+        self.log(
+            f"DP-SGD: noise_multiplier={self.noise_multiplier:.4g}, sample_rate={self.sample_rate:.4g} "
+            f"(expected batch {self.expected_batch_size} of {self.n_records} records), clip "
+            f"{self.privacy.max_grad_norm:g}, delta={self.delta:g}; epsilon after {self.total_steps} steps: "
+            f"{self._eps_after(self.total_steps):.4f} ({self.privacy.accountant}, ledger {self.ledger.path})"
+        )
+        self._private = PrivateStudent(
+            self.student, self.optimizer, noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.privacy.max_grad_norm, expected_batch_size=self.expected_batch_size,
+            mode=self.privacy.grad_sample_mode, secure_mode=self.privacy.secure_mode,
+        )
+        self._private.optimizer.attach_step_hook(self._record_step)
+        plain_optimizer, self.optimizer = self.optimizer, self._private.optimizer
+        started = time.perf_counter()
+        try:
+            result = super().fit(resume=resume)
+        except _BudgetTakenConcurrently as stop:
+            self.stop_reason = stop.reason
+            self._save(stop.step, self._losses)
+            result = FitResult(steps=stop.step, losses=list(self._losses), tokens=self._tokens,
+                               seconds=time.perf_counter() - started, resumed_from=start or None)
+        finally:
+            self._private.close()
+            self.optimizer, self._private = plain_optimizer, None
+        self.report = self._write_report()
+        if self.stop_reason:
+            self.log(self.stop_reason)
+        return result
+
+    def _write_report(self) -> PrivacyReport:
+        own = next(e for e in self.ledger.entries() if e.entry_id == self.entry_id)
+        report = build_report(
+            ledger_history=self.ledger.history(),
+            run_history=[(self.noise_multiplier, self.sample_rate, own.steps)], delta=self.delta,
+            budget_accountant=self.privacy.accountant, target_epsilon=self.privacy.target_epsilon,
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=own.steps,
+            max_grad_norm=self.privacy.max_grad_norm, expected_batch_size=self.expected_batch_size,
+            max_physical_batch_size=self.physical_batch_size, n_records=self.n_records,
+            poisson=self.privacy.poisson_sampling, grad_sample_mode=self.privacy.grad_sample_mode,
+            stop_reason=self.stop_reason, extra_caveats=self.extra_caveats,
+            ledger={"path": str(self.ledger.path), "key": self.ledger.key, "entry_id": self.entry_id,
+                    "entries": len(self.ledger.entries()), "total_steps": self.ledger.total_steps()},
+        )
+        atomic_write_json(self.out / "privacy.json", report.model_dump(mode="json"))
+        return report
