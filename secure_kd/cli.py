@@ -30,7 +30,15 @@ CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file")
 SET_OPTION = typer.Option([], "--set", "-s", help="dotted override KEY=VALUE, repeatable (e.g. train.lr=1e-4)")
 OUT_OPTION = typer.Option(None, "--out", "-o", help="output directory (overrides `out` in the config)")
 
-JOB_KINDS = {"distill": DistillJob, "eval": EvalJob}
+JOB_KINDS = {"distill": DistillJob, "eval": EvalJob, "federate": None}
+
+
+def _job_model(kind: str):
+    if kind == "federate":
+        from federation.config import FederatedJob
+
+        return FederatedJob
+    return JOB_KINDS[kind]
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -70,7 +78,7 @@ def validate(
     """Check a config: print `ok`, or every problem with its field path (exit code 2)."""
     if kind not in JOB_KINDS:
         raise ConfigError([("--kind", f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")])
-    load_config(config, overrides, JOB_KINDS[kind])
+    load_config(config, overrides, _job_model(kind))
     typer.echo("ok")
 
 
@@ -109,6 +117,33 @@ def evaluate(
     job = load_config(config, _with_out(overrides, out), EvalJob)
     result = run_eval(job, log=console.print)
     typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+@user_errors
+def federate(
+    config: Path | None = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    out: Path | None = OUT_OPTION,
+    write_flwr_config: bool = typer.Option(
+        False, "--write-flwr-config", help="write the Flower connection settings for `flwr run .` and stop"
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Federated distillation of N simulated organizations on Flower's simulation engine."""
+    from federation.config import load_federated_job
+    from federation.run import FederationFailed, run_federation
+    from federation.run import write_flwr_config as write_config
+
+    if write_flwr_config:
+        typer.echo(str(write_config()))
+        return
+    job = load_federated_job(config, _with_out(overrides, out))
+    try:
+        result = run_federation(job, progress=progress)
+    except FederationFailed as exc:
+        raise ValueError(str(exc)) from None
+    console.print(f"federation done: {len(result.rounds)} rounds; results: {Path(job.out) / 'results.json'}")
 
 
 def _run_plugin(kind: str, name: str, config: Path | None, overrides: list[str], out: Path | None) -> None:

@@ -63,3 +63,14 @@ def test_attack_bad_config_is_a_user_error(tmp_path):
     result = runner.invoke(app, ["attack", "logit_leak", "--config", "configs/attacks/logit_leak.yaml",
                                  "--set", "bogus=1"])
     assert result.exit_code == 2 and "bogus" in result.output
+
+
+def test_validate_federated_configs():
+    for name in ("configs/federated-he.yaml", "configs/federated-plain.yaml", "configs/federated-p2p.yaml"):
+        result = runner.invoke(app, ["validate", name, "--kind", "federate"])
+        assert result.exit_code == 0, result.output
+
+
+def test_federate_bad_override_is_a_user_error():
+    result = runner.invoke(app, ["federate", "--config", "configs/federated-plain.yaml", "--set", "rounds=-1"])
+    assert result.exit_code == 2 and "rounds" in result.output

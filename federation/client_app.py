@@ -1,0 +1,152 @@
+"""The Flower ClientApp of `secure-kd federate`: one organization, its private data, its student.
+
+    app = build_client_app(job)      # simulation (federation/run.py) binds the job
+    app                              # `flwr run .`: reads run-config `config` and `overrides`
+
+The organization is `node_config["partition-id"]` (set by the simulation engine, or by
+`flower-supernode --node-config "partition-id=0 org-dir='/data/org0' trust-dir='/data/trust'"`); its
+state lives in its directory (`org-dir`, default `<out>/orgs/org-<i>`, see `federation.workspace`).
+Every instruction from the server is checked (`federation.messages`) before it is used; what goes back
+is rounded (metrics), encrypted (CKKS), masked (SecAgg+) or sealed for one peer (p2p).
+
+Message types: `query.hello`, `query.keygen`, `query.keyshare` (setup and key ceremony, here), `train`,
+`evaluate`, `train.digest`, `query.votes` (`federation.client_rounds`), `query.profile`,
+`train.p2p_send`, `train.p2p_learn` (`federation.client_p2p`). `train` messages that carry Flower's
+SecAgg+ configuration go through `secaggplus_mod` first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from federation import client_p2p, client_rounds
+from federation.config import FederatedJob
+from federation.faults import before_handling
+from federation.he import Keyring
+from federation.identity import PublicBundle
+from federation.keys import open_from, seal_for
+from federation.messages import CONFIG, METRICS, MessageRejected, read_config
+from federation.workspace import OrgWorkspace, flat_parameters, job_digest
+
+Handler = Callable[[OrgWorkspace, Message, Context], RecordDict]
+
+
+# Per process: the simulation engine hands each message a fresh copy of the ClientApp, so a cache in
+# its closure would not survive; derived data (tokenized records, a teacher) is kept here instead.
+_WORKSPACES: dict[tuple[str, int, str], OrgWorkspace] = {}
+
+
+def workspace(job: FederatedJob, context: Context) -> OrgWorkspace:
+    index = int(context.node_config["partition-id"])
+    root = context.node_config.get("org-dir") or Path(job.out) / "orgs" / job.org_name(index)
+    key = (job_digest(job), index, str(root))
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = OrgWorkspace(job, index, root, ledger_dir=context.node_config.get("ledger-dir"))
+    return _WORKSPACES[key]
+
+
+def _trust(ws: OrgWorkspace, context: Context):
+    return ws.trust(context.node_config.get("trust-dir"))
+
+
+def hello(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
+    bundle = ws.keys().public_bundle().to_json()
+    return RecordDict({CONFIG: ConfigRecord({"org": ws.name, "index": ws.index, "bundle": bundle})})
+
+
+def _expected_payload(ws: OrgWorkspace) -> int:
+    if ws.job.mode == "fedavg":
+        return sum(t.numel() for t in flat_parameters(ws.student())[1])
+    return ws.public.layout.n_positions * ws.public.layout.width
+
+
+def keygen(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
+    """The dealer: a keyring sized for the payload, its secret sealed to each other organization."""
+    n_values = read_config(message.content, "n-values", int)
+    if n_values != _expected_payload(ws):
+        raise MessageRejected(
+            f"the server asks for a key for {n_values} values; this job's payload has {_expected_payload(ws)}"
+        )
+    job, trust, keys = ws.job, _trust(ws, context), ws.keys()
+    ring = Keyring.for_payload(
+        n_values,
+        max_abs_update=job.ckks.max_abs_update,
+        abs_error=job.ckks.abs_error,
+        max_clients=job.n_organizations,
+    )
+    secret = ring.secret_context()
+    recipients = read_config(message.content, "recipients", list)
+    sealed = [
+        seal_for(PublicBundle.from_json(b), keys, str(context.run_id), secret, trust=trust)
+        for b in recipients
+    ]
+    ws.save_secret_context(secret)
+    return RecordDict({CONFIG: ConfigRecord({"public-context": ring.public_context(), "sealed": sealed})})
+
+
+def keyshare(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
+    """A recipient: open the dealer's sealed secret (signed, bound to this run and to us) and keep it."""
+    dealer = PublicBundle.from_json(read_config(message.content, "dealer-bundle", str))
+    sealed = read_config(message.content, "sealed", bytes)
+    secret = open_from(dealer, ws.keys(), str(context.run_id), sealed, trust=_trust(ws, context))
+    ring = Keyring.from_secret_context(secret)
+    ws.save_secret_context(secret)
+    return RecordDict({CONFIG: ConfigRecord({"key-id": ring.key_id.hex()})})
+
+
+HANDLERS: dict[str, Handler] = {
+    "query.hello": hello,
+    "query.keygen": keygen,
+    "query.keyshare": keyshare,
+    "train.default": client_rounds.train,
+    "evaluate.default": client_rounds.final_evaluate,
+    "train.digest": client_rounds.final_evaluate,
+    "query.votes": client_rounds.pate_votes,
+    "query.profile": client_p2p.profile,
+    "train.p2p_send": client_p2p.send,
+    "train.p2p_learn": client_p2p.learn,
+}
+
+
+def secagg_when_asked(message: Message, context: Context, call_next):
+    """Flower's SecAgg+ client protocol for the `train` messages of SecAggPlusWorkflow, and only those."""
+    if message.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in message.content:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+def build_client_app(job: FederatedJob | None = None) -> ClientApp:
+    """The ClientApp for `job` (or, when None, for the job named in each run's run-config)."""
+    from federation.server_app import job_from_run_config
+
+    app = ClientApp()
+
+    def register(name: str, handler: Handler) -> None:
+        category, action = name.split(".")
+
+        def handle(message: Message, context: Context) -> Message:
+            resolved = job if job is not None else job_from_run_config(context.run_config)
+            started = time.perf_counter()
+            ws = workspace(resolved, context)
+            before_handling(ws, name)
+            content = handler(ws, message, context)
+            if METRICS in content.metric_records:  # time spent in the ClientApp, for the round-time breakdown
+                content[METRICS]["handler-seconds"] = round(time.perf_counter() - started, 4)
+            return Message(content, reply_to=message)
+
+        mods = [secagg_when_asked] if name == "train.default" else None
+        getattr(app, category)(action, mods=mods)(handle)
+
+    for name, handler in HANDLERS.items():
+        register(name, handler)
+    return app
+
+
+app = build_client_app()

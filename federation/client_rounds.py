@@ -1,0 +1,173 @@
+"""ClientApp handlers of the aggregating modes: fedavg (plaintext, CKKS, SecAgg+), fed_distill and pate.
+
+Each handler takes the organization's workspace, the server's message and the node context, checks what
+it reads (`federation.messages`), trains through the engine (`federation.client_training`), and returns
+the reply content: plaintext arrays with `num-examples`, a CKKS ciphertext of the pre-weighted payload
+and its weight (the server learns neither), or, under SecAgg+, the legacy FitRes that Flower's
+`secaggplus_mod` masks before it leaves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
+from federation.client_training import LocalFit, distill_from, evaluate, train_locally
+from federation.faults import sabotaged
+from federation.he import Keyring, decrypt_mean, encrypt, release
+from federation.messages import (
+    ARRAYS,
+    CONFIG,
+    NUM_EXAMPLES,
+    MessageRejected,
+    check_layout,
+    read_arrays,
+    read_config,
+    read_round,
+    read_soft_labels,
+    reply,
+    rounded_metrics,
+    to_array_record,
+)
+from federation.soft_labels import check_soft_labels, soft_labels, votes
+from federation.workspace import OrgWorkspace, flat_parameters, load_parameters
+
+
+def fit_metrics(fit: LocalFit) -> dict[str, float | None]:
+    return {"train-loss": fit.loss, "epsilon": fit.epsilon, "delta": fit.delta, "seconds": fit.seconds}
+
+
+def keyring(ws: OrgWorkspace) -> Keyring:
+    return Keyring.from_secret_context(ws.secret_context())
+
+
+def _decrypted_mean(ws: OrgWorkspace, message: Message, n_values: int) -> np.ndarray | None:
+    """The previous round's encrypted aggregate, decrypted and rounded (None in the first round)."""
+    if "aggregate" not in message.content[CONFIG]:
+        return None
+    mean = decrypt_mean(keyring(ws), read_config(message.content, "aggregate", bytes), n_values)
+    return release(mean, decimals=ws.job.ckks.release_decimals)
+
+
+def install_global(ws: OrgWorkspace, model, message: Message) -> None:
+    """fedavg: load the global model the message carries (plaintext arrays, or the CKKS aggregate)."""
+    names, tensors = flat_parameters(model)
+    if ws.job.protection == "ckks":
+        flat = _decrypted_mean(ws, message, sum(t.numel() for t in tensors))
+        if flat is not None:
+            arrays, offset = {}, 0
+            for name, tensor in zip(names, tensors, strict=True):
+                arrays[name] = flat[offset : offset + tensor.numel()].reshape(tuple(tensor.shape))
+                offset += tensor.numel()
+            load_parameters(model, arrays)
+    elif ARRAYS in message.content:
+        spec = {n: (tuple(t.shape), "float32") for n, t in zip(names, tensors, strict=True)}
+        load_parameters(model, read_arrays(message.content, spec))
+
+
+def received_ensemble(ws: OrgWorkspace, message: Message) -> np.ndarray | None:
+    """fed_distill: the ensemble teacher of the previous round, if the message carries one."""
+    layout = ws.public.layout
+    check_layout(message.content, layout.fingerprint)
+    if ws.job.protection == "ckks":
+        flat = _decrypted_mean(ws, message, layout.n_positions * layout.width)
+        return None if flat is None else check_soft_labels(flat.reshape(layout.shape), layout)
+    if ARRAYS in message.content:
+        return read_soft_labels(message.content, layout)
+    return None
+
+
+def _upload(ws: OrgWorkspace, arrays: dict[str, np.ndarray], weight: int) -> RecordDict:
+    if ws.job.protection == "ckks":
+        flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
+        return RecordDict({CONFIG: ConfigRecord({"ciphertext": encrypt(keyring(ws), flat, weight=weight)})})
+    return RecordDict({ARRAYS: to_array_record(arrays)})
+
+
+def _digest(ws: OrgWorkspace, model, message: Message, r: int) -> dict[str, float]:
+    ensemble = received_ensemble(ws, message)
+    if ensemble is None:
+        return {}
+    return {"digest-loss": distill_from(ws, model, ensemble, r, steps=ws.job.transfer.digest_steps)}
+
+
+def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
+    """One round: take in the aggregate, evaluate it, train locally, upload weights or soft labels."""
+    if ws.job.protection == "secagg+":
+        return secagg_train(ws, message, context)
+    r = read_round(message.content)
+    model = ws.student()
+    if ws.job.mode == "fedavg":
+        install_global(ws, model, message)
+        extra: dict[str, float] = {}
+    else:
+        extra = _digest(ws, model, message, r)
+    before = evaluate(ws, model)
+    fit = train_locally(ws, model, r)
+    ws.save_student(model)
+    if ws.job.mode == "fedavg":
+        names, tensors = flat_parameters(model)
+        payload = {n: t.float().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+        weight = len(ws.train_examples)
+    else:
+        public = ws.public
+        payload = {
+            "soft-labels": soft_labels(
+                model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device
+            )
+        }
+        weight = 1
+    metrics = {**before, **fit_metrics(fit), **extra}
+    if ws.job.protection == "plaintext":
+        metrics[NUM_EXAMPLES] = weight  # under CKKS the weight travels encrypted, never in the clear
+    return reply(sabotaged(ws, _upload(ws, payload, weight)), metrics)
+
+
+def final_evaluate(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
+    """After the last round: install the global model (fedavg) or distil from the last ensemble."""
+    model = ws.student()
+    if ws.job.mode == "fedavg":
+        install_global(ws, model, message)
+        extra: dict[str, float] = {}
+    else:
+        extra = _digest(ws, model, message, read_round(message.content))
+    ws.save_student(model)
+    return reply(None, {**evaluate(ws, model), **extra})
+
+
+def secagg_train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
+    """SecAgg+ (Flower's legacy FitIns/FitRes records): `secaggplus_mod` masks the reply before it leaves."""
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    r = int(fitins.config.get("server-round", 0))
+    model = ws.student()
+    names, tensors = flat_parameters(model)
+    received = parameters_to_ndarrays(fitins.parameters)
+    if [a.shape for a in received] != [tuple(t.shape) for t in tensors]:
+        raise MessageRejected("the global parameters do not match this organization's student")
+    if not all(np.all(np.isfinite(a)) for a in received):
+        raise MessageRejected("the global parameters hold NaN or infinite values")
+    load_parameters(model, dict(zip(names, received, strict=True)))
+    before = evaluate(ws, model)
+    fit = train_locally(ws, model, r)
+    ws.save_student(model)
+    updated = [t.float().cpu().numpy() for t in flat_parameters(model)[1]]
+    metrics = dict(rounded_metrics({**before, **fit_metrics(fit), "org-index": ws.index}))
+    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(updated), len(ws.train_examples), metrics)
+    return compat.fitres_to_recorddict(result, keep_input=True)
+
+
+def pate_votes(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
+    """This organization as a PATE teacher: train on its own records, vote a token at every position."""
+    public = ws.public
+    check_layout(message.content, public.layout.fingerprint)
+    r = read_round(message.content)
+    model = ws.student()
+    fit = train_locally(ws, model, r)
+    ws.save_student(model)
+    chosen = votes(model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device)
+    return reply(
+        sabotaged(ws, RecordDict({ARRAYS: to_array_record({"votes": chosen})})),
+        {**evaluate(ws, model), **fit_metrics(fit)},
+    )

@@ -1,0 +1,258 @@
+"""`secure-kd federate`: the pydantic model of a federated job (`FederatedJob`) and its loader.
+
+A federated job reuses the engine's blocks (`student`, `teacher`, `data`, `kd`, `train` with its
+`privacy` block for DP-SGD per client) and adds what the federation needs: how many organizations,
+how many rounds, the mode (`fedavg`, `fed_distill`, `pate`, `p2p`), the protection of what crosses
+the network (`plaintext`, `ckks`, `secagg+`), the split of the data between organizations, the
+public transfer set, timeouts and a message size limit. Unknown keys are errors (`extra="forbid"`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from secure_kd.config import (
+    SCHEMA_VERSION,
+    DataConfig,
+    KDConfig,
+    ModelConfig,
+    Strict,
+    TrainConfig,
+    load_config,
+)
+
+Mode = Literal["fedavg", "fed_distill", "pate", "p2p"]
+Protection = Literal["plaintext", "ckks", "secagg+"]
+FaultKind = Literal["crash", "slow", "nan", "oversized", "wrong_shape"]
+
+
+class PartitionConfig(Strict):
+    """How the private records are split between organizations.
+
+    `iid`: a uniformly random split. `dirichlet`: for every label, the shares of the organizations
+    are drawn from Dirichlet(alpha): small alpha (0.1) gives each organization a few labels, large
+    alpha (100) approaches IID. Labels are the record's `topic` (`by: topic`); `by: canary_owner`
+    also keeps every insertion of one canary in a single organization, its owner.
+    """
+
+    kind: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration (dirichlet only)")
+    by: Literal["topic", "canary_owner"] = "topic"
+    min_records: int = Field(4, ge=2, description="every organization gets at least this many records")
+    heldout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of each organization's records kept for its own evaluation"
+    )
+
+
+class TransferConfig(Strict):
+    """The public transfer set (fed_distill, pate, p2p) and the shared layout of soft labels.
+
+    Records are taken from the corpus before the private split, so no organization owns them. A soft
+    label is the teacher distribution restricted to a public index set, the `index_k` most frequent
+    target tokens of the transfer set (a unigram reference model over public text, chosen once),
+    plus one tail bucket: the same `[positions, index_k + 1]` layout for every client.
+    """
+
+    n_records: int = Field(24, ge=1)
+    index_k: int = Field(64, ge=1, description="size of the public token index set")
+    digest_steps: int = Field(8, ge=1, description="distillation steps on the aggregated soft labels")
+
+
+class CkksConfig(Strict):
+    """CKKS parameters are chosen per payload (`federation.he.Keyring.for_payload`) from these bounds."""
+
+    max_abs_update: float = Field(
+        1.0e5, gt=0, description="bound on |weight * value| of one client (weight = number of examples)"
+    )
+    abs_error: float = Field(1.0e-6, gt=0, description="target absolute error of a decrypted sum")
+    release_decimals: int = Field(
+        6,
+        ge=0,
+        le=12,
+        description="decrypted values are rounded to this many decimals before they leave a client",
+    )
+
+
+class SecAggConfig(Strict):
+    """Flower's SecAgg+ (pairwise masking, tolerates dropouts); fedavg only.
+
+    `num_shares` and `reconstruction_threshold` follow `SecAggPlusWorkflow`: an integer is a count, a
+    number in (0, 1] a fraction (of the sampled clients, of num_shares).
+    """
+
+    num_shares: int | float = Field(
+        1.0, gt=0, description="shares per secret: a count, or a fraction of clients"
+    )
+    reconstruction_threshold: int | float = Field(
+        0.67, gt=0, description="shares that unmask a dropped client: a count, or a fraction of num_shares"
+    )
+    clipping_range: float = Field(
+        8.0, gt=0, description="parameters are clipped to [-range, range], then quantized"
+    )
+    quantization_range: int = Field(1 << 22, gt=1)
+    max_weight: float = Field(
+        1000.0, gt=0, description="largest number of examples of one client; precision shrinks as it grows"
+    )
+
+    @model_validator(mode="after")
+    def _counts_or_fractions(self) -> SecAggConfig:
+        for name in ("num_shares", "reconstruction_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value > 1:
+                raise ValueError(f"secagg.{name}={value}: give an integer count or a fraction in (0, 1]")
+        return self
+
+
+class PateConfig(Strict):
+    """PATE with the Gaussian noisy argmax (GNMax) of Papernot et al. (2018), data-independent accounting."""
+
+    sigma: float = Field(
+        2.0, gt=0, description="standard deviation of the Gaussian noise added to each vote count"
+    )
+    delta: float = Field(1.0e-5, gt=0, lt=1)
+    student_steps: int = Field(
+        16, ge=1, description="server-side student training steps on the released labels"
+    )
+
+
+class P2PConfig(Strict):
+    """KNEXA-FL style orchestrated decentralization: the server pairs, peers exchange soft labels."""
+
+    policy: Literal["linucb", "random"] = "linucb"
+    alpha: float = Field(1.0, ge=0, description="LinUCB exploration weight")
+    schedule: Literal["constant", "decay"] = "constant"
+    beta0: float = Field(1.0, ge=0, description="decay schedule: alpha_t = beta0 / sqrt(t)")
+    profile_epsilon: float = Field(1.0, gt=0, description="Laplace epsilon per profile release")
+    gamma: float = Field(1.0, ge=0, description="reward weight of the loss improvement")
+    delta_kb: float = Field(0.001, ge=0, description="reward cost per kilobyte exchanged")
+
+
+class FederatedJob(Strict):
+    """`secure-kd federate`: N organizations distil together without sharing data."""
+
+    schema_version: int = SCHEMA_VERSION
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    out: str = "runs/federate"
+    n_organizations: int = Field(4, ge=2, le=10_000)
+    rounds: int = Field(3, ge=1)
+    mode: Mode = "fedavg"
+    protection: Protection = "plaintext"
+    min_clients: int | None = Field(None, ge=1, description="default: every organization must answer")
+    partition: PartitionConfig = PartitionConfig()
+    student: ModelConfig = ModelConfig()
+    students: list[ModelConfig] = Field(
+        default_factory=list, description="heterogeneous students: organization i uses students[i % len]"
+    )
+    teacher: ModelConfig | None = Field(
+        None,
+        description="each organization's own teacher for local distillation; none: local language modelling",
+    )
+    tokenizer: str = Field(
+        "tiny:320", description="'tiny:<vocab>' (trained on the public records) or a directory"
+    )
+    data: DataConfig = DataConfig()
+    kd: KDConfig = KDConfig()
+    train: TrainConfig = TrainConfig()
+    transfer: TransferConfig = TransferConfig()
+    ckks: CkksConfig = CkksConfig()
+    secagg: SecAggConfig = SecAggConfig()
+    pate: PateConfig = PateConfig()
+    p2p: P2PConfig = P2PConfig()
+    round_timeout_s: float = Field(
+        600.0, gt=0, description="a client that has not answered by then is dropped"
+    )
+    join_timeout_s: float = Field(300.0, gt=0, description="how long the server waits for the organizations")
+    max_message_mb: float = Field(64.0, gt=0, description="larger replies are dropped unread")
+    simultaneous_clients: int | None = Field(
+        None, ge=1, description="simulation: ClientApps run at once (default: the CPU count)"
+    )
+    simulate_faults: dict[int, FaultKind] = Field(
+        default_factory=dict,
+        description="tests only: organization index -> crash | slow | nan | oversized | wrong_shape",
+    )
+
+    @property
+    def required_clients(self) -> int:
+        return self.min_clients if self.min_clients is not None else self.n_organizations
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)
+
+    def student_for(self, index: int) -> ModelConfig:
+        return self.students[index % len(self.students)] if self.students else self.student
+
+    def org_name(self, index: int) -> str:
+        return f"org-{index}"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedJob:
+        problems = _problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _problems(job: FederatedJob) -> list[str]:
+    found: list[str] = []
+    if job.min_clients is not None and job.min_clients > job.n_organizations:
+        found.append(f"min_clients={job.min_clients} exceeds n_organizations={job.n_organizations}")
+    if job.mode == "fedavg" and job.students and any(s != job.students[0] for s in job.students):
+        found.append(
+            "fedavg averages weights, so every organization needs the same student; drop `students`"
+            " or use mode fed_distill (it works across architectures)"
+        )
+    if job.protection == "secagg+" and job.mode != "fedavg":
+        found.append("protection secagg+ sums masked vectors (Flower's SecAgg+): use it with mode fedavg")
+    if job.protection == "secagg+" and job.required_clients < 2:
+        found.append("secagg+ needs min_clients >= 2 (a single masked vector would be its own sum)")
+    if job.mode in ("pate", "p2p") and job.protection != "plaintext":
+        found.append(
+            f"mode {job.mode} aggregates nothing under encryption: set protection: plaintext "
+            "(p2p payloads are always sealed end to end between peers; pate's votes go to the "
+            "trusted aggregator, who adds the GNMax noise)"
+        )
+    if job.mode in ("fed_distill", "p2p") and job.kd.kd_weight == 0:
+        found.append(f"mode {job.mode} distils from shared soft labels: set kd.kd_weight > 0")
+    if job.kd.teacher_targets != "live" or job.kd.mode != "off_policy":
+        found.append("federated jobs use kd.teacher_targets: live and kd.mode: off_policy")
+    if job.kd.fused:
+        found.append(
+            "kd.fused is not used by federated jobs (soft labels cover a public index set): set it false"
+        )
+    if job.data.packing:
+        found.append("data.packing mixes records of one organization into blocks; set data.packing: false")
+    bad = sorted(i for i in job.simulate_faults if not 0 <= i < job.n_organizations)
+    if bad:
+        found.append(f"simulate_faults names organizations {bad}, outside 0..{job.n_organizations - 1}")
+    if job.teacher is not None and job.teacher.source == "teacher_layers":
+        found.append("teacher.source cannot be 'teacher_layers'; that builds a student")
+    for index, student in enumerate([job.student, *job.students]):
+        if student.source == "teacher_layers":
+            found.append(
+                f"student {index}: 'teacher_layers' is not available in federated jobs; use tiny or a dir"
+            )
+    if job.train.privacy is not None:
+        from secure_kd.dp.trainer import check_private_objective
+
+        try:
+            check_private_objective(job.kd)
+        except ValueError as exc:
+            found.append(str(exc))
+    return found
+
+
+def load_federated_job(path: str | Path | None, overrides: list[str] | None = None) -> FederatedJob:
+    """Read a YAML job (or start from the defaults), apply `--set key=value` overrides, validate.
+
+    Raises `secure_kd.config.ConfigError` naming every wrong field.
+    """
+    return load_config(path, overrides, FederatedJob)
+
+
+def job_from_json(data: dict[str, Any]) -> FederatedJob:
+    return FederatedJob.model_validate(data)

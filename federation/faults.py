@@ -1,0 +1,54 @@
+"""Fault injection for testing fault tolerance (`simulate_faults` in a job; tests and demos only).
+
+An organization listed there misbehaves on purpose in every payload-bearing exchange (`train`,
+`query.votes`, `train.p2p_send`): `crash` raises, `slow` answers after the round timeout, and a
+malicious one corrupts what it was about to send: `nan` (a non-finite value, or a ciphertext that is
+not one), `oversized` (a reply over `max_message_mb`), `wrong_shape` (an array or ciphertext of the
+wrong length). The server must drop it with a logged reason and go on with the others.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from federation.messages import ARRAYS, CONFIG, to_array_record
+from federation.workspace import OrgWorkspace
+
+PAYLOAD_MESSAGES = frozenset({"train.default", "query.votes", "train.p2p_send"})
+
+
+def before_handling(ws: OrgWorkspace, message_type: str) -> None:
+    fault = ws.job.simulate_faults.get(ws.index)
+    if message_type not in PAYLOAD_MESSAGES:
+        return
+    if fault == "crash":
+        raise RuntimeError(f"{ws.name}: simulated crash (simulate_faults)")
+    if fault == "slow":
+        time.sleep(ws.job.round_timeout_s + 2.0)
+
+
+def sabotaged(ws: OrgWorkspace, content: RecordDict) -> RecordDict:
+    """The payload a malicious organization sends instead of `content` (unchanged for honest ones)."""
+    fault = ws.job.simulate_faults.get(ws.index)
+    if fault == "oversized":
+        padded = dict(content[CONFIG]) if CONFIG in content else {}
+        content[CONFIG] = ConfigRecord({**padded, "padding": b"\0" * (ws.job.max_message_bytes + 1)})
+    elif fault in ("nan", "wrong_shape") and ARRAYS in content:
+        arrays = {name: array.numpy().copy() for name, array in content[ARRAYS].items()}
+        name = next(iter(arrays))
+        if fault == "nan":
+            arrays[name] = arrays[name].astype(np.float64) if arrays[name].dtype.kind != "f" else arrays[name]
+            arrays[name].flat[0] = np.nan
+        else:
+            arrays[name] = arrays[name].ravel()[:-1]
+        content[ARRAYS] = to_array_record(arrays)
+    elif fault in ("nan", "wrong_shape"):
+        key = next(iter(content[CONFIG].keys()))
+        blob = content[CONFIG][key]
+        content[CONFIG] = ConfigRecord(
+            {key: blob[: len(blob) // 2] if fault == "wrong_shape" else b"\xff" * 64}
+        )
+    return content

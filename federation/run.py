@@ -1,0 +1,122 @@
+"""`run_federation(job)`: N virtual organizations on this machine, through Flower's simulation engine.
+
+    from federation.config import load_federated_job
+    from federation.run import run_federation
+    result = run_federation(load_federated_job("configs/federated-he.yaml", ["rounds=2"]))
+
+What it does:
+1. prepares each organization's directory `<out>/orgs/org-<i>/` with its own identity and key-exchange
+   keys, and registers the public bundles in `<out>/trust/` (the out-of-band registration a real
+   deployment does, e.g. alongside the SuperNode keys);
+2. runs `build_server_app(job)` and `build_client_app(job)` with `flwr.simulation.run_simulation`
+   (Ray backend, `n_organizations` SuperNodes, at most `simultaneous_clients` ClientApps at once),
+   with a round progress bar;
+3. returns the `FederatedResult` the ServerApp wrote to `<out>/results.json`.
+
+The same apps run under `flwr run .` (pyproject's `[tool.flwr.app]`; see docs/federation.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from federation.client_app import build_client_app
+from federation.config import FederatedJob
+from federation.identity import OrgKeys
+from federation.results import FederatedResult
+from federation.server_app import FederationFailed, build_server_app
+from secure_kd.paths import atomic_write_text
+
+logger = logging.getLogger("secure_kd.federation")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def prepare_organizations(job: FederatedJob) -> Path:
+    """Keys per organization (kept if present) and the trust directory of their public bundles."""
+    out = Path(job.out)
+    trust = out / "trust"
+    trust.mkdir(parents=True, exist_ok=True)
+    for index in range(job.n_organizations):
+        name = job.org_name(index)
+        keys_dir = out / "orgs" / name / "keys"
+        if not (keys_dir / "bundle.json").is_file():
+            OrgKeys.generate(name).save(keys_dir)
+        shutil.copyfile(keys_dir / "bundle.json", trust / f"{name}.json")
+    return trust
+
+
+def _backend_config(job: FederatedJob) -> dict:
+    workers = job.simultaneous_clients or os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": workers, "include_dashboard": False, "logging_level": logging.ERROR},
+    }
+
+
+def _importable_by_workers() -> None:
+    """Ray's worker processes import the apps by module name: make this checkout importable for them."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(PROJECT_ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *paths])
+
+
+SUPERLINK_COMMAND = "flower-superlink --insecure --simulation --disable-runtime-dependency-installation"
+
+
+def write_flwr_config(
+    *, connection: str = "secure-kd", address: str = "127.0.0.1:8000", home: str | Path | None = None
+) -> Path:
+    """Add (or update) a SuperLink connection in Flower's `config.toml` for `flwr run . <connection>`.
+
+    Flower >= 1.26 keeps connections in `$FLWR_HOME/config.toml` (default `~/.flwr`). The entry points
+    at a SuperLink you start yourself with `SUPERLINK_COMMAND` (simulation runtime, one HTTP port, and no
+    runtime `uv sync` of the app's dependencies: the `:local:` address starts one that installs them,
+    which for this project means a multi-GB CUDA build of torch). Other connections and the default are
+    left as they are. Returns the path written.
+    """
+    import tomli
+    import tomli_w
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+    from flwr.supercore.utils import get_flwr_home
+
+    path = (Path(home) if home is not None else get_flwr_home()) / "config.toml"
+    config = tomli.loads(path.read_text(encoding="utf-8") if path.is_file() else DEFAULT_FLOWER_CONFIG_TOML)
+    config.setdefault("superlink", {})[connection] = {"address": address, "insecure": True}
+    atomic_write_text(path, tomli_w.dumps(config))
+    return path
+
+
+def run_federation(job: FederatedJob, *, progress: bool = True) -> FederatedResult:
+    """Run `job` in Flower's simulation engine; raises FederationFailed when a round had too few clients."""
+    from flwr.simulation import run_simulation
+
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "job.json", json.dumps(job.model_dump(mode="json"), indent=2) + "\n")
+    (out / "results.json").unlink(missing_ok=True)
+    prepare_organizations(job)
+    _importable_by_workers()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        run_simulation(
+            server_app=build_server_app(job, progress=progress),
+            client_app=build_client_app(job),
+            num_supernodes=job.n_organizations,
+            backend_config=_backend_config(job),
+        )
+    except FederationFailed:
+        raise
+    except Exception as exc:
+        raise FederationFailed(f"the simulation stopped: {exc}") from exc
+    path = out / "results.json"
+    if not path.is_file():
+        raise FederationFailed(f"the ServerApp wrote no {path}: see the log above")
+    result = FederatedResult.model_validate_json(path.read_text())
+    if not result.completed:
+        raise FederationFailed(result.error or "the federation did not complete")
+    return result

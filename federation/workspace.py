@@ -1,0 +1,265 @@
+"""One organization's side of a federated job: its directory, data, models, keys and privacy ledger.
+
+Everything a ClientApp must remember between messages lives on the organization's disk (in
+simulation `<out>/orgs/org-<i>/`, in deployment the SuperNode's `org-dir` node-config entry), never
+in the server's messages:
+
+    student.safetensors   the current student (weights only, loaded with safetensors)
+    keys/                 the organization's Ed25519 identity and X25519 key-exchange keys (0600)
+    ckks-secret.bin       the shared CKKS secret context, after the key ceremony (0600)
+    state.json            small bookkeeping (calibrated DP noise, last losses, profile releases)
+
+The DP ledger is per dataset (a fingerprint of the organization's records) in the engine's ledger
+directory (`train.privacy.ledger_dir`, the node-config entry `ledger-dir`, or
+`$SECURE_KD_HOME/privacy-ledgers`), so epsilon adds up across rounds and across runs.
+
+Public inputs (the tokenizer, the test and transfer sets) are derived from the job alone, so every
+organization computes the same ones; `job_data` caches them per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from federation.config import FederatedJob
+from federation.identity import OrgKeys, TrustStore
+from federation.partition import FederatedSplit, federated_split
+from federation.soft_labels import SoftLabelLayout, build_layout
+from secure_kd.data import TokenizedExample, tokenize_records, train_tiny_tokenizer
+from secure_kd.dp.ledger import dataset_key
+from secure_kd.models import load_student, load_teacher, load_tokenizer, resolve_device
+from secure_kd.paths import atomic_write_json
+from secure_kd.trainer import config_hash
+
+STUDENT_FILE = "student.safetensors"
+SECRET_CONTEXT_FILE = "ckks-secret.bin"
+STATE_FILE = "state.json"
+KEYS_DIR = "keys"
+
+
+@dataclass(frozen=True)
+class JobData:
+    """What every organization derives identically from the job: public sets, tokenizer, layout."""
+
+    split: FederatedSplit
+    tokenizer: Any
+    pad_id: int
+    test: list[TokenizedExample]
+    transfer: list[TokenizedExample]
+    layout: SoftLabelLayout
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+_JOB_DATA: dict[str, JobData] = {}
+
+
+def job_digest(job: FederatedJob) -> str:
+    return config_hash(job.model_dump(mode="json", exclude={"out", "simulate_faults", "rounds"}))
+
+
+def _record_text(record: dict[str, Any], field: str) -> str:
+    return str(record.get(field, record.get("text", "")))
+
+
+def _tokenizer(job: FederatedJob, split: FederatedSplit):
+    spec = job.tokenizer
+    if spec.startswith("tiny:"):
+        texts = [_record_text(r, job.data.text_field) for r in split.test + split.transfer]
+        return train_tiny_tokenizer(texts, vocab_size=int(spec.split(":", 1)[1]))
+    if spec == "teacher":
+        if job.teacher is None or job.teacher.source == "tiny":
+            raise ValueError("tokenizer: teacher needs a teacher with a tokenizer (smollm2 or a directory)")
+        return load_tokenizer(job.teacher.source, trust_remote_code=job.teacher.trust_remote_code)
+    return load_tokenizer(spec)
+
+
+def job_data(job: FederatedJob) -> JobData:
+    """The public part of the job, computed once per process."""
+    key = job_digest(job)
+    if key not in _JOB_DATA:
+        split = federated_split(job)
+        tokenizer = _tokenizer(job, split)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        tokenize = dict(
+            max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt
+        )
+        test = tokenize_records(split.test, tokenizer, **tokenize)
+        transfer = tokenize_records(split.transfer, tokenizer, **tokenize)
+        layout = build_layout(transfer, min(job.transfer.index_k, len(tokenizer) - 1), len(tokenizer))
+        _JOB_DATA[key] = JobData(split, tokenizer, pad_id, test, transfer, layout)
+    return _JOB_DATA[key]
+
+
+class OrgWorkspace:
+    """Organization `index` of `job`, rooted at `root` (created 0700)."""
+
+    def __init__(
+        self, job: FederatedJob, index: int, root: str | Path, *, ledger_dir: str | None = None
+    ) -> None:
+        if not 0 <= index < job.n_organizations:
+            raise ValueError(f"organization index {index} is outside 0..{job.n_organizations - 1}")
+        self.job, self.index, self.root = job, index, Path(root)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.name = job.org_name(index)
+        self.ledger_dir = ledger_dir
+        self.device = resolve_device(job.device)
+
+    # -- data ----------------------------------------------------------------------------------------
+    @cached_property
+    def public(self) -> JobData:
+        return job_data(self.job)
+
+    @cached_property
+    def private(self) -> tuple[list[TokenizedExample], list[TokenizedExample], list[str]]:
+        """(training examples, held-out examples, training texts) of this organization."""
+        own = self.public.split.organizations[self.index]
+        tokenize = dict(
+            max_length=self.job.data.max_length,
+            text_field=self.job.data.text_field,
+            mask_prompt=self.job.data.mask_prompt,
+        )
+        train = tokenize_records(own.train, self.public.tokenizer, **tokenize)
+        heldout = tokenize_records(own.heldout, self.public.tokenizer, **tokenize)
+        if not train or not heldout:
+            raise ValueError(
+                f"{self.name} has {len(train)} training and {len(heldout)} held-out sequences after "
+                "tokenization; give it more records (partition.min_records)"
+            )
+        return train, heldout, [_record_text(r, self.job.data.text_field) for r in own.train]
+
+    @property
+    def train_examples(self) -> list[TokenizedExample]:
+        return self.private[0]
+
+    @property
+    def heldout_examples(self) -> list[TokenizedExample]:
+        return self.private[1]
+
+    def topic_histogram(self) -> list[float]:
+        own = self.public.split.organizations[self.index]
+        counts = own.label_histogram("topic")
+        return [float(counts.get(label, 0)) for label in self.public.split.labels] or [1.0]
+
+    @property
+    def ledger_key(self) -> str:
+        privacy = self.job.train.privacy
+        if privacy is not None and privacy.ledger_key:
+            return f"{privacy.ledger_key}-{self.name}"
+        return dataset_key(self.private[2])
+
+    # -- models --------------------------------------------------------------------------------------
+    def _build_student(self) -> nn.Module:
+        return build_student(self.job, self.index, self.public).to(self.device)
+
+    def student(self) -> nn.Module:
+        """The organization's student: the saved one, or a fresh (seeded) one in the first round."""
+        model = self._build_student()
+        path = self.root / STUDENT_FILE
+        if path.is_file():
+            model.load_state_dict(load_file(str(path), device=str(self.device)), strict=True)
+        model.train()
+        return model
+
+    def save_student(self, model: nn.Module) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tmp = self.root / f".{STUDENT_FILE}.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, self.root / STUDENT_FILE)
+
+    @cached_property
+    def teacher(self) -> nn.Module | None:
+        if self.job.teacher is None:
+            return None
+        return load_teacher(
+            self.job.teacher,
+            vocab_size=self.public.vocab_size,
+            seed=self.job.seed,
+            pad_token_id=self.public.pad_id,
+        ).to(self.device)
+
+    # -- keys and state --------------------------------------------------------------------------------
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / KEYS_DIR
+
+    def keys(self) -> OrgKeys:
+        """The organization's own keys, generated on its disk the first time (never sent anywhere)."""
+        if not (self.keys_dir / "bundle.json").is_file():
+            OrgKeys.generate(self.name).save(self.keys_dir)
+        return OrgKeys.load(self.keys_dir)
+
+    def trust(self, trust_dir: str | Path | None = None) -> TrustStore:
+        """Identity keys registered out of band (`trust-dir` node config, default `<out>/trust`)."""
+        return TrustStore.from_directory(trust_dir or Path(self.job.out) / "trust")
+
+    def save_secret_context(self, data: bytes) -> None:
+        path = self.root / SECRET_CONTEXT_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+
+    def secret_context(self) -> bytes:
+        path = self.root / SECRET_CONTEXT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.name} holds no CKKS key: it missed the key ceremony of this run")
+        return path.read_bytes()
+
+    def state(self) -> dict[str, Any]:
+        path = self.root / STATE_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def update_state(self, **values: Any) -> None:
+        atomic_write_json(self.root / STATE_FILE, {**self.state(), **values}, mode=0o600)
+
+
+def build_student(job: FederatedJob, index: int, public: JobData) -> nn.Module:
+    """Organization `index`'s initial student. In fedavg every organization (and the server) builds the
+    same one from the job's seed; heterogeneous students get a seed per organization."""
+    cfg = job.student_for(index)
+    heterogeneous = bool(job.students) and job.mode != "fedavg"
+    seed = job.seed + (1000 * index if heterogeneous else 0)
+    return load_student(
+        cfg, teacher=None, vocab_size=public.vocab_size, seed=seed, pad_token_id=public.pad_id
+    )
+
+
+def flat_parameters(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """The parameters a client shares in fedavg: the trainable ones (LoRA adapters only, when present)."""
+    names, tensors = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            names.append(name)
+            tensors.append(param.detach())
+    if not names:
+        raise ValueError("the student has no trainable parameters to federate")
+    return names, tensors
+
+
+def load_parameters(model: nn.Module, arrays: dict[str, Any]) -> None:
+    """Copy `arrays` (name -> numpy array) into the model's trainable parameters, checking every shape."""
+    params = dict(model.named_parameters())
+    for name, value in arrays.items():
+        if name not in params:
+            raise ValueError(f"unknown parameter {name!r} in the global model")
+        target = params[name]
+        tensor = torch.as_tensor(value)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(
+                f"parameter {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
