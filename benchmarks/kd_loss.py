@@ -126,14 +126,18 @@ def setup_naive_linear_kl(n_tokens: int, vocab: int, hidden: int, k: int) -> Cal
     return step
 
 
-def setup_fused(n_tokens: int, vocab: int, hidden: int, k: int, chunk_size: int | None = None) -> Callable[[], None]:
+def setup_fused(
+    n_tokens: int, vocab: int, hidden: int, k: int, chunk_size: int | None = None
+) -> Callable[[], None]:
     from secure_kd.losses import fused_linear_kd_loss
 
     states, weight = _linear_inputs(n_tokens, vocab, hidden)
     teacher = _topk_teacher(n_tokens, vocab, k, 2)
 
     def step() -> None:
-        fused_linear_kd_loss(states, weight, teacher, loss="forward_kl", tail="uniform", chunk_size=chunk_size).backward()
+        fused_linear_kd_loss(
+            states, weight, teacher, loss="forward_kl", tail="uniform", chunk_size=chunk_size
+        ).backward()
         states.grad = weight.grad = None
 
     return step

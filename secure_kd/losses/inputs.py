@@ -50,9 +50,10 @@ def check_fraction(name: str, value: float, *, low_open: bool = False, high_open
     return float(value)
 
 
-def resolve_chunk_size(chunk_size: int | None, vocab: int) -> int:
+def resolve_chunk_size(chunk_size: int | None, vocab: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """chunk_size as given, or (None) as many tokens as fit one float32 [chunk, vocab] buffer in budget."""
     if chunk_size is None:
-        return max(1, DEFAULT_CHUNK_BYTES // (4 * max(vocab, 1)))
+        return max(1, budget_bytes // (4 * max(vocab, 1)))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens (got {chunk_size!r}), or None")
     return chunk_size
