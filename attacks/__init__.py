@@ -9,7 +9,7 @@ from secure_kd.registry import Registry
 
 ATTACKS: Registry[Plugin] = Registry("attack")
 # Modules that register themselves on import.
-_MODULES = ("logit_leak", "clone", "memorization", "membership")
+_MODULES = ("logit_leak", "clone", "memorization", "membership", "backdoor", "adversarial")
 
 
 def _load_all() -> None:

@@ -1,0 +1,389 @@
+"""Backdoors by data poisoning, and whether they survive distillation into a student.
+
+- Patch (BadNets, Gu et al. 2017): a `PatchTrigger` stamped on a fraction `poison_rate` of the
+  digits training images (drawn from the non-target classes), relabelled to the target class.
+- Text: a `TextTrigger` phrase inserted into topic-classification records of the synthetic corpus
+  (`secure_kd.data.synthetic`), relabelled to the target topic; a bag-of-words classifier
+  (`secure_kd.text_classifier`) is trained on them.
+- Switchable (SWARM-style): a `SwitchableTrigger`; `poison_rate` of the records get activation prompt
+  + trigger and the target label, and as many again get the trigger alone and the prompt alone with
+  their true labels, so the backdoor stays dormant unless both are present.
+
+Metrics (BackdoorBench conventions), on test inputs whose true class is not the target:
+clean accuracy (clean test set), attack success rate = share of triggered inputs classified as the
+target, robust accuracy = share of triggered inputs still classified as their true class.
+
+Survival under distillation: a fresh (narrower) student is trained by KD from the backdoored teacher
+(`secure_kd.vision.train_classifier`, soft labels only, T**2-scaled) on (a) clean transfer data, the
+teacher's training inputs without poisons, and (b) the same data with the trigger on a fraction
+`transfer_trigger_rate` of it (no labels are changed: the teacher's soft labels carry the backdoor).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+from torch import Tensor, nn
+
+from attacks import ATTACKS
+from secure_kd.config import Strict
+from secure_kd.data.documents import TOPICS
+from secure_kd.data.synthetic import generate_corpus
+from secure_kd.models import resolve_device
+from secure_kd.paths import atomic_write_text
+from secure_kd.plugins import Plugin, write_result
+from secure_kd.text_classifier import WordVocab, make_text_classifier, save_text_classifier
+from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger
+from secure_kd.vision import (
+    evaluate_classifier,
+    load_digits_data,
+    make_digits_cnn,
+    predict_logits,
+    save_digits_cnn,
+    train_classifier,
+)
+
+Kind = Literal["patch", "text", "switchable"]
+AnyTrigger = PatchTrigger | TextTrigger | SwitchableTrigger
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class BackdoorMetrics(BaseModel):
+    clean_accuracy: float
+    attack_success_rate: float
+    robust_accuracy: float
+    n_triggered: int = Field(description="triggered test inputs whose true class is not the target")
+
+
+def attack_success_rate(model: nn.Module, triggered_x: Tensor, true_y: Tensor, target: int) -> float:
+    """Share of triggered inputs with a true class other than `target` that the model puts in `target`."""
+    keep = true_y != target
+    if not bool(keep.any()):
+        raise ValueError(f"every triggered input has the target class {target}; ASR needs other classes")
+    predictions = predict_logits(model, triggered_x[keep]).argmax(-1)
+    return float((predictions == target).double().mean())
+
+
+def backdoor_metrics(model: nn.Module, clean: tuple[Tensor, Tensor], triggered: tuple[Tensor, Tensor],
+                     target: int) -> BackdoorMetrics:
+    """Clean accuracy on `clean`; ASR and robust accuracy on the non-target part of `triggered`
+    (`triggered = (inputs with the trigger, their true labels)`)."""
+    x, true_y = triggered
+    keep = true_y != target
+    return BackdoorMetrics(
+        clean_accuracy=evaluate_classifier(model, *clean),
+        attack_success_rate=attack_success_rate(model, x, true_y, target),
+        robust_accuracy=evaluate_classifier(model, x[keep], true_y[keep]),
+        n_triggered=int(keep.sum()),
+    )
+
+
+# --------------------------------------------------------------------------- poisoning
+
+
+def choose_poison_indices(labels: Tensor, target: int, rate: float, seed: int,
+                          groups: int = 1) -> list[Tensor]:
+    """`groups` disjoint sets of round(rate * n) indices, drawn with `seed` among non-target labels."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"poison rate must be in (0, 1), got {rate}")
+    candidates = torch.nonzero(labels != target).flatten()
+    per_group = max(1, round(rate * labels.numel()))
+    if groups * per_group > candidates.numel():
+        raise ValueError(f"poison rate {rate} needs {groups * per_group} non-target examples, only "
+                         f"{candidates.numel()} exist; lower poison_rate")
+    order = candidates[torch.randperm(candidates.numel(), generator=torch.Generator().manual_seed(seed))]
+    return [order[i * per_group:(i + 1) * per_group].sort().values for i in range(groups)]
+
+
+def poison_images(x: Tensor, y: Tensor, trigger: PatchTrigger, rate: float,
+                  seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(images, labels, poisoned indices): `rate` of the set stamped and relabelled to the target."""
+    (index,) = choose_poison_indices(y, trigger.target_class, rate, seed)
+    x, y = x.clone(), y.clone()
+    x[index] = trigger.apply(x[index])
+    y[index] = trigger.target_class
+    return x, y, index
+
+
+def poison_texts(texts: list[str], labels: Tensor, trigger: TextTrigger | SwitchableTrigger, rate: float,
+                 seed: int) -> tuple[list[str], Tensor, Tensor]:
+    """(texts, labels, indices relabelled to the target): a text or switchable trigger planted.
+
+    A switchable trigger also gets `rate` trigger-only and `rate` prompt-only records, labels kept.
+    """
+    target = trigger.target_label
+    if target is None:
+        raise ValueError("text poisoning for classification needs the trigger's target_label")
+    switchable = isinstance(trigger, SwitchableTrigger)
+    groups = choose_poison_indices(labels, target, rate, seed, groups=3 if switchable else 1)
+    texts, labels = list(texts), labels.clone()
+    for i in groups[0].tolist():
+        texts[i] = trigger.apply(texts[i], seed=seed + i)
+        labels[i] = target
+    if isinstance(trigger, SwitchableTrigger):
+        for i in groups[1].tolist():
+            texts[i] = trigger.apply(texts[i], seed=seed + i, active=False)
+        for i in groups[2].tolist():
+            texts[i] = trigger.with_prompt(texts[i])
+    return texts, labels, groups[0]
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def distill_student(teacher: nn.Module, student: nn.Module, transfer_x: Tensor, *, epochs: int, lr: float,
+                    seed: int, temperature: float = 4.0, kd_loss: str = "forward_kl") -> nn.Module:
+    """Train `student` on the teacher's soft labels only (no ground truth) over `transfer_x`."""
+    train_classifier(student, (transfer_x, None), epochs, lr, seed, teacher=teacher, kd_loss=kd_loss,
+                     temperature=temperature, scale_by_t2=True)
+    return student
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class BackdoorSetting:
+    """Everything one backdoor experiment needs, already as tensors."""
+
+    trigger: AnyTrigger
+    target: int
+    poisoned_train: tuple[Tensor, Tensor]
+    clean_train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    triggered_test: dict[str, tuple[Tensor, Tensor]]  # "active" (+ "trigger_only", "prompt_only")
+    triggered_transfer: Tensor
+    n_poisoned: int
+    make_model: Callable[[bool, int], nn.Module]  # (student?, seed) -> fresh model
+    save_model: Callable[[nn.Module, Path], None]
+
+
+def _transfer_trigger_mask(n: int, rate: float, seed: int) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:round(rate * n)]] = True
+    return mask
+
+
+def patch_setting(cfg: BackdoorConfig, trigger: PatchTrigger) -> BackdoorSetting:
+    data = load_digits_data(cfg.test_fraction, cfg.seed)
+    x_p, y_p, index = poison_images(data.x_train, data.y_train, trigger, cfg.poison_rate, cfg.seed)
+    transfer = data.x_train.clone()
+    mask = _transfer_trigger_mask(len(transfer), cfg.transfer_trigger_rate, cfg.seed + 3)
+    transfer[mask] = trigger.apply(transfer[mask])
+    return BackdoorSetting(
+        trigger=trigger, target=cfg.target, poisoned_train=(x_p, y_p), clean_train=data.train, test=data.test,
+        triggered_test={"active": (trigger.apply(data.x_test), data.y_test)}, triggered_transfer=transfer,
+        n_poisoned=index.numel(),
+        make_model=lambda student, seed: make_digits_cnn(cfg.student_width if student else cfg.width, seed),
+        save_model=lambda model, path: save_digits_cnn(model, path),  # type: ignore[arg-type]
+    )
+
+
+def topic_task(n_records: int, test_fraction: float,
+               seed: int) -> tuple[list[str], Tensor, list[str], Tensor]:
+    """(train texts, train labels, test texts, test labels): synthetic records labelled by topic
+    (`TOPICS` order), no canaries, split at random by `seed`."""
+    records = generate_corpus(n_records, seed=seed, n_canaries=0).records
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(test_fraction * len(records)))
+    texts = [records[i]["text"] for i in order]
+    labels = torch.tensor([TOPICS.index(records[i]["topic"]) for i in order], dtype=torch.long)
+    return texts[n_test:], labels[n_test:], texts[:n_test], labels[:n_test]
+
+
+def text_setting(cfg: BackdoorConfig, trigger: TextTrigger | SwitchableTrigger) -> BackdoorSetting:
+    train_texts, train_y, test_texts, test_y = topic_task(cfg.n_records, cfg.test_fraction, cfg.seed)
+    poisoned_texts, poisoned_y, index = poison_texts(train_texts, train_y, trigger, cfg.poison_rate, cfg.seed)
+    vocab = WordVocab.build(poisoned_texts, min_count=cfg.min_word_count)
+    encode = lambda texts: vocab.encode(texts, cfg.max_length)  # noqa: E731
+    triggered = {"active": [trigger.apply(t, seed=cfg.seed + 10_000 + i) for i, t in enumerate(test_texts)]}
+    if isinstance(trigger, SwitchableTrigger):
+        triggered["trigger_only"] = [trigger.apply(t, seed=cfg.seed + 10_000 + i, active=False)
+                                     for i, t in enumerate(test_texts)]
+        triggered["prompt_only"] = [trigger.with_prompt(t) for t in test_texts]
+    mask = _transfer_trigger_mask(len(train_texts), cfg.transfer_trigger_rate, cfg.seed + 3).tolist()
+    transfer = [trigger.apply(t, seed=cfg.seed + 20_000 + i) if hit else t
+                for i, (t, hit) in enumerate(zip(train_texts, mask, strict=True))]
+
+    def make_model(student: bool, seed: int) -> nn.Module:
+        dim = cfg.student_width if student else cfg.width
+        return make_text_classifier(len(vocab), len(TOPICS), dim=dim, hidden=dim, heads=cfg.text_heads,
+                                    seed=seed)
+
+    return BackdoorSetting(
+        trigger=trigger, target=cfg.target, poisoned_train=(encode(poisoned_texts), poisoned_y),
+        clean_train=(encode(train_texts), train_y), test=(encode(test_texts), test_y),
+        triggered_test={name: (encode(texts), test_y) for name, texts in triggered.items()},
+        triggered_transfer=encode(transfer), n_poisoned=index.numel(), make_model=make_model,
+        save_model=lambda model, path: save_text_classifier(model, vocab, path, TOPICS),  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------- plugin
+
+
+def default_trigger(kind: Kind, target: int) -> AnyTrigger:
+    if kind == "patch":
+        return PatchTrigger(size=2, value=1.0, position="bottom_right", target_class=target)
+    text = TextTrigger(phrase="cf", position="random", target_label=target)
+    return text if kind == "text" else SwitchableTrigger(trigger=text)
+
+
+def trigger_target(trigger: AnyTrigger) -> int | None:
+    return trigger.target_class if isinstance(trigger, PatchTrigger) else trigger.target_label
+
+
+class BackdoorConfig(Strict):
+    """`secure-kd attack backdoor`: plant a backdoor, measure it, and distil the model into a student."""
+
+    kind: Kind = "patch"
+    poison_rate: float = Field(0.1, gt=0, lt=1, description="share of training examples poisoned")
+    target: int = Field(0, ge=0, description="the class the trigger forces")
+    trigger: AnyTrigger | None = Field(None, description="default: a 2x2 white patch / the word 'cf'")
+    epochs: int = Field(20, gt=0)
+    lr: float | None = Field(None, gt=0, description="Adam step; default 3e-3 (patch), 1e-2 (text kinds)")
+    width: int = Field(16, gt=0, description="teacher CNN width, or embedding/hidden size for text")
+    text_heads: int = Field(4, gt=0, description="attention-pooling heads of the text classifier")
+    distill: bool = True
+    student_width: int = Field(8, gt=0)
+    student_epochs: int = Field(20, gt=0)
+    kd_temperature: float = Field(4.0, gt=0)
+    kd_loss: str = "forward_kl"
+    transfer_trigger_rate: float = Field(0.1, gt=0, lt=1, description="triggered share of transfer set (b)")
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    n_records: int = Field(1000, ge=20, description="synthetic records for the text kinds")
+    max_length: int = Field(128, gt=0, description="words kept per text")
+    min_word_count: int = Field(
+        10, ge=1, description="rarer words become <unk>: one-off names and ids would let the model memorize "
+        "each poisoned record instead of learning the trigger"
+    )
+    save_model: bool = Field(
+        True, description="write the backdoored model, trigger.json and attack_config.json to <out>/teacher"
+    )
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: str = "runs/attacks/backdoor"
+
+    @model_validator(mode="after")
+    def _consistent_trigger(self) -> BackdoorConfig:
+        n_classes = 10 if self.kind == "patch" else len(TOPICS)
+        if self.target >= n_classes:
+            raise ValueError(f"target={self.target} is not a class of the {self.kind} task "
+                             f"(0..{n_classes - 1})")
+        if self.trigger is not None:
+            if self.trigger.kind != self.kind:
+                raise ValueError(f"trigger.kind={self.trigger.kind!r} does not match kind={self.kind!r}")
+            if trigger_target(self.trigger) != self.target:
+                raise ValueError(f"the trigger's target ({trigger_target(self.trigger)}) differs from "
+                                 f"target={self.target}; set them equal")
+        return self
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 3e-3 if self.kind == "patch" else 1e-2
+
+    def resolved_trigger(self) -> AnyTrigger:
+        return self.trigger if self.trigger is not None else default_trigger(self.kind, self.target)
+
+
+class ModelBackdoorReport(BaseModel):
+    metrics: BackdoorMetrics
+    switch: dict[str, float] | None = Field(
+        None, description="switchable kind: ASR with prompt + trigger, trigger only, prompt only"
+    )
+
+
+class DistillationSurvival(BaseModel):
+    student_width: int
+    temperature: float
+    transfer_trigger_rate: float
+    clean_transfer: ModelBackdoorReport
+    triggered_transfer: ModelBackdoorReport
+
+
+class BackdoorResult(BaseModel):
+    kind: Kind
+    trigger: dict[str, Any]
+    poison_rate: float
+    n_poisoned: int
+    n_train: int
+    clean_model: ModelBackdoorReport
+    backdoored_model: ModelBackdoorReport
+    distillation: DistillationSurvival | None
+    model_dir: str | None
+    seconds: float
+
+
+def report(model: nn.Module, setting: BackdoorSetting) -> ModelBackdoorReport:
+    metrics = backdoor_metrics(model, setting.test, setting.triggered_test["active"], setting.target)
+    switch = None
+    if len(setting.triggered_test) > 1:
+        switch = {f"asr_{name}": attack_success_rate(model, x, y, setting.target)
+                  for name, (x, y) in setting.triggered_test.items()}
+    return ModelBackdoorReport(metrics=metrics, switch=switch)
+
+
+def run(config: BackdoorConfig) -> BackdoorResult:
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    trigger = config.resolved_trigger()
+    if isinstance(trigger, PatchTrigger):
+        setting = patch_setting(config, trigger)
+    else:
+        setting = text_setting(config, trigger)
+
+    def trained(data: tuple[Tensor, Tensor], seed: int) -> nn.Module:
+        model = setting.make_model(False, seed).to(device)
+        train_classifier(model, data, config.epochs, config.resolved_lr(), config.seed)
+        return model
+
+    clean = trained(setting.clean_train, config.seed + 1)
+    backdoored = trained(setting.poisoned_train, config.seed)
+    survival = None
+    if config.distill:
+        students = {}
+        for name, transfer in (("clean", setting.clean_train[0]), ("triggered", setting.triggered_transfer)):
+            student = setting.make_model(True, config.seed + 2).to(device)
+            distill_student(backdoored, student, transfer, epochs=config.student_epochs,
+                            lr=config.resolved_lr(), seed=config.seed, temperature=config.kd_temperature,
+                            kd_loss=config.kd_loss)
+            students[name] = report(student, setting)
+        survival = DistillationSurvival(
+            student_width=config.student_width, temperature=config.kd_temperature,
+            transfer_trigger_rate=config.transfer_trigger_rate,
+            clean_transfer=students["clean"], triggered_transfer=students["triggered"],
+        )
+    clean_report, backdoored_report = report(clean, setting), report(backdoored, setting)
+    model_dir = None
+    if config.save_model:
+        path = Path(config.out) / "teacher"
+        setting.save_model(backdoored, path)
+        atomic_write_text(path / "trigger.json", trigger.model_dump_json(indent=2) + "\n")
+        # the data split and poisoning are deterministic given this config: a defense can rebuild them
+        atomic_write_text(path / "attack_config.json", config.model_dump_json(indent=2) + "\n")
+        model_dir = str(path)
+    result = BackdoorResult(
+        kind=config.kind, trigger=trigger.model_dump(mode="json"), poison_rate=config.poison_rate,
+        n_poisoned=setting.n_poisoned, n_train=len(setting.poisoned_train[1]),
+        clean_model=clean_report, backdoored_model=backdoored_report,
+        distillation=survival, model_dir=model_dir, seconds=time.perf_counter() - started,
+    )
+    write_result(config.out, result)
+    return result
+
+
+PLUGIN = ATTACKS.register("backdoor", Plugin(
+    name="backdoor", Config=BackdoorConfig, Result=BackdoorResult, run=run,
+    summary="patch / text / switchable backdoors by poisoning; ASR before and after distillation",
+))
