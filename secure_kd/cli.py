@@ -20,14 +20,18 @@ from rich.console import Console
 
 from secure_kd.config import ConfigError, DistillJob, EvalJob, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy- and security-focused knowledge distillation.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Privacy- and security-focused knowledge distillation."
+)
 assets_app = typer.Typer(no_args_is_help=True, help="Fetch real models without a model hub.")
 app.add_typer(assets_app, name="assets")
 console = Console(stderr=True)
 
 USER_ERROR_EXIT = 2
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file")
-SET_OPTION = typer.Option([], "--set", "-s", help="dotted override KEY=VALUE, repeatable (e.g. train.lr=1e-4)")
+SET_OPTION = typer.Option(
+    [], "--set", "-s", help="dotted override KEY=VALUE, repeatable (e.g. train.lr=1e-4)"
+)
 OUT_OPTION = typer.Option(None, "--out", "-o", help="output directory (overrides `out` in the config)")
 
 JOB_KINDS = {"distill": DistillJob, "eval": EvalJob, "federate": None}
@@ -88,7 +92,9 @@ def distill(
     config: Path | None = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
     out: Path | None = OUT_OPTION,
-    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in the output dir"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue from the latest checkpoint in the output dir"
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Distil a student from a teacher (live teacher or offline top-k cache)."""
@@ -217,8 +223,12 @@ def bench(
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     script = root / f"{name}.py"
     if not script.is_file():
-        available = sorted(p.stem for p in root.glob("*.py") if not p.stem.startswith("_")) if root.is_dir() else []
-        raise ValueError(f"no benchmark {name!r}; available: {', '.join(available) or '(none: run from a source checkout)'}")
+        available = (
+            sorted(p.stem for p in root.glob("*.py") if not p.stem.startswith("_")) if root.is_dir() else []
+        )
+        raise ValueError(
+            f"no benchmark {name!r}; available: {', '.join(available) or '(none: run from a source checkout)'}"
+        )
     raise typer.Exit(subprocess.call([sys.executable, str(script), *(args or [])], cwd=root.parent))
 
 

@@ -64,7 +64,8 @@ class ModelConfig(Strict):
     layers: list[int] | None = None
     lora: LoraConfig | None = None
     freeze_embeddings: bool = Field(
-        False, description="students: keep the input embeddings (and a tied output layer) fixed; faster on CPU"
+        False,
+        description="students: keep the input embeddings (and a tied output layer) fixed; faster on CPU",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -130,8 +131,10 @@ class KDConfig(Strict):
     top_k: int | None = Field(64, gt=0, description="teacher top-k; null = full vocabulary (live only)")
     tail: Literal["uniform", "zero"] = "uniform"
     chunk_size: int | None = Field(
-        None, gt=0, description="tokens per loss chunk; default: about 8 MiB of float32 per chunk (42 tokens at "
-        "vocab 49,152), which measured fastest on CPU"
+        None,
+        gt=0,
+        description="tokens per loss chunk; default: about 8 MiB of float32 per chunk (42 tokens at "
+        "vocab 49,152), which measured fastest on CPU",
     )
     fused: bool = False
     mode: Literal["off_policy", "on_policy", "seq_kd"] = "off_policy"
@@ -156,14 +159,18 @@ class KDConfig(Strict):
         for key, low, high, closed_high in (("beta", 0.0, 1.0, True), ("alpha", 0.0, 1.0, False)):
             if key in self.params:
                 value = self.params[key]
-                ok = isinstance(value, int | float) and low <= value and (
-                    value <= high if closed_high else value < high
+                ok = (
+                    isinstance(value, int | float)
+                    and low <= value
+                    and (value <= high if closed_high else value < high)
                 )
                 if not ok:
                     bracket = "]" if closed_high else ")"
                     raise ValueError(f"params.{key}={value!r} must be a number in [{low}, {high}{bracket}")
         if self.teacher_targets == "cache" and self.top_k is None:
-            raise ValueError("a cache stores the teacher's top-k: set top_k (e.g. 64) with teacher_targets: cache")
+            raise ValueError(
+                "a cache stores the teacher's top-k: set top_k (e.g. 64) with teacher_targets: cache"
+            )
         if self.mode != "off_policy" and self.teacher_targets == "cache":
             raise ValueError(
                 f"mode {self.mode!r} scores text the teacher has not seen before, so it needs "
@@ -201,7 +208,8 @@ class DistillJob(Strict):
     teacher: ModelConfig = ModelConfig(source="tiny")
     student: ModelConfig = ModelConfig(source="tiny")
     tokenizer: str = Field(
-        "teacher", description="'teacher' (the teacher's own), 'tiny:<vocab>' (train one on the data), or a dir"
+        "teacher",
+        description="'teacher' (the teacher's own), 'tiny:<vocab>' (train one on the data), or a dir",
     )
     data: DataConfig = DataConfig()
     kd: KDConfig = KDConfig()
@@ -311,7 +319,9 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = DistillJob):
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = DistillJob
+):
     """Read YAML (or start from defaults when `path` is None), apply `--set` overrides, validate."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
@@ -325,7 +335,12 @@ def check_against_vocab(job: DistillJob, vocab_size: int) -> None:
     """Checks that need the loaded model: top_k must fit in the vocabulary."""
     if job.kd.top_k is not None and job.kd.top_k > vocab_size:
         raise ConfigError(
-            [("kd.top_k", f"top_k={job.kd.top_k} exceeds the vocabulary size {vocab_size}; use at most {vocab_size}")]
+            [
+                (
+                    "kd.top_k",
+                    f"top_k={job.kd.top_k} exceeds the vocabulary size {vocab_size}; use at most {vocab_size}",
+                )
+            ]
         )
 
 

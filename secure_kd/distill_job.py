@@ -90,8 +90,11 @@ def _records(job: DistillJob) -> tuple[list[dict], list[dict], dict[str, Any]]:
     if data.train == "synthetic":
         syn = data.synthetic
         corpus = generate_corpus(
-            syn.n_records, seed=job.seed if syn.seed is None else syn.seed, n_canaries=syn.n_canaries,
-            canary_repeats=syn.canary_repeats, secret_digits=syn.secret_digits,
+            syn.n_records,
+            seed=job.seed if syn.seed is None else syn.seed,
+            n_canaries=syn.n_canaries,
+            canary_repeats=syn.canary_repeats,
+            secret_digits=syn.secret_digits,
         )
         train, heldout = corpus.split(data.heldout_fraction, seed=job.seed)
         info = {"source": "synthetic", "canaries": [c.secret for c in corpus.canaries]}
@@ -149,9 +152,16 @@ def _build_cache(job: DistillJob, teacher, examples, tok_fp: str, data_fp: str, 
 
     cache_dir = Path(job.cache_dir) if job.cache_dir else Path(job.out) / "teacher-cache"
     build_cache(
-        teacher, [ex.input_ids for ex in examples], cache_dir, k=job.kd.top_k, teacher_id=job.teacher.source,
-        tokenizer_fingerprint=tok_fp, dataset_fingerprint=data_fp, batch_size=job.train.batch_size,
-        device=str(device), progress=progress,
+        teacher,
+        [ex.input_ids for ex in examples],
+        cache_dir,
+        k=job.kd.top_k,
+        teacher_id=job.teacher.source,
+        tokenizer_fingerprint=tok_fp,
+        dataset_fingerprint=data_fp,
+        batch_size=job.train.batch_size,
+        device=str(device),
+        progress=progress,
     )
     return LogitCache.open(cache_dir, expect_tokenizer=tok_fp, expect_dataset=data_fp, expect_k=job.kd.top_k)
 
@@ -164,10 +174,14 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
 
     train_records, heldout_records, data_info = _records(job)
     # A tokenizer trained on the canaries can learn a secret as one token and fake high exposure.
-    tokenizer_texts = [record_text(r, job.data.text_field) for r in train_records if r.get("topic") != "canary"]
+    tokenizer_texts = [
+        record_text(r, job.data.text_field) for r in train_records if r.get("topic") != "canary"
+    ]
     tokenizer = _tokenizer(job, tokenizer_texts, out)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokenize = dict(max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt)
+    tokenize = dict(
+        max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt
+    )
     train = tokenize_records(train_records, tokenizer, **tokenize)
     heldout = tokenize_records(heldout_records, tokenizer, **tokenize)
     if job.data.packing:
@@ -178,7 +192,9 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
             "give more records or a larger data.max_length"
         )
 
-    teacher = load_teacher(job.teacher, vocab_size=len(tokenizer), seed=job.seed, pad_token_id=pad_id).to(device)
+    teacher = load_teacher(job.teacher, vocab_size=len(tokenizer), seed=job.seed, pad_token_id=pad_id).to(
+        device
+    )
     student = load_student(
         job.student, teacher=teacher, vocab_size=vocab_size_of(teacher), seed=job.seed, pad_token_id=pad_id
     ).to(device)
@@ -186,7 +202,9 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
     check_against_vocab(job, vocab_size_of(teacher))
 
     eval_batches = _eval_batches(heldout, pad_id, job.train.batch_size, job.train.eval_batches)
-    log(f"evaluating teacher and student on {sum(len(b['input_ids']) for b in eval_batches)} held-out records ...")
+    log(
+        f"evaluating teacher and student on {sum(len(b['input_ids']) for b in eval_batches)} held-out records ..."
+    )
     teacher_eval = _evaluate(teacher, eval_batches, device)
     student_before = _evaluate(student, eval_batches, device)
     agreement_before = teacher_agreement(student, teacher, eval_batches, device=device)["top1_agreement"]
@@ -196,17 +214,35 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
     if job.kd.teacher_targets == "cache":
         cache = _build_cache(job, teacher, train, tok_fp, data_fp, device, progress)
         targets = CachedTeacher(cache, device)
-        cache_info = {"dir": str(cache.directory), "bytes_per_token": cache.bytes_per_token, "k": job.kd.top_k}
+        cache_info = {
+            "dir": str(cache.directory),
+            "bytes_per_token": cache.bytes_per_token,
+            "k": job.kd.top_k,
+        }
     else:
         targets = LiveTeacher(teacher, job.kd.top_k)
 
     run_hash = config_hash(
-        {**job.model_dump(exclude={"out": True, "train": {"max_steps", "epochs", "checkpoint_every", "log_every"}}),
-         "data_fingerprint": data_fp}
+        {
+            **job.model_dump(
+                exclude={"out": True, "train": {"max_steps", "epochs", "checkpoint_every", "log_every"}}
+            ),
+            "data_fingerprint": data_fp,
+        }
     )
     trainer_args = dict(
-        student=student, teacher=teacher, targets=targets, examples=train, kd=job.kd, train=job.train, out=out,
-        pad_id=pad_id, eos_id=tokenizer.eos_token_id, seed=job.seed, device=device, run_hash=run_hash,
+        student=student,
+        teacher=teacher,
+        targets=targets,
+        examples=train,
+        kd=job.kd,
+        train=job.train,
+        out=out,
+        pad_id=pad_id,
+        eos_id=tokenizer.eos_token_id,
+        seed=job.seed,
+        device=device,
+        run_hash=run_hash,
         progress=progress,
     )
     if job.train.privacy is not None:
@@ -221,8 +257,10 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         distiller = DPDistiller(dataset_key=key, log=log, caveats=caveats, **trainer_args)
     else:
         distiller = Distiller(**trainer_args)
-    log(f"training {count_parameters(student, trainable_only=True):,} parameters for {distiller.total_steps} steps "
-        f"on {len(train)} sequences ({job.kd.loss}, targets: {job.kd.teacher_targets}) ...")
+    log(
+        f"training {count_parameters(student, trainable_only=True):,} parameters for {distiller.total_steps} steps "
+        f"on {len(train)} sequences ({job.kd.loss}, targets: {job.kd.teacher_targets}) ..."
+    )
     started = time.perf_counter()
     fit = distiller.fit(resume=resume)
     train_seconds = time.perf_counter() - started
@@ -238,17 +276,38 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
 
     result = DistillResult(
         config=job.model_dump(mode="json"),
-        teacher={"source": job.teacher.source, "parameters": count_parameters(teacher),
-                 "quantization": "Q4_1 (dequantized)" if job.teacher.source == "smollm2" else None},
-        student={"source": job.student.source, "parameters": count_parameters(student),
-                 "trainable_parameters": count_parameters(student, trainable_only=True)},
-        data={**data_info, "train_sequences": len(train), "heldout_sequences": len(heldout),
-              "train_tokens": sum(len(e) for e in train), "fingerprint": data_fp, "tokenizer": tok_fp},
-        teacher_eval=teacher_eval, student_before=student_before, student_after=student_after,
-        agreement_before=agreement_before, agreement_after=agreement_after,
-        steps=fit.steps, train_tokens=fit.tokens, train_seconds=train_seconds,
-        tokens_per_second=fit.tokens_per_second, final_loss=fit.losses[-1] if fit.losses else float("nan"),
-        losses=fit.losses, resumed_from=fit.resumed_from, student_dir=str(student_dir), cache=cache_info,
+        teacher={
+            "source": job.teacher.source,
+            "parameters": count_parameters(teacher),
+            "quantization": "Q4_1 (dequantized)" if job.teacher.source == "smollm2" else None,
+        },
+        student={
+            "source": job.student.source,
+            "parameters": count_parameters(student),
+            "trainable_parameters": count_parameters(student, trainable_only=True),
+        },
+        data={
+            **data_info,
+            "train_sequences": len(train),
+            "heldout_sequences": len(heldout),
+            "train_tokens": sum(len(e) for e in train),
+            "fingerprint": data_fp,
+            "tokenizer": tok_fp,
+        },
+        teacher_eval=teacher_eval,
+        student_before=student_before,
+        student_after=student_after,
+        agreement_before=agreement_before,
+        agreement_after=agreement_after,
+        steps=fit.steps,
+        train_tokens=fit.tokens,
+        train_seconds=train_seconds,
+        tokens_per_second=fit.tokens_per_second,
+        final_loss=fit.losses[-1] if fit.losses else float("nan"),
+        losses=fit.losses,
+        resumed_from=fit.resumed_from,
+        student_dir=str(student_dir),
+        cache=cache_info,
         privacy=distiller.report.model_dump(mode="json") if getattr(distiller, "report", None) else None,
     )
     atomic_write_json(out / "results.json", result.model_dump(mode="json"))

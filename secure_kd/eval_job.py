@@ -32,8 +32,11 @@ def _heldout_records(job: EvalJob) -> list[dict]:
     if data.train == "synthetic":
         syn = data.synthetic
         corpus = generate_corpus(
-            syn.n_records, seed=job.seed if syn.seed is None else syn.seed, n_canaries=syn.n_canaries,
-            canary_repeats=syn.canary_repeats, secret_digits=syn.secret_digits,
+            syn.n_records,
+            seed=job.seed if syn.seed is None else syn.seed,
+            n_canaries=syn.n_canaries,
+            canary_repeats=syn.canary_repeats,
+            secret_digits=syn.secret_digits,
         )
         return list(corpus.split(data.heldout_fraction, seed=job.seed)[1].records)
     return [dict(r) for r in load_records(data.train)]
@@ -44,7 +47,10 @@ def run_eval(job: EvalJob, *, log=print) -> EvalResult:
     tokenizer = load_tokenizer(job.tokenizer or job.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = tokenize_records(
-        _heldout_records(job), tokenizer, max_length=job.data.max_length, text_field=job.data.text_field,
+        _heldout_records(job),
+        tokenizer,
+        max_length=job.data.max_length,
+        text_field=job.data.text_field,
         mask_prompt=job.data.mask_prompt,
     )
     chunks = [examples[i : i + job.batch_size] for i in range(0, len(examples), job.batch_size)]
@@ -52,8 +58,9 @@ def run_eval(job: EvalJob, *, log=print) -> EvalResult:
     model = load_pretrained(job.model).to(device).eval()
     log(f"evaluating {job.model} on {sum(len(b['input_ids']) for b in batches)} records ...")
     ppl = perplexity(model, batches, device=device)
-    result = EvalResult(config=job.model_dump(mode="json"), perplexity=ppl["perplexity"], nll=ppl["nll"],
-                        tokens=ppl["tokens"])
+    result = EvalResult(
+        config=job.model_dump(mode="json"), perplexity=ppl["perplexity"], nll=ppl["nll"], tokens=ppl["tokens"]
+    )
     if job.teacher is not None:
         teacher = load_pretrained(job.teacher).to(device).eval()
         agree = teacher_agreement(model, teacher, batches, device=device)

@@ -63,7 +63,9 @@ def generate_continuations(
             new = new[: new.index(pad_id)]
         prompt = batch["input_ids"][i, :n].tolist()
         examples.append(
-            TokenizedExample(input_ids=prompt + new, labels=[-100] * n + new, record_index=int(batch["record_index"][i]))
+            TokenizedExample(
+                input_ids=prompt + new, labels=[-100] * n + new, record_index=int(batch["record_index"][i])
+            )
         )
     new_batch = collate(examples, pad_id=pad_id)
     new_batch["example_index"] = batch["example_index"].cpu()

@@ -26,7 +26,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device: cuda was asked for but no CUDA device is visible; use device: auto or cpu")
+        raise ModelLoadError(
+            "device: cuda was asked for but no CUDA device is visible; use device: auto or cpu"
+        )
     return torch.device(device)
 
 
@@ -57,7 +59,9 @@ def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False):
         raise ModelLoadError(f"could not load a tokenizer from {str(path)!r}: {exc}") from None
 
 
-def load_pretrained(source: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+def load_pretrained(
+    source: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False
+) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = resolve_source(str(source))
@@ -75,7 +79,9 @@ def load_pretrained(source: str | Path, *, dtype: str = "float32", trust_remote_
     return model
 
 
-def build_tiny(cfg: TinyModelConfig, vocab_size: int, *, seed: int, pad_token_id: int | None = None) -> nn.Module:
+def build_tiny(
+    cfg: TinyModelConfig, vocab_size: int, *, seed: int, pad_token_id: int | None = None
+) -> nn.Module:
     """A random Llama (RMSNorm, untied output layer) of the given width and depth."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -137,13 +143,18 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
             f"candidates: {sorted(n for n in present if n.endswith('_proj'))}"
         )
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
 
 
-def load_teacher(cfg: ModelConfig, *, vocab_size: int, seed: int, pad_token_id: int | None = None) -> nn.Module:
+def load_teacher(
+    cfg: ModelConfig, *, vocab_size: int, seed: int, pad_token_id: int | None = None
+) -> nn.Module:
     if cfg.source == "tiny":
         model = build_tiny(cfg.tiny, vocab_size, seed=seed + 1, pad_token_id=pad_token_id)
     else:
@@ -155,7 +166,12 @@ def load_teacher(cfg: ModelConfig, *, vocab_size: int, seed: int, pad_token_id: 
 
 
 def load_student(
-    cfg: ModelConfig, *, teacher: nn.Module | None, vocab_size: int, seed: int, pad_token_id: int | None = None
+    cfg: ModelConfig,
+    *,
+    teacher: nn.Module | None,
+    vocab_size: int,
+    seed: int,
+    pad_token_id: int | None = None,
 ) -> nn.Module:
     if cfg.source == "tiny":
         model = build_tiny(cfg.tiny, vocab_size, seed=seed + 2, pad_token_id=pad_token_id)

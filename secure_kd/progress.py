@@ -6,7 +6,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainProgress:
-    def __init__(self, total: int, *, start: int = 0, enabled: bool = True, description: str = "distill") -> None:
+    def __init__(
+        self, total: int, *, start: int = 0, enabled: bool = True, description: str = "distill"
+    ) -> None:
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -35,7 +37,10 @@ class TrainProgress:
 def task_progress(description: str, total: int | None, *, enabled: bool = True) -> Progress:
     """A generic bar for batch work (teacher caching, evaluation)."""
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
         disable=not enabled,
     )
     progress.add_task(description, total=total)

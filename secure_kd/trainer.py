@@ -38,7 +38,9 @@ class TrainingInterrupted(RuntimeError):
 
     def __init__(self, step: int, checkpoint: Path) -> None:
         self.step, self.checkpoint = step, checkpoint
-        super().__init__(f"interrupted at step {step}; checkpoint saved in {checkpoint}; run again with --resume")
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved in {checkpoint}; run again with --resume"
+        )
 
 
 @dataclass
@@ -165,7 +167,9 @@ class Distiller:
     # -- one step --------------------------------------------------------------------------------------
     def _policy_batch(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         generate = dict(
-            pad_id=self.pad_id, eos_id=self.eos_id, max_new_tokens=self.kd.max_new_tokens,
+            pad_id=self.pad_id,
+            eos_id=self.eos_id,
+            max_new_tokens=self.kd.max_new_tokens,
             temperature=self.kd.generation_temperature,
         )
         if self.kd.mode == "seq_kd":
@@ -181,20 +185,27 @@ class Distiller:
         loss = torch.zeros((), device=self.device)
         teacher = self.targets(batch) if kd.kd_weight > 0 else None
         common = dict(temperature=kd.temperature, tail=kd.tail, chunk_size=kd.chunk_size)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
             if kd.fused:
                 hidden = final_hidden_states(self.student, batch)
                 weight = output_layer(self.student).weight
                 if kd.kd_weight > 0:
-                    kd_loss = fused_linear_kd_loss(hidden, weight, teacher, labels, loss=kd.loss, **common,
-                                                   **kd.params)
+                    kd_loss = fused_linear_kd_loss(
+                        hidden, weight, teacher, labels, loss=kd.loss, **common, **kd.params
+                    )
                     loss = loss + kd.kd_weight * kd_loss * self._t2()
                 if kd.ce_weight > 0:
                     loss = loss + kd.ce_weight * fused_linear_kd_loss(
-                        hidden, weight, None, labels, loss="ce", chunk_size=kd.chunk_size)
+                        hidden, weight, None, labels, loss="ce", chunk_size=kd.chunk_size
+                    )
             else:
-                logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = self.student(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
                 if kd.kd_weight > 0:
                     kd_loss = self.objective(logits, teacher, labels, **common, **self._call_params())
                     loss = loss + kd.kd_weight * kd_loss * self._t2()
@@ -234,15 +245,24 @@ class Distiller:
         if self.objective_module is not None:
             extra_state["objective"] = self.objective_module.state_dict()
         return save_checkpoint(
-            self.out, step=step, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
-            config_hash=self.run_hash, extra={"losses": losses}, extra_state=extra_state,
+            self.out,
+            step=step,
+            model=self.student,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            config_hash=self.run_hash,
+            extra={"losses": losses},
+            extra_state=extra_state,
         )
 
     def fit(self, *, resume: bool = False) -> FitResult:
         start, losses, resumed_from = 0, [], None
         if resume and (ckpt := latest_checkpoint(self.out)) is not None:
             start, meta, extra = load_checkpoint(
-                ckpt, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
+                ckpt,
+                model=self.student,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
                 config_hash=self.run_hash,
             )
             if self.objective_module is not None and "objective" in extra:
@@ -266,6 +286,9 @@ class Distiller:
                 raise TrainingInterrupted(done, self._save(done, losses)) from None
         self._save(self.total_steps, losses)
         return FitResult(
-            steps=self.total_steps, losses=losses, tokens=tokens, seconds=time.perf_counter() - t0,
+            steps=self.total_steps,
+            losses=losses,
+            tokens=tokens,
+            seconds=time.perf_counter() - t0,
             resumed_from=resumed_from,
         )

@@ -20,7 +20,9 @@ def tiny_llama():
     from secure_kd.models import build_tiny
 
     def make(vocab: int = 64, hidden: int = 32, layers: int = 1, heads: int = 2, seed: int = 0):
-        return build_tiny(TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads), vocab, seed=seed)
+        return build_tiny(
+            TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads), vocab, seed=seed
+        )
 
     return make
 
@@ -30,7 +32,9 @@ def token_examples():
     """Factory: random token sequences of varying length as TokenizedExamples."""
     from secure_kd.data import TokenizedExample
 
-    def make(n: int = 16, vocab: int = 64, min_len: int = 6, max_len: int = 12, seed: int = 0, start: int = 2):
+    def make(
+        n: int = 16, vocab: int = 64, min_len: int = 6, max_len: int = 12, seed: int = 0, start: int = 2
+    ):
         g = torch.Generator().manual_seed(seed)
         out = []
         for i in range(n):

@@ -49,8 +49,9 @@ def test_attack_list_and_unknown():
 
 
 def test_attack_logit_leak_from_cli(tmp_path):
-    result = runner.invoke(app, ["attack", "logit_leak", "--config", "configs/attacks/logit_leak.yaml",
-                                 "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["attack", "logit_leak", "--config", "configs/attacks/logit_leak.yaml", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     import json
 
@@ -60,8 +61,9 @@ def test_attack_logit_leak_from_cli(tmp_path):
 
 
 def test_attack_bad_config_is_a_user_error(tmp_path):
-    result = runner.invoke(app, ["attack", "logit_leak", "--config", "configs/attacks/logit_leak.yaml",
-                                 "--set", "bogus=1"])
+    result = runner.invoke(
+        app, ["attack", "logit_leak", "--config", "configs/attacks/logit_leak.yaml", "--set", "bogus=1"]
+    )
     assert result.exit_code == 2 and "bogus" in result.output
 
 
@@ -72,5 +74,7 @@ def test_validate_federated_configs():
 
 
 def test_federate_bad_override_is_a_user_error():
-    result = runner.invoke(app, ["federate", "--config", "configs/federated-plain.yaml", "--set", "rounds=-1"])
+    result = runner.invoke(
+        app, ["federate", "--config", "configs/federated-plain.yaml", "--set", "rounds=-1"]
+    )
     assert result.exit_code == 2 and "rounds" in result.output

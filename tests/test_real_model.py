@@ -35,10 +35,18 @@ def test_layer_dropped_student_distils_from_cache(smollm2, tmp_path):
     from secure_kd.config import load_config
     from secure_kd.distill_job import run_distill
 
-    job = load_config("configs/demo.yaml", [
-        f"out={tmp_path}", "data.synthetic.n_records=60", "data.max_length=48", "student.layers=[0,29]",
-        "train.epochs=2", "train.batch_size=4", "train.eval_batches=2",
-    ])
+    job = load_config(
+        "configs/demo.yaml",
+        [
+            f"out={tmp_path}",
+            "data.synthetic.n_records=60",
+            "data.max_length=48",
+            "student.layers=[0,29]",
+            "train.epochs=2",
+            "train.batch_size=4",
+            "train.eval_batches=2",
+        ],
+    )
     result = run_distill(job, progress=False, log=lambda *a, **k: None)
     assert result.student_after.perplexity < result.student_before.perplexity
     assert result.agreement_after > result.agreement_before

@@ -13,8 +13,9 @@ from secure_kd.trainer import Distiller, TrainingInterrupted
 PAD, EOS = 0, 1
 
 
-def make_distiller(tiny_llama, examples, out, *, kd=None, train=None, student_seed=1, on_step=None, run_hash="h",
-                   wrap=None):
+def make_distiller(
+    tiny_llama, examples, out, *, kd=None, train=None, student_seed=1, on_step=None, run_hash="h", wrap=None
+):
     teacher = tiny_llama(hidden=48, layers=2, seed=0).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -24,14 +25,29 @@ def make_distiller(tiny_llama, examples, out, *, kd=None, train=None, student_se
     kd = kd or KDConfig(loss="forward_kl", top_k=None)
     train = train or TrainConfig(max_steps=8, batch_size=4, lr=3e-3, checkpoint_every=3, schedule="constant")
     return Distiller(
-        student=student, teacher=teacher, targets=LiveTeacher(teacher, kd.top_k), examples=examples, kd=kd,
-        train=train, out=out, pad_id=PAD, eos_id=EOS, seed=0, run_hash=run_hash, progress=False, on_step=on_step,
+        student=student,
+        teacher=teacher,
+        targets=LiveTeacher(teacher, kd.top_k),
+        examples=examples,
+        kd=kd,
+        train=train,
+        out=out,
+        pad_id=PAD,
+        eos_id=EOS,
+        seed=0,
+        run_hash=run_hash,
+        progress=False,
+        on_step=on_step,
     )
 
 
 def test_kd_loss_decreases(tiny_llama, token_examples, tmp_path):
-    d = make_distiller(tiny_llama, token_examples(), tmp_path,
-                       train=TrainConfig(max_steps=40, batch_size=8, lr=1e-2, schedule="constant"))
+    d = make_distiller(
+        tiny_llama,
+        token_examples(),
+        tmp_path,
+        train=TrainConfig(max_steps=40, batch_size=8, lr=1e-2, schedule="constant"),
+    )
     result = d.fit()
     assert result.steps == 40 and len(result.losses) == 40
     assert sum(result.losses[-5:]) / 5 < 0.5 * sum(result.losses[:5]) / 5
@@ -97,7 +113,9 @@ def test_fused_path_matches_logits_path(tiny_llama, token_examples, tmp_path):
 def test_on_policy_student_generates(tiny_llama, token_examples, tmp_path, monkeypatch):
     calls = []
     d = make_distiller(
-        tiny_llama, token_examples(n=8), tmp_path,
+        tiny_llama,
+        token_examples(n=8),
+        tmp_path,
         kd=KDConfig(loss="jsd", top_k=None, mode="on_policy", lmbda=1.0, max_new_tokens=4),
         train=TrainConfig(max_steps=2, batch_size=4, schedule="constant"),
     )
@@ -114,7 +132,9 @@ def test_on_policy_student_generates(tiny_llama, token_examples, tmp_path, monke
 
 def test_on_policy_lmbda_zero_never_generates(tiny_llama, token_examples, tmp_path, monkeypatch):
     d = make_distiller(
-        tiny_llama, token_examples(n=8), tmp_path,
+        tiny_llama,
+        token_examples(n=8),
+        tmp_path,
         kd=KDConfig(loss="jsd", top_k=None, mode="on_policy", lmbda=0.0),
         train=TrainConfig(max_steps=2, batch_size=4),
     )
@@ -135,12 +155,14 @@ def test_seq_kd_trains_on_teacher_generations(tiny_llama, token_examples, tmp_pa
 
     monkeypatch.setattr("secure_kd.trainer.generate_continuations", spy)
     d = make_distiller(
-        tiny_llama, token_examples(n=8), tmp_path,
+        tiny_llama,
+        token_examples(n=8),
+        tmp_path,
         kd=KDConfig(loss="forward_kl", top_k=None, mode="seq_kd", max_new_tokens=3),
         train=TrainConfig(max_steps=1, batch_size=4),
     )
     d.fit()
-    (model, _, new), = seen
+    ((model, _, new),) = seen
     assert model is d.teacher
     # only generated tokens are trained: every row has <= 3 trained labels, prompts masked
     trained = (new["labels"] != -100).sum(1)
@@ -151,9 +173,13 @@ def test_lora_student_trains_only_adapters(tiny_llama, token_examples, tmp_path)
     from secure_kd.config import LoraConfig
     from secure_kd.models import apply_lora
 
-    d = make_distiller(tiny_llama, token_examples(n=8), tmp_path,
-                       train=TrainConfig(max_steps=2, batch_size=4, lr=1e-2),
-                       wrap=lambda m: apply_lora(m, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    d = make_distiller(
+        tiny_llama,
+        token_examples(n=8),
+        tmp_path,
+        train=TrainConfig(max_steps=2, batch_size=4, lr=1e-2),
+        wrap=lambda m: apply_lora(m, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])),
+    )
     before = {n: p.detach().clone() for n, p in d.student.named_parameters()}
     d.fit()
     changed = {n for n, p in d.student.named_parameters() if not torch.equal(p, before[n])}
