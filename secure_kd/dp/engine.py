@@ -26,7 +26,6 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from torch import Tensor, nn
 
@@ -130,6 +129,37 @@ def _checked(losses: Tensor) -> Tensor:
     return losses
 
 
+class _BranchStarts:
+    """Per forward pass, the outputs of trained layers whose inputs need no gradient.
+
+    Every other trained layer lies downstream of one of them, so gradients with respect to these
+    outputs pass through the output gradient of every trained layer (the embedding for a fully
+    trained model; each first LoRA adapter of a LoRA student).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.tensors: list[Tensor] = []
+        self._handles = [model.register_forward_pre_hook(self._reset)]
+        self._handles += [
+            m.register_forward_hook(self._capture)
+            for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+
+    def _reset(self, module: nn.Module, args: object) -> None:
+        self.tensors = []
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        if not torch.is_grad_enabled() or any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+            return
+        first = output[0] if isinstance(output, tuple | list) else output
+        if isinstance(first, Tensor) and first.requires_grad:
+            self.tensors.append(first)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 class PrivateStudent:
     """A model with Opacus hooks and its optimizer wrapped in Opacus' DP optimizer.
 
@@ -161,6 +191,8 @@ class PrivateStudent:
             self.module = prepare_module(model, mode, **options)
         except NotImplementedError as exc:
             raise ValueError(f"Opacus rejected the student: {exc}. Freeze the layers it names.") from None
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._branch_starts = _BranchStarts(model) if mode == "ghost" else None
         optimizer_class = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
         self.optimizer: DPOptimizer = optimizer_class(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
@@ -174,7 +206,7 @@ class PrivateStudent:
         couple the examples). Ghost clipping needs two backward passes through the model; the loss is
         differentiated once, and both passes go through the surrogate `sum(logits * dloss/dlogits)`,
         which has the same per-example gradients and is cheap to differentiate twice (the chunked
-        objectives free their gradient buffers after one backward).
+        objectives free their gradient buffers after one backward). Call the model right before.
         """
         if self.mode != "ghost":
             losses = _checked(per_example_loss(logits))
@@ -185,9 +217,42 @@ class PrivateStudent:
         losses = _checked(per_example_loss(detached))
         (dloss_dlogits,) = torch.autograd.grad(losses.sum(), detached)
         surrogate = (logits * dloss_dlogits.to(logits.dtype)).flatten(1).sum(1, dtype=torch.float32)
-        with _quiet_benign_warnings():
-            DPTensorFastGradientClipping(self.module, self.optimizer, surrogate, "mean").backward()
+        self._ghost_backward(surrogate)
         return losses.detach()
+
+    def _ghost_backward(self, surrogate: Tensor) -> None:
+        """Opacus' two ghost-clipping passes, the first one lighter.
+
+        Opacus' `DPTensorFastGradientClipping.backward` runs a full first backward only for its hooks to
+        compute per-example norms from activations and output gradients, then discards the parameter
+        gradients. Here the first pass asks autograd only for the gradients of the branch starts (see
+        `_BranchStarts`), which carry every output gradient the hooks need but skip all weight-gradient
+        products. Every trained parameter must have received a fresh norm, else the layers not
+        reached are named (use grad_sample_mode: hooks for such a model).
+        """
+        anchors, self._branch_starts.tensors = self._branch_starts.tensors, []
+        if not anchors:
+            raise ValueError(
+                "ghost clipping found no trained layer output in the last forward pass; call the model "
+                "(with gradients enabled) right before backward"
+            )
+        for p in self.optimizer.params:
+            p._norm_sample = None
+        with _quiet_benign_warnings():
+            torch.autograd.grad(surrogate.mean(), anchors, retain_graph=True, allow_unused=True)
+        unreached = [self._names[id(p)] for p in self.optimizer.params if p._norm_sample is None]
+        if unreached:
+            raise ValueError(
+                f"ghost clipping could not reach {', '.join(unreached)} from the loss through the trained "
+                "layers' outputs; use grad_sample_mode: hooks or functorch for this model"
+            )
+        coefficients = self.module.get_clipping_coef().to(surrogate.device)
+        self.module.disable_hooks()
+        try:
+            with _quiet_benign_warnings():
+                (coefficients * surrogate).sum().backward()
+        finally:
+            self.module.enable_hooks()
 
     def per_sample_norms(self) -> Tensor:
         """The per-example gradient norms the optimizer will clip (after `backward`, before `step`)."""
@@ -206,6 +271,8 @@ class PrivateStudent:
 
     def close(self) -> nn.Module:
         """Remove Opacus' hooks and attributes; returns the plain model."""
+        if self._branch_starts is not None:
+            self._branch_starts.remove()
         self.module.cleanup()
         for p in self.model.parameters():
             for attr in ("summed_grad", "_processed"):
