@@ -11,7 +11,8 @@ starts from the same initialization and runs the same work per step: zero_grad, 
              per-example losses (reduction="none") clipped at 1.0, Gaussian noise (sigma 1.0), AdamW;
   functorch  the same with every per-example gradient from torch.func (vmap);
   ghost      ghost clipping: per-example gradient norms without per-example gradients, then a
-             second backward of the clipped loss (two backward passes through the model).
+             second backward of the clipped loss (secure-kd's first pass computes activation
+             gradients only, see `PrivateStudent._ghost_backward`).
 
 A DP step here is exactly what `DPDistiller` runs per physical batch (`secure_kd.dp.engine.PrivateStudent`).
 Timing: all variants live in one process; after one untimed warm-up step each, `rounds` rounds time

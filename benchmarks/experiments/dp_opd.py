@@ -18,8 +18,10 @@ candidate secret after the canary's prefix (`attacks.memorization.exposure.measu
 
 Teacher: SmolLM2-135M-Instruct (Q4_1) when its asset is present, else a small Llama pretrained here
 on a public synthetic corpus (another seed, no canaries); see configs/experiments/dp_opd.yaml.
-Run: `python benchmarks/experiments/dp_opd.py [--config PATH]`; writes the JSON named by `results`
-and prints the table (markdown) and one summary line.
+Run: `python benchmarks/experiments/dp_opd.py [--config PATH] [--teacher tiny] [--lr 5e-4]
+[--results PATH] [--out DIR]`; writes the JSON named by `results` and prints the table (markdown)
+and one summary line. Recorded: benchmarks/results/dp_opd.json (SmolLM2, reduced),
+dp_opd_tiny.json (`--teacher tiny`), dp_opd_tiny_lr5e-4.json (`--teacher tiny --lr 5e-4`).
 """
 
 from __future__ import annotations
@@ -239,10 +241,13 @@ def main() -> None:
     parser.add_argument("--teacher", help="override the config's teacher: auto, smollm2, tiny or a directory")
     parser.add_argument("--results", help="override the config's results path")
     parser.add_argument("--out", help="override the config's work directory")
+    parser.add_argument("--lr", type=float, help="override train.lr (the same for every arm)")
     args = parser.parse_args()
     given = {"teacher": args.teacher, "results": args.results, "out": args.out}
-    overrides = {key: value for key, value in given.items() if value}
-    cfg = ExperimentConfig.model_validate({**read_yaml(args.config), **overrides})
+    data = {**read_yaml(args.config), **{key: value for key, value in given.items() if value}}
+    if args.lr is not None:
+        data["train"] = {**data.get("train", {}), "lr": args.lr}
+    cfg = ExperimentConfig.model_validate(data)
     torch.set_num_threads(cfg.threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
