@@ -19,6 +19,7 @@ that fails, times out or sends a message that does not pass `federation.messages
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,7 @@ CLIENT_METRICS = (
 )
 
 
-class Strategy:
+class Strategy(ABC):
     def __init__(self, session: Session) -> None:
         self.session = session
         self.job = session.job
@@ -84,15 +85,16 @@ class Strategy:
     def encrypted(self) -> bool:
         return self.job.protection == "ckks"
 
+    @abstractmethod
     def payload_values(self) -> int:
         """Values per client payload (the CKKS keyring is generated for this size)."""
-        raise NotImplementedError
 
     def setup(self) -> dict[str, Any]:
         return {}
 
+    @abstractmethod
     def round(self, r: int) -> RoundRecord:
-        raise NotImplementedError
+        """Run round `r` through the grid and return its record."""
 
     def finish(self) -> RoundRecord | None:
         return None
@@ -111,11 +113,13 @@ class _AggregatingStrategy(Strategy):
         self.plain: dict[str, np.ndarray] | None = None  # what the next round sends in plaintext
         self.encrypted_sum: bytes | None = None
 
+    @abstractmethod
     def _read_plain(self, content: RecordDict) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The validated plaintext payload of one client's reply."""
 
+    @abstractmethod
     def _combine_plain(self, payloads: list[dict[str, np.ndarray]], metrics: list[dict[str, float]]):
-        raise NotImplementedError
+        """Aggregate the plaintext payloads of one round."""
 
     def _content(self, r: int) -> RecordDict:
         config: dict[str, Any] = {"round": r, "layout": self.session.data.layout.fingerprint}
