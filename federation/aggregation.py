@@ -1,7 +1,8 @@
 """The server's arithmetic: weighted averages, soft-label ensembles, encrypted sums, PATE's noisy votes.
 
 - `weighted_average`: FedAvg, sum_i n_i w_i / sum_i n_i, computed in float64.
-- `mean_soft_labels`: the FedMD / FedDF ensemble teacher, the plain mean of the clients' arrays.
+- `mean_soft_labels`: the FedMD / FedDF ensemble teacher, the plain mean of the clients' arrays;
+  `weighted_ensemble`: the same with per-position weights (client-side filtering, EdgeFD style).
 - `aggregate_encrypted`: `federation.he.aggregate` over the valid payloads; a payload the public
   context cannot add is dropped with its reason and the sum is retried without it.
 - PATE with GNMax (Papernot et al., ICLR 2018, "Scalable Private Learning with PATE"): every
@@ -58,6 +59,17 @@ def mean_soft_labels(arrays: Sequence[np.ndarray]) -> np.ndarray:
     if len(shapes) != 1:
         raise ValueError(f"soft labels of different shapes cannot be averaged: {sorted(shapes)}")
     return np.mean(np.stack([a.astype(np.float64) for a in arrays]), axis=0)
+
+
+def weighted_ensemble(soft_labels: list[np.ndarray], weights: list[np.ndarray]) -> np.ndarray:
+    """sum_i w_i[p] * s_i[p] / sum_i w_i[p] per position p; the plain mean where every weight is 0."""
+    labels = np.stack([np.asarray(s, dtype=np.float64) for s in soft_labels])  # [clients, P, W]
+    w = np.stack([np.asarray(x, dtype=np.float64) for x in weights])  # [clients, P]
+    total = w.sum(axis=0)
+    weighted = np.einsum("cp,cpw->pw", w, labels)
+    plain = labels.mean(axis=0)
+    covered = total > 0
+    return np.where(covered[:, None], weighted / np.where(covered, total, 1.0)[:, None], plain)
 
 
 def aggregate_encrypted(

@@ -64,7 +64,8 @@ def hello(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
 def _expected_payload(ws: OrgWorkspace) -> int:
     if ws.job.mode == "fedavg":
         return sum(t.numel() for t in flat_parameters(ws.student())[1])
-    return ws.public.layout.n_positions * ws.public.layout.width
+    layout = ws.public.layout
+    return layout.n_positions * (layout.width + (1 if ws.job.transfer.filtering is not None else 0))
 
 
 def keygen(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:

@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from federation.client_filtering import ensemble_from_weighted_sum, transfer_weights
 from federation.client_training import LocalFit, distill_from, evaluate, train_locally
 from federation.faults import sabotaged
 from federation.he import Keyring, decrypt_mean, encrypt, release
@@ -72,8 +73,13 @@ def received_ensemble(ws: OrgWorkspace, message: Message) -> np.ndarray | None:
     layout = ws.public.layout
     check_layout(message.content, layout.fingerprint)
     if ws.job.protection == "ckks":
-        flat = _decrypted_mean(ws, message, layout.n_positions * layout.width)
-        return None if flat is None else check_soft_labels(flat.reshape(layout.shape), layout)
+        filtered = ws.job.transfer.filtering is not None
+        n_values = layout.n_positions * (layout.width + (1 if filtered else 0))
+        flat = _decrypted_mean(ws, message, n_values)
+        if flat is None:
+            return None
+        soft = ensemble_from_weighted_sum(flat, layout) if filtered else flat.reshape(layout.shape)
+        return check_soft_labels(soft, layout)
     if ARRAYS in message.content:
         return read_soft_labels(message.content, layout)
     return None
@@ -91,6 +97,24 @@ def _digest(ws: OrgWorkspace, model, message: Message, r: int) -> dict[str, floa
     if ensemble is None:
         return {}
     return {"digest-loss": distill_from(ws, model, ensemble, r, steps=ws.job.transfer.digest_steps)}
+
+
+def _soft_label_payload(ws: OrgWorkspace, model) -> tuple[dict[str, np.ndarray], float | None]:
+    """fed_distill: soft labels on the transfer set, with this organization's filtering weights if asked.
+
+    Under CKKS the weighted labels and the weights are one vector (the server only adds); in plaintext
+    the labels stay valid distributions and the weights travel beside them."""
+    public = ws.public
+    labels = soft_labels(model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device)
+    filtering = ws.job.transfer.filtering
+    if filtering is None:
+        return {"soft-labels": labels}, None
+    weights, kept = transfer_weights(
+        model, ws.train_examples, public.transfer, public.layout, filtering, seed=ws.job.seed + ws.index
+    )
+    if ws.job.protection == "ckks":
+        return {"weighted-soft-labels": labels * weights[:, None], "filter-weights": weights}, kept
+    return {"soft-labels": labels, "filter-weights": weights}, kept
 
 
 def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
@@ -112,12 +136,9 @@ def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
         payload = {n: t.float().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
         weight = len(ws.train_examples)
     else:
-        public = ws.public
-        payload = {
-            "soft-labels": soft_labels(
-                model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device
-            )
-        }
+        payload, kept = _soft_label_payload(ws, model)
+        if kept is not None:
+            extra["kept-fraction"] = kept
         weight = 1
     metrics = {**before, **fit_metrics(fit), **extra}
     if ws.job.protection == "plaintext":

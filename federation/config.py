@@ -47,6 +47,22 @@ class PartitionConfig(Strict):
     )
 
 
+class FilteringConfig(Strict):
+    """Client-side filtering of the transfer set (EdgeFD style, `federation.filtering.ProxyFilter`).
+
+    Each organization fits KMeans on features of its own records and gives weight 1 to the soft labels
+    of transfer records within `density_ratio` times a cluster's radius, `floor_weight` to the others.
+    The ensemble is the per-position weighted mean, so a record no organization keeps falls back to the
+    plain mean (secure-kd's choice; EdgeFD drops it). Features: the mean of the student's input
+    embeddings over a record's tokens (a random projection of its bag of tokens in round 1).
+    """
+
+    n_clusters: int = Field(4, ge=1)
+    radius_quantile: float = Field(0.9, gt=0, le=1)
+    density_ratio: float = Field(1.0, gt=0)
+    floor_weight: float = Field(0.01, ge=0, le=1, description="weight of a record outside every cluster")
+
+
 class TransferConfig(Strict):
     """The public transfer set (fed_distill, pate, p2p) and the shared layout of soft labels.
 
@@ -59,6 +75,9 @@ class TransferConfig(Strict):
     n_records: int = Field(24, ge=1)
     index_k: int = Field(64, ge=1, description="size of the public token index set")
     digest_steps: int = Field(8, ge=1, description="distillation steps on the aggregated soft labels")
+    filtering: FilteringConfig | None = Field(
+        None, description="fed_distill: weight each organization's soft labels by its own data density"
+    )
 
 
 class CkksConfig(Strict):
@@ -223,6 +242,14 @@ def _problems(job: FederatedJob) -> list[str]:
     if job.kd.fused:
         found.append(
             "kd.fused is not used by federated jobs (soft labels cover a public index set): set it false"
+        )
+    if job.transfer.filtering is not None and job.mode != "fed_distill":
+        found.append("transfer.filtering weights soft labels in the ensemble: use it with mode fed_distill")
+    filtering = job.transfer.filtering
+    if filtering is not None and job.protection == "ckks" and filtering.floor_weight == 0:
+        found.append(
+            "transfer.filtering.floor_weight must be > 0 under ckks (the encrypted weights of a record no"
+            " organization keeps would sum to 0)"
         )
     if job.data.packing:
         found.append("data.packing mixes records of one organization into blocks; set data.packing: false")

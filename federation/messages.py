@@ -98,6 +98,19 @@ def read_soft_labels(content: RecordDict, layout: SoftLabelLayout, name: str = "
         raise MessageRejected(str(exc)) from None
 
 
+def read_filtered_soft_labels(content: RecordDict, layout: SoftLabelLayout) -> tuple[np.ndarray, np.ndarray]:
+    """fed_distill with filtering: soft labels and one weight in [0, 1] per position."""
+    spec = {"soft-labels": (layout.shape, "float64"), "filter-weights": ((layout.n_positions,), "float64")}
+    arrays = read_arrays(content, spec)
+    weights = arrays["filter-weights"]
+    if not np.all(np.isfinite(weights)) or weights.min() < 0 or weights.max() > 1:
+        raise MessageRejected("filter-weights must be finite numbers in [0, 1]")
+    try:
+        return check_soft_labels(arrays["soft-labels"], layout), weights
+    except ValueError as exc:
+        raise MessageRejected(str(exc)) from None
+
+
 def read_votes(content: RecordDict, layout: SoftLabelLayout, vocab_size: int) -> np.ndarray:
     votes = read_arrays(content, {"votes": ((layout.n_positions,), "int64")})["votes"]
     if votes.size and (votes.min() < 0 or votes.max() >= vocab_size):

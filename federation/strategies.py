@@ -35,6 +35,7 @@ from federation.aggregation import (
     mean_soft_labels,
     vote_counts,
     weighted_average,
+    weighted_ensemble,
 )
 from federation.client_training import mean_loss, train_on_labels
 from federation.matchmaking import Matchmaker, RandomPairing, reward
@@ -46,6 +47,7 @@ from federation.messages import (
     read_arrays,
     read_ciphertext,
     read_config,
+    read_filtered_soft_labels,
     read_metrics,
     read_soft_labels,
     read_votes,
@@ -73,6 +75,7 @@ CLIENT_METRICS = (
     "loss-after",
     "kilobytes",
     "profile-epsilon",
+    "kept-fraction",
 )
 
 
@@ -209,15 +212,26 @@ class FedDistillStrategy(_AggregatingStrategy):
         layout = self.session.data.layout
         return {"transfer_positions": layout.n_positions, "index_k": layout.k, "layout": layout.fingerprint}
 
+    @property
+    def filtered(self) -> bool:
+        return self.job.transfer.filtering is not None
+
     def payload_values(self) -> int:
         layout = self.session.data.layout
-        return layout.n_positions * layout.width
+        return layout.n_positions * (layout.width + (1 if self.filtered else 0))
 
     def _read_plain(self, content: RecordDict) -> dict[str, np.ndarray]:
-        return {"soft-labels": read_soft_labels(content, self.session.data.layout)}
+        layout = self.session.data.layout
+        if self.filtered:
+            labels, weights = read_filtered_soft_labels(content, layout)
+            return {"soft-labels": labels, "filter-weights": weights}
+        return {"soft-labels": read_soft_labels(content, layout)}
 
     def _combine_plain(self, payloads, metrics):
-        return {"soft-labels": mean_soft_labels([p["soft-labels"] for p in payloads])}
+        labels = [p["soft-labels"] for p in payloads]
+        if self.filtered:
+            return {"soft-labels": weighted_ensemble(labels, [p["filter-weights"] for p in payloads])}
+        return {"soft-labels": mean_soft_labels(labels)}
 
     def finish(self) -> RoundRecord:
         return self._final("train.digest")
