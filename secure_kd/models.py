@@ -68,7 +68,8 @@ def load_pretrained(
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(
             f"{str(path)!r} has no .safetensors weights; secure-kd does not unpickle .bin checkpoints. "
-            "Convert them once with `model.save_pretrained(dir, safe_serialization=True)` in a trusted session."
+            "Convert them once with `model.save_pretrained(dir, safe_serialization=True)` "
+            "in a trusted session."
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -131,7 +132,9 @@ def drop_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
     return student
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int | None = None) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters. With `seed`, the adapters' random initialization is drawn
+    from that seed (peft draws from the global RNG): federated clients must start from the same one."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -149,7 +152,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    if seed is None:
+        return get_peft_model(model, peft_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_cfg)
 
 
 def load_teacher(
@@ -187,7 +194,7 @@ def load_student(
     if cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, seed=seed + 3)
     model.train()
     return model
 

@@ -204,3 +204,23 @@ def test_taid_t_advances_and_is_checkpointed(tiny_llama, token_examples, tmp_pat
     resumed = make_distiller(tiny_llama, examples, tmp_path / "run", kd=kd, train=train)
     resumed.fit(resume=True)
     assert float(resumed.objective_module.t) == pytest.approx(float(full.objective_module.t))
+
+
+def test_lora_adapters_with_the_same_seed_start_identical_and_leave_the_global_rng_alone():
+    from secure_kd.config import LoraConfig, TinyModelConfig
+    from secure_kd.models import apply_lora, build_tiny
+
+    cfg = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    tiny = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2)
+
+    def adapters(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        model = build_tiny(tiny, 50, seed=0)
+        torch.manual_seed(global_seed)  # the caller's RNG state must not matter
+        state = torch.get_rng_state()
+        wrapped = apply_lora(model, cfg, seed=seed)
+        assert torch.equal(state, torch.get_rng_state())  # and must not be advanced
+        return {n: p.detach() for n, p in wrapped.named_parameters() if "lora_A" in n}
+
+    a, b, c = adapters(7, 1), adapters(7, 2), adapters(8, 1)
+    assert a and all(torch.equal(p, b[n]) for n, p in a.items())
+    assert not all(torch.equal(p, c[n]) for n, p in a.items())
