@@ -3,9 +3,11 @@
     app = build_client_app(job)      # simulation (federation/run.py) binds the job
     app                              # `flwr run .`: reads run-config `config` and `overrides`
 
-The organization is `node_config["partition-id"]` (set by the simulation engine, or by
-`flower-supernode --node-config "partition-id=0 org-dir='/data/org0' trust-dir='/data/trust'"`); its
-state lives in its directory (`org-dir`, default `<out>/orgs/org-<i>`, see `federation.workspace`).
+The organization is `node_config["partition-id"]` (set by the simulation engine) or `org-name` (one of
+the job's `organizations`, set by `flower-supernode --node-config "org-name='alpha' org-dir='/srv/alpha'
+trust-dir='/srv/trust' data-path='/srv/alpha/records.jsonl'"`, see docs/deploy.md); its state lives in
+its directory (`org-dir`, default `<out>/orgs/org-<i>`, see `federation.workspace`) and, with
+`data-path`, its private records are that file (node config never leaves the SuperNode).
 Every instruction from the server is checked (`federation.messages`) before it is used; what goes back
 is rounded (metrics), encrypted (CKKS), masked (SecAgg+) or sealed for one peer (p2p).
 
@@ -33,7 +35,7 @@ from federation.he import Keyring
 from federation.identity import PublicBundle
 from federation.keys import open_from, seal_for
 from federation.messages import CONFIG, METRICS, MessageRejected, read_config
-from federation.workspace import OrgWorkspace, flat_parameters, job_digest
+from federation.workspace import OrgWorkspace, flat_parameters, job_digest, node_org_index
 
 Handler = Callable[[OrgWorkspace, Message, Context], RecordDict]
 
@@ -44,11 +46,15 @@ _WORKSPACES: dict[tuple[str, int, str], OrgWorkspace] = {}
 
 
 def workspace(job: FederatedJob, context: Context) -> OrgWorkspace:
-    index = int(context.node_config["partition-id"])
-    root = context.node_config.get("org-dir") or Path(job.out) / "orgs" / job.org_name(index)
-    key = (job_digest(job), index, str(root))
+    config = context.node_config
+    index = node_org_index(job, config)
+    root = config.get("org-dir") or Path(job.out) / "orgs" / job.org_name(index)
+    data_path = config.get("data-path") or None
+    key = (job_digest(job), index, str(root), data_path)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = OrgWorkspace(job, index, root, ledger_dir=context.node_config.get("ledger-dir"))
+        _WORKSPACES[key] = OrgWorkspace(
+            job, index, root, ledger_dir=config.get("ledger-dir"), data_path=data_path
+        )
     return _WORKSPACES[key]
 
 

@@ -193,6 +193,11 @@ class FederatedJob(Strict):
         default_factory=dict,
         description="tests only: organization index -> crash | slow | nan | oversized | wrong_shape",
     )
+    organizations: list[str] = Field(
+        default_factory=list,
+        description="names of the organizations in order (deployment: their SuperNodes' `org-name`); "
+        "default org-0, org-1, ...",
+    )
 
     @property
     def required_clients(self) -> int:
@@ -206,7 +211,7 @@ class FederatedJob(Strict):
         return self.students[index % len(self.students)] if self.students else self.student
 
     def org_name(self, index: int) -> str:
-        return f"org-{index}"
+        return self.organizations[index] if self.organizations else f"org-{index}"
 
     @model_validator(mode="after")
     def _consistent(self) -> FederatedJob:
@@ -253,6 +258,20 @@ def _problems(job: FederatedJob) -> list[str]:
         )
     if job.data.packing:
         found.append("data.packing mixes records of one organization into blocks; set data.packing: false")
+    if job.organizations:
+        from federation.identity import check_org
+
+        names, distinct = len(job.organizations), len(set(job.organizations))
+        if names != job.n_organizations or distinct != names:
+            found.append(
+                f"organizations lists {names} name(s) ({distinct} distinct): give "
+                f"n_organizations={job.n_organizations} distinct names"
+            )
+        for name in job.organizations:
+            try:
+                check_org(name)
+            except ValueError as exc:
+                found.append(f"organizations: {exc}")
     bad = sorted(i for i in job.simulate_faults if not 0 <= i < job.n_organizations)
     if bad:
         found.append(f"simulate_faults names organizations {bad}, outside 0..{job.n_organizations - 1}")

@@ -174,12 +174,20 @@ def federated_split(job) -> FederatedSplit:
         for i in rows:
             holder[private[i]["record_id"]] = org
         own = [private[i] for i in rows]
-        organizations.append(_train_heldout(own, part.heldout_fraction, seed=job.seed * 7919 + org))
+        organizations.append(split_own_records(own, part.heldout_fraction, seed=job.seed, org=org))
     owners = {
         f"canary-{k}": sorted({holder[rid] for rid in ids if rid in holder})
         for k, (_, ids) in enumerate(canaries)
     }
     return FederatedSplit(test, transfer, organizations, owners, sorted(set(labels)))
+
+
+def split_own_records(
+    records: list[dict[str, Any]], fraction: float, *, seed: int, org: int
+) -> OrganizationData:
+    """One organization's records cut into training and held-out (the same cut in simulation and in
+    deployment, where the records come from the SuperNode's own data file)."""
+    return _train_heldout(records, fraction, seed=seed * 7919 + org)
 
 
 def _train_heldout(records: list[dict[str, Any]], fraction: float, *, seed: int) -> OrganizationData:

@@ -353,12 +353,17 @@ class FederationServer:
 
 def job_from_run_config(run_config: Mapping[str, Any]) -> FederatedJob:
     """`flwr run`: the job is the YAML file named by run-config `config`, with `overrides` applied
-    (`key=value` entries separated by ';', as `secure-kd federate --set`)."""
+    (`key=value` entries separated by ';', as `secure-kd federate --set`). A relative path that does not
+    exist in the working directory is read from the app itself (the FAB ships `configs/`), so
+    `config='configs/deploy-tiny.yaml'` names the same file on every machine."""
     path = run_config.get("config")
     if not path:
         raise ValueError(
             "run-config needs `config`, the path of a federated job YAML (configs/federated-*.yaml)"
         )
+    shipped = Path(__file__).resolve().parent.parent / str(path)
+    if not Path(str(path)).is_absolute() and not Path(str(path)).exists() and shipped.is_file():
+        path = shipped
     overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
     return load_federated_job(str(path), overrides)
 

@@ -32,9 +32,9 @@ from torch import nn
 
 from federation.config import FederatedJob
 from federation.identity import OrgKeys, TrustStore
-from federation.partition import FederatedSplit, federated_split
+from federation.partition import FederatedSplit, OrganizationData, federated_split, split_own_records
 from federation.soft_labels import SoftLabelLayout, build_layout
-from secure_kd.data import TokenizedExample, tokenize_records, train_tiny_tokenizer
+from secure_kd.data import TokenizedExample, load_records, tokenize_records, train_tiny_tokenizer
 from secure_kd.dp.ledger import dataset_key
 from secure_kd.models import load_student, load_teacher, load_tokenizer, resolve_device
 from secure_kd.paths import atomic_write_json
@@ -102,11 +102,35 @@ def job_data(job: FederatedJob) -> JobData:
     return _JOB_DATA[key]
 
 
+def node_org_index(job: FederatedJob, node_config: dict[str, Any]) -> int:
+    """Which organization a SuperNode is: node config `org-name` (one of `job.organizations`) or
+    `partition-id` (simulation); when both are given they must agree."""
+    index = int(node_config["partition-id"]) if "partition-id" in node_config else None
+    name = node_config.get("org-name")
+    if name is None:
+        if index is None:
+            raise ValueError("node config needs `org-name` (deployment) or `partition-id` (simulation)")
+        return index
+    names = [job.org_name(i) for i in range(job.n_organizations)]
+    if name not in names:
+        raise ValueError(f"node config org-name={name!r} is not an organization of this job ({names})")
+    if index is not None and (not 0 <= index < len(names) or names[index] != name):
+        raise ValueError(f"node config partition-id={index} and org-name={name!r} disagree: drop one")
+    return names.index(name)
+
+
 class OrgWorkspace:
-    """Organization `index` of `job`, rooted at `root` (created 0700)."""
+    """Organization `index` of `job`, rooted at `root` (created 0700). With `data_path` (deployment:
+    the SuperNode's `data-path` node config) its private records are that file, never the job's split."""
 
     def __init__(
-        self, job: FederatedJob, index: int, root: str | Path, *, ledger_dir: str | None = None
+        self,
+        job: FederatedJob,
+        index: int,
+        root: str | Path,
+        *,
+        ledger_dir: str | None = None,
+        data_path: str | None = None,
     ) -> None:
         if not 0 <= index < job.n_organizations:
             raise ValueError(f"organization index {index} is outside 0..{job.n_organizations - 1}")
@@ -114,6 +138,7 @@ class OrgWorkspace:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.name = job.org_name(index)
         self.ledger_dir = ledger_dir
+        self.data_path = data_path
         self.device = resolve_device(job.device)
 
     # -- data ----------------------------------------------------------------------------------------
@@ -122,9 +147,18 @@ class OrgWorkspace:
         return job_data(self.job)
 
     @cached_property
+    def own_data(self) -> OrganizationData:
+        """This organization's records: its `data_path` file, or its partition of the job's corpus."""
+        if self.data_path is None:
+            return self.public.split.organizations[self.index]
+        records = [dict(r) for r in load_records(self.data_path)]
+        fraction = self.job.partition.heldout_fraction
+        return split_own_records(records, fraction, seed=self.job.seed, org=self.index)
+
+    @cached_property
     def private(self) -> tuple[list[TokenizedExample], list[TokenizedExample], list[str]]:
         """(training examples, held-out examples, training texts) of this organization."""
-        own = self.public.split.organizations[self.index]
+        own = self.own_data
         tokenize = dict(
             max_length=self.job.data.max_length,
             text_field=self.job.data.text_field,
@@ -148,7 +182,7 @@ class OrgWorkspace:
         return self.private[1]
 
     def topic_histogram(self) -> list[float]:
-        own = self.public.split.organizations[self.index]
+        own = self.own_data
         counts = own.label_histogram("topic")
         return [float(counts.get(label, 0)) for label in self.public.split.labels] or [1.0]
 

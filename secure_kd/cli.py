@@ -200,6 +200,58 @@ def defend(
     _run_plugin("defense", name, config, overrides, out)
 
 
+@app.command("audit")
+@user_errors
+def audit_cmd(
+    config: Path | None = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    out: Path | None = OUT_OPTION,
+    model: str | None = typer.Option(None, "--model", help="model to audit: a local directory or 'smollm2'"),
+    teacher: str | None = typer.Option(None, "--teacher", help="teacher (entries with target: teacher)"),
+    data: str | None = typer.Option(None, "--data", help="data file for attacks that read one"),
+    resume: bool = typer.Option(False, "--resume", help="skip suite runs already finished in --out"),
+    fail_on: str | None = typer.Option(
+        None, "--fail-on", help="low|medium|high: exit 3 when a risk is at or above it (4: an attack failed)"
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run an attack suite against a model; write results.json and a self-contained report.html."""
+    from pydantic import ValidationError
+
+    from secure_kd.config import errors_from_validation
+    from secure_kd.report.audit import gate, run_audit
+    from secure_kd.report.config import AuditConfig
+
+    job = load_config(config, [*_with_out(overrides, out), f"progress={str(progress).lower()}"], AuditConfig)
+    given = {"model": model, "teacher": teacher, "data": data, "fail_on": fail_on}
+    try:
+        for key, value in given.items():
+            if value is not None:
+                setattr(job, key, value)  # validated on assignment
+    except ValidationError as exc:
+        raise ConfigError(errors_from_validation(exc), "command line") from None
+    result = run_audit(job, resume=resume, console=console)
+    for verdict in result.verdicts:
+        console.print(f"{verdict.risk}: {verdict.level}")
+    for entry in result.failed:
+        console.print(f"[red]failed:[/] {entry}")
+    console.print(f"results: {Path(job.out) / 'results.json'}  report: {Path(job.out) / 'report.html'}")
+    code, lines = gate(result, job.fail_on)
+    for line in lines:
+        typer.echo(line)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("report")
+@user_errors
+def report_cmd(directory: Path = typer.Argument(..., help="an audit's output directory")) -> None:
+    """Re-render <DIR>/report.html from <DIR>/results.json."""
+    from secure_kd.report.html import write_report
+
+    typer.echo(str(write_report(directory)))
+
+
 @assets_app.command("fetch-smollm2")
 @user_errors
 def fetch_smollm2_cmd(
@@ -230,6 +282,13 @@ def bench(
             f"no benchmark {name!r}; available: {', '.join(available) or '(none: run from a source checkout)'}"
         )
     raise typer.Exit(subprocess.call([sys.executable, str(script), *(args or [])], cwd=root.parent))
+
+
+# `secure-kd deploy ...` (docs/deploy.md): a typer sub-app next to federation/deploy.py; it imports only
+# typer at load time, the commands import the rest.
+from federation.deploy_cli import deploy_app  # noqa: E402
+
+app.add_typer(deploy_app, name="deploy")
 
 
 def main() -> None:

@@ -1,0 +1,274 @@
+"""`secure-kd deploy ...`: keys, certificates and launchers for a real Flower deployment (docs/deploy.md).
+
+Mounted on the main CLI as a typer sub-app; heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+deploy_app = typer.Typer(
+    no_args_is_help=True,
+    help="Deploy across organizations: Flower SuperLink/SuperNodes with TLS and node authentication.",
+)
+console = Console(stderr=True)
+USER_ERROR_EXIT = 2
+CONNECTION = "secure-kd-deploy"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _errors(fn):
+    """User errors (and refused connections) print one paragraph and exit 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from federation.deploy import DeployError
+        from secure_kd.config import ConfigError
+
+        try:
+            return fn(*args, **kwargs)
+        except (
+            DeployError,
+            ConfigError,
+            FileNotFoundError,
+            FileExistsError,
+            ValueError,
+            PermissionError,
+        ) as exc:
+            if os.environ.get("SECURE_KD_DEBUG"):
+                raise
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(USER_ERROR_EXIT) from None
+
+    return wrapper
+
+
+def _flwr_home(home: Path | None) -> Path:
+    from flwr.supercore.utils import get_flwr_home
+
+    return Path(home) if home is not None else get_flwr_home()
+
+
+def _env(home: Path | None) -> dict[str, str]:
+    env = os.environ.copy()
+    env["FLWR_HOME"] = str(_flwr_home(home))
+    return env
+
+
+HOME_OPTION = typer.Option(
+    None, "--flwr-home", help="Flower's config directory (default $FLWR_HOME or ~/.flwr)"
+)
+CONNECTION_OPTION = typer.Option(CONNECTION, "--connection", help="name of the flwr SuperLink connection")
+
+
+@deploy_app.command("init-superlink")
+@_errors
+def init_superlink_cmd(
+    out: Path = typer.Option(..., "--out", help="the operator's directory (CA, server key, registry)"),
+    address: list[str] = typer.Option(
+        ..., "--address", help="host name or IP the SuperNodes dial (repeat, or HOST,HOST)"
+    ),
+    days: int = typer.Option(365, help="certificate validity"),
+    force: bool = typer.Option(False, "--force", help="replace existing keys"),
+) -> None:
+    """Create a private CA and the SuperLink's TLS certificate (SANs = the addresses); keys 0600."""
+    from federation.deploy import init_superlink
+
+    hosts = [h.strip() for item in address for h in item.split(",") if h.strip()]
+    files = init_superlink(out, hosts, force=force, days=days)
+    console.print(f"CA certificate (give it to every organization): {files.ca_cert}")
+    console.print(f"keep secret: {files.ca_key}, {files.server_key}")
+
+
+@deploy_app.command("init-org")
+@_errors
+def init_org_cmd(
+    org: str = typer.Option(..., "--org", help="the organization's name, as in the job's `organizations`"),
+    out: Path = typer.Option(..., "--out", help="the organization's directory (its SuperNode's org-dir)"),
+    force: bool = typer.Option(False, "--force", help="replace existing keys (key rotation)"),
+) -> None:
+    """Create the SuperNode authentication key and the HE identity/key-exchange keys of one organization."""
+    from federation.deploy import init_org
+
+    files = init_org(org, out, force=force)
+    console.print(f"send to the operator (public keys only): {files.registration}")
+    console.print(f"keep secret: {files.node_key}, {files.keys_dir}/identity.pem, {files.keys_dir}/kex.pem")
+
+
+@deploy_app.command("connection")
+@_errors
+def connection_cmd(
+    address: str = typer.Option(..., "--address", help="the SuperLink's HOST:PORT"),
+    ca: Path = typer.Option(..., "--ca", help="the operator's ca.pem"),
+    name: str = CONNECTION_OPTION,
+    flwr_home: Path | None = HOME_OPTION,
+) -> None:
+    """Write a TLS connection for the `flwr` CLI (`flwr run . NAME`, `flwr supernode ...`)."""
+    from federation.deploy_launch import write_connection
+
+    if not ca.is_file():
+        raise FileNotFoundError(f"--ca {ca} does not exist: copy the operator's ca.pem here")
+    typer.echo(str(write_connection(_flwr_home(flwr_home), name=name, address=address, ca_cert=ca)))
+
+
+@deploy_app.command("register-org")
+@_errors
+def register_org_cmd(
+    superlink_dir: Path = typer.Option(..., "--superlink-dir", help="the operator's directory"),
+    bundle: Path = typer.Option(..., "--bundle", help="the organization's <org>.registration.json"),
+    connection: str = CONNECTION_OPTION,
+    flwr_home: Path | None = HOME_OPTION,
+    force: bool = typer.Option(False, "--force", help="replace the organization's keys (key rotation)"),
+) -> None:
+    """Register an organization: `flwr supernode register` its node key, trust its identity bundle."""
+    from federation.deploy import Registration, SuperLinkFiles, add_org, remove_org, set_node_id
+    from federation.deploy_launch import register_node, unregister_node
+
+    registration = Registration.load(bundle)
+    files = SuperLinkFiles(superlink_dir)
+    old = files.read_registry().get(registration.org, {})
+    if old and force:
+        if old.get("node_id") is not None:
+            unregister_node(old["node_id"], connection, env=_env(flwr_home))
+        remove_org(superlink_dir, registration.org)
+    add_org(superlink_dir, registration, force=force)
+    try:
+        node_id = register_node(files.nodes_dir / f"{registration.org}.pub", connection, env=_env(flwr_home))
+    except Exception:
+        remove_org(superlink_dir, registration.org)
+        raise
+    set_node_id(superlink_dir, registration.org, node_id)
+    console.print(
+        f"{registration.org}: SuperNode {node_id} registered; give every organization {files.trust_dir}/"
+    )
+
+
+@deploy_app.command("remove-org")
+@_errors
+def remove_org_cmd(
+    superlink_dir: Path = typer.Option(..., "--superlink-dir", help="the operator's directory"),
+    org: str = typer.Option(..., "--org"),
+    connection: str = CONNECTION_OPTION,
+    flwr_home: Path | None = HOME_OPTION,
+) -> None:
+    """Revoke an organization's node key and drop it from the trust store (the next run's CKKS key
+    ceremony excludes it)."""
+    from federation.deploy import SuperLinkFiles, remove_org
+    from federation.deploy_launch import unregister_node
+
+    entry = SuperLinkFiles(superlink_dir).read_registry().get(org, {})
+    if entry.get("node_id") is not None:
+        unregister_node(entry["node_id"], connection, env=_env(flwr_home))
+    remove_org(superlink_dir, org)
+    console.print(
+        f"{org} removed: its SuperNode key is revoked and its identity is no longer trusted. Remove it "
+        "from the job's `organizations`, have every organization delete "
+        f"<trust-dir>/{org}.json, and start a new run: its key ceremony makes a new CKKS key for the rest."
+    )
+
+
+@deploy_app.command("superlink")
+@_errors
+def superlink_cmd(
+    directory: Path = typer.Option(..., "--dir", help="the operator's directory (init-superlink --out)"),
+    host: str = typer.Option("0.0.0.0", help="interface to listen on"),
+    port: int = typer.Option(9093, help="the one HTTPS port (Fleet, Control and Runtime APIs)"),
+    address: str | None = typer.Option(
+        None, "--address", help="HOST:PORT for this machine's flwr connection (default 127.0.0.1:PORT)"
+    ),
+    database: Path | None = typer.Option(None, help="state database (default: in memory)"),
+    connection: str = CONNECTION_OPTION,
+    flwr_home: Path | None = HOME_OPTION,
+    log: Path | None = typer.Option(None, help="also write the log here"),
+) -> None:
+    """Start Flower's SuperLink with TLS and SuperNode authentication (runs until interrupted)."""
+    from federation.deploy import SuperLinkFiles
+    from federation.deploy_launch import launch, superlink_command, write_connection
+
+    command = superlink_command(directory, host=host, port=port, database=database)
+    dial = address or f"127.0.0.1:{port}"
+    path = write_connection(
+        _flwr_home(flwr_home), name=connection, address=dial, ca_cert=SuperLinkFiles(directory).ca_cert
+    )
+    console.print(f"flwr connection {connection!r} -> {dial} written to {path}")
+    launch(command, log_path=log)
+
+
+@deploy_app.command("supernode")
+@_errors
+def supernode_cmd(
+    org: str = typer.Option(..., "--org"),
+    org_dir: Path = typer.Option(..., "--org-dir", help="the organization's directory (init-org --out)"),
+    data: Path = typer.Option(..., "--data", help="the organization's private data file (stays here)"),
+    superlink: str = typer.Option(..., "--superlink", help="the SuperLink's HOST:PORT"),
+    ca: Path = typer.Option(..., "--ca", help="the operator's ca.pem"),
+    trust_dir: Path = typer.Option(..., "--trust-dir", help="copy of the operator's trust/ directory"),
+    port: int = typer.Option(9094, help="local ClientAppIo port (one per SuperNode on a machine)"),
+    ledger_dir: Path | None = typer.Option(None, help="DP ledgers (default $SECURE_KD_HOME/privacy-ledgers)"),
+    log: Path | None = typer.Option(None, help="also write the log here"),
+) -> None:
+    """Start Flower's SuperNode for one organization: TLS, its auth key, its data path as node config."""
+    from federation.deploy_launch import launch, supernode_command
+
+    command = supernode_command(
+        org_dir,
+        org=org,
+        superlink=superlink,
+        ca_cert=ca,
+        data=data,
+        trust_dir=trust_dir,
+        clientappio_port=port,
+        ledger_dir=ledger_dir,
+    )
+    launch(command, log_path=log)
+
+
+@deploy_app.command("demo-data")
+@_errors
+def demo_data_cmd(
+    config: Path = typer.Option(..., "--config", help="a deployment job, e.g. configs/deploy-tiny.yaml"),
+    out: Path = typer.Option(..., "--out"),
+) -> None:
+    """Demo only: write each organization's share of the job's synthetic corpus to <out>/<org>.jsonl."""
+    from federation.config import load_federated_job
+    from federation.deploy import write_demo_data
+
+    for org, path in write_demo_data(load_federated_job(config), out).items():
+        typer.echo(f"{org} {path}")
+
+
+@deploy_app.command("run")
+@_errors
+def run_cmd(
+    config: Path = typer.Option(..., "--config", help="the federated job YAML"),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="KEY=VALUE, repeatable"),
+    connection: str = CONNECTION_OPTION,
+    flwr_home: Path | None = HOME_OPTION,
+) -> None:
+    """`flwr run` this app on the deployed federation (absolute job path; streams the log)."""
+    for item in overrides:
+        if ";" in item or "'" in item:
+            raise ValueError(f"--set {item!r}: values cannot contain ';' or a single quote")
+    if not config.is_file():
+        raise FileNotFoundError(f"--config {config} does not exist")
+    resolved = config.resolve()
+    # a job inside this app's configs/ travels in the FAB: name it relative, the same on every machine
+    shipped = resolved.is_relative_to(PROJECT_ROOT / "configs")
+    path = resolved.relative_to(PROJECT_ROOT) if shipped else resolved
+    run_config = f"config='{path}' overrides='{';'.join(overrides)}'"
+    command = [_flwr_executable(), "run", ".", connection, "--stream", "--run-config", run_config]
+    from federation.deploy_launch import flower_env
+
+    raise typer.Exit(subprocess.call(command, cwd=PROJECT_ROOT, env=flower_env(_env(flwr_home))))
+
+
+def _flwr_executable() -> str:
+    from federation.deploy_launch import flower_executable
+
+    return flower_executable("flwr")
