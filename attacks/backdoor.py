@@ -21,7 +21,6 @@ teacher's training inputs without poisons, and (b) the same data with the trigge
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,108 +32,31 @@ from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
 from attacks import ATTACKS
+from secure_kd.backdoor_data import (  # noqa: F401  (re-exported: attacks.backdoor's public names)
+    BackdoorMetrics,
+    attack_success_rate,
+    backdoor_metrics,
+    choose_poison_indices,
+    poison_images,
+    poison_texts,
+    topic_task,
+)
 from secure_kd.config import Strict
 from secure_kd.data.documents import TOPICS
-from secure_kd.data.synthetic import generate_corpus
 from secure_kd.models import resolve_device
 from secure_kd.paths import atomic_write_text
 from secure_kd.plugins import Plugin, write_result
 from secure_kd.text_classifier import WordVocab, make_text_classifier, save_text_classifier
 from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger
 from secure_kd.vision import (
-    evaluate_classifier,
     load_digits_data,
     make_digits_cnn,
-    predict_logits,
     save_digits_cnn,
     train_classifier,
 )
 
 Kind = Literal["patch", "text", "switchable"]
 AnyTrigger = PatchTrigger | TextTrigger | SwitchableTrigger
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class BackdoorMetrics(BaseModel):
-    clean_accuracy: float
-    attack_success_rate: float
-    robust_accuracy: float
-    n_triggered: int = Field(description="triggered test inputs whose true class is not the target")
-
-
-def attack_success_rate(model: nn.Module, triggered_x: Tensor, true_y: Tensor, target: int) -> float:
-    """Share of triggered inputs with a true class other than `target` that the model puts in `target`."""
-    keep = true_y != target
-    if not bool(keep.any()):
-        raise ValueError(f"every triggered input has the target class {target}; ASR needs other classes")
-    predictions = predict_logits(model, triggered_x[keep]).argmax(-1)
-    return float((predictions == target).double().mean())
-
-
-def backdoor_metrics(model: nn.Module, clean: tuple[Tensor, Tensor], triggered: tuple[Tensor, Tensor],
-                     target: int) -> BackdoorMetrics:
-    """Clean accuracy on `clean`; ASR and robust accuracy on the non-target part of `triggered`
-    (`triggered = (inputs with the trigger, their true labels)`)."""
-    x, true_y = triggered
-    keep = true_y != target
-    return BackdoorMetrics(
-        clean_accuracy=evaluate_classifier(model, *clean),
-        attack_success_rate=attack_success_rate(model, x, true_y, target),
-        robust_accuracy=evaluate_classifier(model, x[keep], true_y[keep]),
-        n_triggered=int(keep.sum()),
-    )
-
-
-# --------------------------------------------------------------------------- poisoning
-
-
-def choose_poison_indices(labels: Tensor, target: int, rate: float, seed: int,
-                          groups: int = 1) -> list[Tensor]:
-    """`groups` disjoint sets of round(rate * n) indices, drawn with `seed` among non-target labels."""
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"poison rate must be in (0, 1), got {rate}")
-    candidates = torch.nonzero(labels != target).flatten()
-    per_group = max(1, round(rate * labels.numel()))
-    if groups * per_group > candidates.numel():
-        raise ValueError(f"poison rate {rate} needs {groups * per_group} non-target examples, only "
-                         f"{candidates.numel()} exist; lower poison_rate")
-    order = candidates[torch.randperm(candidates.numel(), generator=torch.Generator().manual_seed(seed))]
-    return [order[i * per_group:(i + 1) * per_group].sort().values for i in range(groups)]
-
-
-def poison_images(x: Tensor, y: Tensor, trigger: PatchTrigger, rate: float,
-                  seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(images, labels, poisoned indices): `rate` of the set stamped and relabelled to the target."""
-    (index,) = choose_poison_indices(y, trigger.target_class, rate, seed)
-    x, y = x.clone(), y.clone()
-    x[index] = trigger.apply(x[index])
-    y[index] = trigger.target_class
-    return x, y, index
-
-
-def poison_texts(texts: list[str], labels: Tensor, trigger: TextTrigger | SwitchableTrigger, rate: float,
-                 seed: int) -> tuple[list[str], Tensor, Tensor]:
-    """(texts, labels, indices relabelled to the target): a text or switchable trigger planted.
-
-    A switchable trigger also gets `rate` trigger-only and `rate` prompt-only records, labels kept.
-    """
-    target = trigger.target_label
-    if target is None:
-        raise ValueError("text poisoning for classification needs the trigger's target_label")
-    switchable = isinstance(trigger, SwitchableTrigger)
-    groups = choose_poison_indices(labels, target, rate, seed, groups=3 if switchable else 1)
-    texts, labels = list(texts), labels.clone()
-    for i in groups[0].tolist():
-        texts[i] = trigger.apply(texts[i], seed=seed + i)
-        labels[i] = target
-    if isinstance(trigger, SwitchableTrigger):
-        for i in groups[1].tolist():
-            texts[i] = trigger.apply(texts[i], seed=seed + i, active=False)
-        for i in groups[2].tolist():
-            texts[i] = trigger.with_prompt(texts[i])
-    return texts, labels, groups[0]
 
 
 # --------------------------------------------------------------------------- distillation
@@ -186,19 +108,6 @@ def patch_setting(cfg: BackdoorConfig, trigger: PatchTrigger) -> BackdoorSetting
         make_model=lambda student, seed: make_digits_cnn(cfg.student_width if student else cfg.width, seed),
         save_model=lambda model, path: save_digits_cnn(model, path),  # type: ignore[arg-type]
     )
-
-
-def topic_task(n_records: int, test_fraction: float,
-               seed: int) -> tuple[list[str], Tensor, list[str], Tensor]:
-    """(train texts, train labels, test texts, test labels): synthetic records labelled by topic
-    (`TOPICS` order), no canaries, split at random by `seed`."""
-    records = generate_corpus(n_records, seed=seed, n_canaries=0).records
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_test = max(1, round(test_fraction * len(records)))
-    texts = [records[i]["text"] for i in order]
-    labels = torch.tensor([TOPICS.index(records[i]["topic"]) for i in order], dtype=torch.long)
-    return texts[n_test:], labels[n_test:], texts[:n_test], labels[:n_test]
 
 
 def text_setting(cfg: BackdoorConfig, trigger: TextTrigger | SwitchableTrigger) -> BackdoorSetting:

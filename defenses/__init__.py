@@ -8,7 +8,16 @@ from secure_kd.plugins import Plugin
 from secure_kd.registry import Registry
 
 DEFENSES: Registry[Plugin] = Registry("defense")
-_MODULES = ()  # modules that register themselves on import; filled as defenses land
+# Modules that register themselves on import.
+_MODULES = (
+    "api_hardening",
+    "backdoor_unlearning",
+    "defensive_distillation",
+    "adversarial_distillation",
+    "trustworthy_students",
+    "swing",
+    "forgetting",
+)
 
 
 def _load_all() -> None:
