@@ -42,6 +42,10 @@ def _arms(cfg: dict) -> list[tuple[str, dict]]:
                 )
             )
     alpha = cfg["pairing_alpha"]
+    if alpha not in cfg["filtering_alphas"]:  # the central baseline of the pairing comparison
+        arms.append(
+            (f"fed_distill alpha={alpha} filtering=off", {"mode": "fed_distill", "partition_alpha": alpha})
+        )
     arms.append(
         (f"p2p linucb alpha={alpha}", {"mode": "p2p", "partition_alpha": alpha, "p2p": {"policy": "linucb"}})
     )
