@@ -9,7 +9,16 @@ from secure_kd.registry import Registry
 
 ATTACKS: Registry[Plugin] = Registry("attack")
 # Modules that register themselves on import.
-_MODULES = ("logit_leak", "clone", "memorization", "membership", "backdoor", "adversarial")
+_MODULES = (
+    "logit_leak",
+    "clone",
+    "memorization",
+    "membership",
+    "backdoor",
+    "adversarial",
+    "bias_cascade",
+    "federated",
+)
 
 
 def _load_all() -> None:
