@@ -17,6 +17,7 @@ _MODULES = (
     "trustworthy_students",
     "swing",
     "forgetting",
+    "robust_aggregation",
 )
 
 

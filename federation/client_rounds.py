@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from federation.adversary import install_backdoor_data, malicious_weights, poisoned_soft_labels
 from federation.client_filtering import ensemble_from_weighted_sum, transfer_weights
 from federation.client_training import LocalFit, distill_from, evaluate, train_locally
 from federation.faults import sabotaged
@@ -32,6 +33,7 @@ from federation.messages import (
     rounded_metrics,
     to_array_record,
 )
+from federation.robust import clip_update
 from federation.soft_labels import check_soft_labels, soft_labels, votes
 from federation.workspace import OrgWorkspace, flat_parameters, load_parameters
 
@@ -117,6 +119,25 @@ def _soft_label_payload(ws: OrgWorkspace, model) -> tuple[dict[str, np.ndarray],
     return {"soft-labels": labels, "filter-weights": weights}, kept
 
 
+def _weights(model) -> dict[str, np.ndarray]:
+    names, tensors = flat_parameters(model)
+    return {n: t.float().cpu().numpy().copy() for n, t in zip(names, tensors, strict=True)}
+
+
+def _train(ws: OrgWorkspace, model, r: int, adversary) -> LocalFit:
+    """Local training; a backdoor attacker may take its own number of steps (`local_steps`)."""
+    if adversary is None or adversary.local_steps is None:
+        return train_locally(ws, model, r)
+    job = ws.job
+    ws.job = job.model_copy(
+        update={"train": job.train.model_copy(update={"max_steps": adversary.local_steps})}
+    )
+    try:
+        return train_locally(ws, model, r)
+    finally:
+        ws.job = job
+
+
 def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
     """One round: take in the aggregate, evaluate it, train locally, upload weights or soft labels."""
     if ws.job.protection == "secagg+":
@@ -128,17 +149,26 @@ def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
         extra: dict[str, float] = {}
     else:
         extra = _digest(ws, model, message, r)
+    adversary = ws.job.adversaries.get(ws.index)
+    if adversary is not None and adversary.kind == "backdoor":
+        install_backdoor_data(ws, adversary)
     before = evaluate(ws, model)
-    fit = train_locally(ws, model, r)
+    start = _weights(model) if ws.job.mode == "fedavg" else {}
+    fit = _train(ws, model, r, adversary)
     ws.save_student(model)
     if ws.job.mode == "fedavg":
-        names, tensors = flat_parameters(model)
-        payload = {n: t.float().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+        payload = _weights(model)
+        if adversary is not None:
+            payload = malicious_weights(adversary, payload, start)
+        elif ws.job.aggregation.client_clip_norm is not None:
+            payload = clip_update(payload, start, ws.job.aggregation.client_clip_norm)
         weight = len(ws.train_examples)
     else:
         payload, kept = _soft_label_payload(ws, model)
         if kept is not None:
             extra["kept-fraction"] = kept
+        if adversary is not None and "soft-labels" in payload:
+            payload["soft-labels"] = poisoned_soft_labels(adversary, payload["soft-labels"])
         weight = 1
     metrics = {**before, **fit_metrics(fit), **extra}
     if ws.job.protection == "plaintext":

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from federation.adversary import FEDAVG_KINDS, AdversaryConfig
+from federation.robust import AggregationConfig
 from secure_kd.config import (
     SCHEMA_VERSION,
     DataConfig,
@@ -193,6 +195,11 @@ class FederatedJob(Strict):
         default_factory=dict,
         description="tests only: organization index -> crash | slow | nan | oversized | wrong_shape",
     )
+    adversaries: dict[int, AdversaryConfig] = Field(
+        default_factory=dict,
+        description="attack studies: organization index -> malicious role (federation.adversary)",
+    )
+    aggregation: AggregationConfig = AggregationConfig()
     organizations: list[str] = Field(
         default_factory=list,
         description="names of the organizations in order (deployment: their SuperNodes' `org-name`); "
@@ -275,6 +282,7 @@ def _problems(job: FederatedJob) -> list[str]:
     bad = sorted(i for i in job.simulate_faults if not 0 <= i < job.n_organizations)
     if bad:
         found.append(f"simulate_faults names organizations {bad}, outside 0..{job.n_organizations - 1}")
+    found.extend(_adversarial_problems(job))
     if job.teacher is not None and job.teacher.source == "teacher_layers":
         found.append("teacher.source cannot be 'teacher_layers'; that builds a student")
     for index, student in enumerate([job.student, *job.students]):
@@ -289,6 +297,35 @@ def _problems(job: FederatedJob) -> list[str]:
             check_private_objective(job.kd)
         except ValueError as exc:
             found.append(str(exc))
+    return found
+
+
+def _adversarial_problems(job: FederatedJob) -> list[str]:
+    found: list[str] = []
+    bad = sorted(i for i in job.adversaries if not 0 <= i < job.n_organizations)
+    if bad:
+        found.append(f"adversaries names organizations {bad}, outside 0..{job.n_organizations - 1}")
+    for index, adversary in job.adversaries.items():
+        wanted = "fedavg" if adversary.kind in FEDAVG_KINDS else "fed_distill"
+        if job.mode != wanted:
+            found.append(f"adversaries.{index}.kind={adversary.kind} attacks mode {wanted}, not {job.mode}")
+    if job.adversaries and job.protection == "secagg+":
+        found.append("adversaries are not wired into secagg+ clients: use protection plaintext or ckks")
+    aggregation = job.aggregation
+    if aggregation.rule != "mean" and job.mode != "fedavg":
+        found.append(
+            f"aggregation.rule={aggregation.rule} combines fedavg weights: use mode fedavg or rule mean"
+        )
+    if aggregation.rule != "mean" and job.protection != "plaintext":
+        found.append(
+            f"aggregation.rule={aggregation.rule} needs each client's plaintext update, which protection "
+            f"{job.protection} hides: set aggregation.rule: mean and bound clients with "
+            "aggregation.client_clip_norm (clients clip before encrypting)"
+        )
+    if aggregation.client_clip_norm is not None and (job.mode != "fedavg" or job.protection == "secagg+"):
+        found.append(
+            "aggregation.client_clip_norm clips fedavg updates: use mode fedavg with plaintext or ckks"
+        )
     return found
 
 

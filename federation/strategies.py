@@ -34,7 +34,6 @@ from federation.aggregation import (
     gnmax_epsilon,
     mean_soft_labels,
     vote_counts,
-    weighted_average,
     weighted_ensemble,
 )
 from federation.client_training import mean_loss, train_on_labels
@@ -54,6 +53,7 @@ from federation.messages import (
     to_array_record,
 )
 from federation.profiles import PROFILE_DIM
+from federation.robust import robust_aggregate
 from federation.soft_labels import relabeled
 from federation.workspace import build_student, flat_parameters
 from secure_kd.models import resolve_device
@@ -192,7 +192,8 @@ class FedAvgStrategy(_AggregatingStrategy):
         return read_arrays(content, self.spec)
 
     def _combine_plain(self, payloads, metrics):
-        return weighted_average(payloads, [m[NUM_EXAMPLES] for m in metrics])
+        weights = [m[NUM_EXAMPLES] for m in metrics]
+        return robust_aggregate(payloads, weights, self.plain, self.job.aggregation)
 
     def finish(self) -> RoundRecord:
         record = self._final("evaluate")
