@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -c requirements.lock
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench lint lock clean chromium
+.PHONY: install demo test test-slow bench reproduce lint lock clean chromium
 
 $(STAMP): pyproject.toml constraints.txt requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,7 @@ install: $(STAMP)
 
 ## The main job on the embedded default: SmolLM2-135M (Q4_1) teacher, top-k cache, 4-layer student.
 demo: install
-	$(BIN)/secure-kd assets fetch-smollm2
-	$(BIN)/secure-kd distill --config configs/demo.yaml
+	$(BIN)/secure-kd demo --out runs/demo
 
 ## The default test suite (fast, tiny models). Exit code 5 (no tests collected) is a failure.
 test: install chromium
@@ -46,6 +45,20 @@ bench: install
 	$(BIN)/python benchmarks/kd_loss.py
 	$(BIN)/python benchmarks/cache.py
 	$(BIN)/python benchmarks/distill_step.py
+
+## Every row of the README's "Reproduced findings" table (CPU, small scale; about 2.5 hours on 2
+## cores, most of it in the DP-OPD and memorization experiments). Results go to benchmarks/results/.
+reproduce: install
+	$(BIN)/secure-kd assets fetch-smollm2
+	$(BIN)/python benchmarks/experiments/memorization_kd.py
+	$(BIN)/python benchmarks/experiments/bias_cascade.py
+	$(BIN)/python benchmarks/experiments/clone_smollm2.py --config configs/experiments/logit_leak_smollm2.yaml
+	$(BIN)/python benchmarks/experiments/dp_opd.py
+	$(BIN)/python benchmarks/experiments/swing_kd.py
+	$(BIN)/python benchmarks/matchmaking.py
+	$(BIN)/python benchmarks/experiments/fed_noniid.py --config configs/experiments/fed_pairing.yaml
+	$(BIN)/python benchmarks/experiments/defensive_distillation.py
+	$(BIN)/python benchmarks/experiments/backdoor_unlearning.py
 
 lint: install
 	$(BIN)/ruff check secure_kd federation attacks defenses tests benchmarks
