@@ -38,6 +38,7 @@ from attacks.logit_leak import (
     true_hidden_size,
 )
 from secure_kd.api import ModelAPI, Prompt, View
+from secure_kd.api_defense import ApiDefenseConfig, build_api
 from secure_kd.config import KDConfig, ModelConfig, Strict, TinyModelConfig, TrainConfig
 from secure_kd.data import TokenizedExample, collate, generate_corpus, load_records
 from secure_kd.evaluate import perplexity, teacher_agreement
@@ -125,6 +126,9 @@ class CloneConfig(Strict):
     compare_random_init: bool = Field(False, description="also train a random-init student, same access")
     compare_text_only: bool = Field(False, description="also distil from sampled text only, same budget")
     progress: bool = False
+    api_defense: ApiDefenseConfig | None = Field(
+        None, description="clone through a hardened API (secure_kd.api_defense); every variant gets it"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CloneConfig:
@@ -341,8 +345,8 @@ def clone_variant(cfg: CloneConfig, setting: Setting, name: str, access: View, i
                   width: int | None) -> CloneVariant:
     started = time.perf_counter()
     victim, device = setting.victim, setting.device
-    api = ModelAPI(victim, setting.tokenizer, view=access, top_k=cfg.top_k, cost_per_query=cfg.cost_per_query,
-                   max_queries=cfg.query_budget, batch_size=64)
+    api = build_api(victim, setting.tokenizer, defense=cfg.api_defense, view=access, top_k=cfg.top_k,
+                    cost_per_query=cfg.cost_per_query, max_queries=cfg.query_budget, batch_size=64)
     true_weight = victim.get_output_embeddings().weight.detach().cpu()
     recovered, recovered_info = None, None
     if init == "recovered":

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from attacks import ATTACKS
 from secure_kd.api import ModelAPI, Prompt
+from secure_kd.api_defense import ApiDefenseConfig, build_api
 from secure_kd.config import ModelConfig, Strict, TinyModelConfig
 from secure_kd.models import load_teacher, load_tokenizer, resolve_device, vocab_size_of
 from secure_kd.plugins import Plugin, write_result
@@ -312,6 +313,7 @@ class LogitLeakConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/attacks/logit_leak"
     victim: ModelConfig = Field(default_factory=tiny_victim_default)
+    victim_logit_scale: float = Field(1.0, gt=0, description="tiny victims: sharpen a random model's outputs")
     view: RecoveryView = "full_logits"
     top_k: int = Field(5, ge=2, description="answers' top-k (view topk_logprobs_bias)")
     n_queries: int | Literal["auto"] = Field(
@@ -325,6 +327,9 @@ class LogitLeakConfig(Strict):
     ref_token: int = Field(0, ge=0)
     cost_per_query: float = Field(1.0, ge=0)
     max_queries: int | None = Field(None, gt=0)
+    api_defense: ApiDefenseConfig | None = Field(
+        None, description="attack a hardened API (secure_kd.api_defense): truncation, rounding, noise, ..."
+    )
 
     @model_validator(mode="after")
     def _enough_prompts(self) -> LogitLeakConfig:
@@ -360,9 +365,10 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    victim, tokenizer = load_victim(config.victim, seed=config.seed, device=device)
-    api = ModelAPI(victim, tokenizer, view=config.view, top_k=config.top_k,
-                   cost_per_query=config.cost_per_query, max_queries=config.max_queries)
+    victim, tokenizer = load_victim(config.victim, seed=config.seed, device=device,
+                                    logit_scale=config.victim_logit_scale)
+    api = build_api(victim, tokenizer, defense=config.api_defense, view=config.view, top_k=config.top_k,
+                    cost_per_query=config.cost_per_query, max_queries=config.max_queries)
     vocab = vocab_size_of(victim)
     if config.ref_token >= vocab:
         raise ValueError(f"ref_token={config.ref_token} is not a token id of the victim (vocab {vocab})")
@@ -379,7 +385,7 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
     true_weight = victim.get_output_embeddings().weight.detach()
     recovered = recover_output_projection(logits, report["h"])
     random_matrix = torch.randn(true_weight.shape, generator=torch.Generator().manual_seed(config.seed))
-    per_prompt = 1 if config.view == "full_logits" else bias_queries_per_prompt(vocab, config.top_k)
+    per_prompt = 1 if api.view == "full_logits" else bias_queries_per_prompt(vocab, api.top_k)
     result = LogitLeakResult(
         view=config.view,
         victim_source=config.victim.source if config.victim.source != "smollm2" else "smollm2 (Q4_1)",
