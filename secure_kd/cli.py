@@ -200,6 +200,15 @@ def defend(
     _run_plugin("defense", name, config, overrides, out)
 
 
+@app.command("demo")
+@user_errors
+def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="where every stage writes")) -> None:
+    """The main job: private corpora, central and federated distillation (CKKS, DP-SGD), the audit."""
+    from secure_kd.demo_story import run_demo
+
+    run_demo(out, console=console)
+
+
 @app.command("audit")
 @user_errors
 def audit_cmd(

@@ -1,0 +1,47 @@
+"""The demo's audit stage aims every attack at the student directory and the demo's corpus files.
+
+The demo itself needs the real teacher (minutes on CPU); here each suite entry of
+configs/demo-audit.yaml is resolved for a tiny local model directory and validated by its attack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from attacks import get_attack
+from secure_kd.config import TinyModelConfig
+from secure_kd.data import train_tiny_tokenizer
+from secure_kd.data.synthetic import generate_corpus
+from secure_kd.demo_story import demo_audit_config
+from secure_kd.models import build_tiny
+from secure_kd.report.audit import attack_config
+
+
+def test_every_demo_audit_entry_targets_the_student_and_validates(tmp_path):
+    private = generate_corpus(24, seed=0, n_canaries=2, canary_repeats=2, secret_digits=3)
+    private_path = tmp_path / "private.jsonl"
+    private.to_jsonl(private_path)
+    heldout_path = tmp_path / "heldout.jsonl"
+    generate_corpus(12, seed=1, n_canaries=0).to_jsonl(heldout_path)
+    tokenizer = train_tiny_tokenizer([r["text"] for r in private.records], vocab_size=300)
+    model_dir = tmp_path / "student"
+    build_tiny(
+        TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2), len(tokenizer), seed=0
+    ).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+
+    config = demo_audit_config(tmp_path / "audit", str(model_dir), private_path, heldout_path)
+    attacks = [entry.attack for entry in config.suite]
+    assert attacks == ["memorization", "membership", "logit_leak", "clone"]
+    for entry in config.suite:
+        raw = attack_config(config, entry, config.seed, tmp_path / "unused")
+        parsed = get_attack(entry.attack).Config.model_validate(raw)
+        dumped = parsed.model_dump(mode="json")
+        target = {"memorization": ("model", "source"), "membership": ("target", "source")}.get(
+            entry.attack, ("victim", "source")
+        )
+        assert dumped[target[0]][target[1]] == str(model_dir)
+        if entry.attack == "membership":
+            assert Path(dumped["data"]["members"]) == private_path
+            assert Path(dumped["data"]["nonmembers"]) == heldout_path
+        if entry.attack == "memorization":
+            assert Path(dumped["data"]["source"]) == private_path
