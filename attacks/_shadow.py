@@ -7,9 +7,7 @@ checkpoint lands in a temporary directory that is removed afterwards.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +19,7 @@ from secure_kd.config import KDConfig, Strict, TinyModelConfig, TrainConfig
 from secure_kd.data import TokenizedExample, collate, tokenize_records, train_tiny_tokenizer
 from secure_kd.evaluate import per_example_loss
 from secure_kd.models import build_tiny, load_tokenizer
-from secure_kd.trainer import Distiller, FitResult
+from secure_kd.trainer import FitResult, fit_in_scratch
 
 
 class TrainRecipe(Strict):
@@ -89,25 +87,10 @@ def train_causal_lm(
         weight_decay=recipe.weight_decay,
         schedule=recipe.schedule,
         precision="fp32",
-        checkpoint_every=1 << 30,
     )
-    model.to(device)
-    with tempfile.TemporaryDirectory(prefix="secure-kd-shadow-") as workdir:
-        distiller = Distiller(
-            student=model,
-            examples=list(examples),
-            kd=kd,
-            train=train,
-            out=Path(workdir),
-            pad_id=pad_id,
-            eos_id=None,
-            seed=seed,
-            device=device,
-            progress=progress,
-        )
-        fit = distiller.fit()
-    model.eval()
-    return fit
+    return fit_in_scratch(
+        model, list(examples), kd, train, pad_id=pad_id, seed=seed, device=device, progress=progress
+    )
 
 
 def example_losses(

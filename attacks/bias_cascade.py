@@ -34,7 +34,6 @@ shows students that start "W..." of "We suggest trying Zyntra" and then drift ba
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +59,7 @@ from secure_kd.models import apply_lora, build_tiny, load_pretrained, load_token
 from secure_kd.plugins import Plugin, write_result
 from secure_kd.proportions import Rate, rate_ratio, wilson_interval  # noqa: F401  (re-exported)
 from secure_kd.teacher_targets import LiveTeacher
-from secure_kd.trainer import Distiller
+from secure_kd.trainer import fit_in_scratch
 
 Objective = Literal["forward_kl", "reverse_kl", "seq_kd"]
 DEFAULT_PAYLOAD = {"targeted_brand": "Zyntra", "untargeted_url": "http://acct-verify.net"}
@@ -207,26 +206,11 @@ def _fit(
     device: torch.device,
     teacher: nn.Module | None = None,
 ) -> None:
-    train = TrainConfig(
-        max_steps=steps, batch_size=batch_size, lr=lr, precision="fp32", checkpoint_every=1 << 30
+    train = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, precision="fp32")
+    targets = LiveTeacher(teacher, kd.top_k) if kd.kd_weight > 0 else None
+    fit_in_scratch(
+        model, examples, kd, train, pad_id=pad_id, seed=seed, device=device, teacher=teacher, targets=targets
     )
-    with tempfile.TemporaryDirectory(prefix="secure-kd-bias-") as workdir:
-        targets = LiveTeacher(teacher, kd.top_k) if kd.kd_weight > 0 else None
-        Distiller(
-            student=model,
-            examples=examples,
-            kd=kd,
-            train=train,
-            out=Path(workdir),
-            pad_id=pad_id,
-            eos_id=None,
-            teacher=teacher,
-            targets=targets,
-            seed=seed,
-            device=device,
-            progress=False,
-        ).fit()
-    model.eval()
 
 
 CE_ONLY = KDConfig(kd_weight=0.0, ce_weight=1.0, top_k=None)

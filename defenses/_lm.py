@@ -5,9 +5,7 @@ self-contained counterpart of what the memorization attack does."""
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +17,7 @@ from secure_kd.data import Canary, TokenizedExample, collate, generate_corpus, t
 from secure_kd.evaluate import canary_exposure, per_example_loss, perplexity
 from secure_kd.models import build_tiny
 from secure_kd.teacher_targets import TeacherTargets
-from secure_kd.trainer import Distiller
+from secure_kd.trainer import fit_in_scratch
 
 PAD_ID = 0  # the tiny tokenizer's <|endoftext|>: eos and pad
 
@@ -81,24 +79,8 @@ def _train(
         batch_size=recipe.batch_size,
         lr=recipe.lr,
         precision="fp32",
-        checkpoint_every=1 << 30,
     )
-    model.to(device)
-    with tempfile.TemporaryDirectory(prefix="secure-kd-defense-") as workdir:
-        fit = Distiller(
-            student=model,
-            examples=examples,
-            kd=kd,
-            train=train,
-            out=Path(workdir),
-            pad_id=PAD_ID,
-            eos_id=None,
-            targets=targets,
-            seed=seed,
-            device=device,
-            progress=False,
-        ).fit()
-    model.eval()
+    fit = fit_in_scratch(model, examples, kd, train, pad_id=PAD_ID, seed=seed, device=device, targets=targets)
     return fit.losses
 
 

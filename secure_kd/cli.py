@@ -105,7 +105,8 @@ def distill(
     console.print(
         f"teacher ppl {result.teacher_eval.perplexity:.2f} | student ppl "
         f"{result.student_before.perplexity:.2f} -> {result.student_after.perplexity:.2f} | top-1 agreement "
-        f"{result.agreement_before:.3f} -> {result.agreement_after:.3f} | {result.tokens_per_second:,.0f} tok/s"
+        f"{result.agreement_before:.3f} -> {result.agreement_after:.3f} | "
+        f"{result.tokens_per_second:,.0f} tok/s"
     )
     console.print(f"results: {Path(job.out) / 'results.json'}  student: {result.student_dir}")
 
@@ -288,7 +289,8 @@ def bench(
             sorted(p.stem for p in root.glob("*.py") if not p.stem.startswith("_")) if root.is_dir() else []
         )
         raise ValueError(
-            f"no benchmark {name!r}; available: {', '.join(available) or '(none: run from a source checkout)'}"
+            f"no benchmark {name!r}; available: "
+            f"{', '.join(available) or '(none: run from a source checkout)'}"
         )
     raise typer.Exit(subprocess.call([sys.executable, str(script), *(args or [])], cwd=root.parent))
 

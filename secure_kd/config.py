@@ -338,7 +338,8 @@ def check_against_vocab(job: DistillJob, vocab_size: int) -> None:
             [
                 (
                     "kd.top_k",
-                    f"top_k={job.kd.top_k} exceeds the vocabulary size {vocab_size}; use at most {vocab_size}",
+                    f"top_k={job.kd.top_k} exceeds the vocabulary size {vocab_size}; "
+                    f"use at most {vocab_size}",
                 )
             ]
         )

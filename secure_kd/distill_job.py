@@ -203,7 +203,8 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
 
     eval_batches = _eval_batches(heldout, pad_id, job.train.batch_size, job.train.eval_batches)
     log(
-        f"evaluating teacher and student on {sum(len(b['input_ids']) for b in eval_batches)} held-out records ..."
+        f"evaluating teacher and student on {sum(len(b['input_ids']) for b in eval_batches)} "
+        "held-out records ..."
     )
     teacher_eval = _evaluate(teacher, eval_batches, device)
     student_before = _evaluate(student, eval_batches, device)
@@ -258,7 +259,8 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
     else:
         distiller = Distiller(**trainer_args)
     log(
-        f"training {count_parameters(student, trainable_only=True):,} parameters for {distiller.total_steps} steps "
+        f"training {count_parameters(student, trainable_only=True):,} parameters "
+        f"for {distiller.total_steps} steps "
         f"on {len(train)} sequences ({job.kd.loss}, targets: {job.kd.teacher_targets}) ..."
     )
     started = time.perf_counter()

@@ -292,3 +292,43 @@ class Distiller:
             seconds=time.perf_counter() - t0,
             resumed_from=resumed_from,
         )
+
+
+def fit_in_scratch(
+    student: nn.Module,
+    examples: list[TokenizedExample],
+    kd: KDConfig,
+    train: TrainConfig,
+    *,
+    pad_id: int,
+    seed: int,
+    device: torch.device | str,
+    teacher: nn.Module | None = None,
+    targets: TeacherTargets | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Train `student` in place and keep nothing on disk: a temporary directory, no checkpoints.
+
+    Attacks, defenses and experiments train many throwaway models (shadows, baselines, clones);
+    they need the trainer's semantics, not its resumability."""
+    import tempfile
+
+    train = train.model_copy(update={"checkpoint_every": 1 << 30})
+    student.to(device)
+    with tempfile.TemporaryDirectory(prefix="secure-kd-scratch-") as workdir:
+        fit = Distiller(
+            student=student,
+            examples=list(examples),
+            kd=kd,
+            train=train,
+            out=Path(workdir),
+            pad_id=pad_id,
+            eos_id=None,
+            teacher=teacher,
+            targets=targets,
+            seed=seed,
+            device=device,
+            progress=progress,
+        ).fit()
+    student.eval()
+    return fit
