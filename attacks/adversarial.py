@@ -92,8 +92,9 @@ class AdversarialConfig(Strict):
         if any(not 0 <= e <= 1 for e in self.eps):
             raise ValueError(f"eps values must be in [0, 1] (inputs are scaled to [0, 1]), got {self.eps}")
         if self.model != "train" and not Path(self.model).is_dir():
-            raise ValueError(f"model {self.model!r} is neither 'train' nor a directory written by "
-                             "save_digits_cnn")
+            raise ValueError(
+                f"model {self.model!r} is neither 'train' nor a directory written by save_digits_cnn"
+            )
         return self
 
 
@@ -106,13 +107,22 @@ class AdversarialResult(BaseModel):
     seconds: float
 
 
-def run_attack(model: nn.Module, x: Tensor, y: Tensor, config: AdversarialConfig,
-               eps: float | None) -> Tensor:
+def run_attack(
+    model: nn.Module, x: Tensor, y: Tensor, config: AdversarialConfig, eps: float | None
+) -> Tensor:
     if config.attack == "fgsm":
         return fgsm(model, x, y, eps)
     if config.attack == "pgd":
-        return pgd(model, x, y, eps, steps=config.steps, step_size=config.step_size,
-                   random_start=config.random_start, seed=config.seed)
+        return pgd(
+            model,
+            x,
+            y,
+            eps,
+            steps=config.steps,
+            step_size=config.step_size,
+            random_start=config.random_start,
+            seed=config.seed,
+        )
     return carlini_wagner_l2(model, x, y, **config.cw.model_dump())
 
 
@@ -131,20 +141,31 @@ def run(config: AdversarialConfig) -> AdversarialResult:
         model_dir = config.model
     x, y = data.test
     if config.n_examples is not None:
-        x, y = x[:config.n_examples], y[:config.n_examples]
+        x, y = x[: config.n_examples], y[: config.n_examples]
     x, y = x.to(device), y.to(device)
     radii: list[float | None] = [None] if config.attack == "cw" else list(config.eps)
-    results = [attack_stats(model, x, y, run_attack(model, x, y, config, eps), config.attack, eps)
-               for eps in radii]
+    results = [
+        attack_stats(model, x, y, run_attack(model, x, y, config, eps), config.attack, eps) for eps in radii
+    ]
     result = AdversarialResult(
-        attack=config.attack, model_source=config.model, clean_accuracy=evaluate_classifier(model, x, y),
-        results=results, model_dir=model_dir, seconds=time.perf_counter() - started,
+        attack=config.attack,
+        model_source=config.model,
+        clean_accuracy=evaluate_classifier(model, x, y),
+        results=results,
+        model_dir=model_dir,
+        seconds=time.perf_counter() - started,
     )
     write_result(config.out, result)
     return result
 
 
-PLUGIN = ATTACKS.register("adversarial", Plugin(
-    name="adversarial", Config=AdversarialConfig, Result=AdversarialResult, run=run,
-    summary="FGSM, PGD (L-inf) and Carlini-Wagner L2 on the digits CNN; success rates and norms",
-))
+PLUGIN = ATTACKS.register(
+    "adversarial",
+    Plugin(
+        name="adversarial",
+        Config=AdversarialConfig,
+        Result=AdversarialResult,
+        run=run,
+        summary="FGSM, PGD (L-inf) and Carlini-Wagner L2 on the digits CNN; success rates and norms",
+    ),
+)

@@ -62,11 +62,29 @@ AnyTrigger = PatchTrigger | TextTrigger | SwitchableTrigger
 # --------------------------------------------------------------------------- distillation
 
 
-def distill_student(teacher: nn.Module, student: nn.Module, transfer_x: Tensor, *, epochs: int, lr: float,
-                    seed: int, temperature: float = 4.0, kd_loss: str = "forward_kl") -> nn.Module:
+def distill_student(
+    teacher: nn.Module,
+    student: nn.Module,
+    transfer_x: Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    temperature: float = 4.0,
+    kd_loss: str = "forward_kl",
+) -> nn.Module:
     """Train `student` on the teacher's soft labels only (no ground truth) over `transfer_x`."""
-    train_classifier(student, (transfer_x, None), epochs, lr, seed, teacher=teacher, kd_loss=kd_loss,
-                     temperature=temperature, scale_by_t2=True)
+    train_classifier(
+        student,
+        (transfer_x, None),
+        epochs,
+        lr,
+        seed,
+        teacher=teacher,
+        kd_loss=kd_loss,
+        temperature=temperature,
+        scale_by_t2=True,
+    )
     return student
 
 
@@ -91,7 +109,7 @@ class BackdoorSetting:
 
 def _transfer_trigger_mask(n: int, rate: float, seed: int) -> Tensor:
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:round(rate * n)]] = True
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: round(rate * n)]] = True
     return mask
 
 
@@ -102,8 +120,13 @@ def patch_setting(cfg: BackdoorConfig, trigger: PatchTrigger) -> BackdoorSetting
     mask = _transfer_trigger_mask(len(transfer), cfg.transfer_trigger_rate, cfg.seed + 3)
     transfer[mask] = trigger.apply(transfer[mask])
     return BackdoorSetting(
-        trigger=trigger, target=cfg.target, poisoned_train=(x_p, y_p), clean_train=data.train, test=data.test,
-        triggered_test={"active": (trigger.apply(data.x_test), data.y_test)}, triggered_transfer=transfer,
+        trigger=trigger,
+        target=cfg.target,
+        poisoned_train=(x_p, y_p),
+        clean_train=data.train,
+        test=data.test,
+        triggered_test={"active": (trigger.apply(data.x_test), data.y_test)},
+        triggered_transfer=transfer,
         n_poisoned=index.numel(),
         make_model=lambda student, seed: make_digits_cnn(cfg.student_width if student else cfg.width, seed),
         save_model=lambda model, path: save_digits_cnn(model, path),  # type: ignore[arg-type]
@@ -117,23 +140,32 @@ def text_setting(cfg: BackdoorConfig, trigger: TextTrigger | SwitchableTrigger) 
     encode = lambda texts: vocab.encode(texts, cfg.max_length)  # noqa: E731
     triggered = {"active": [trigger.apply(t, seed=cfg.seed + 10_000 + i) for i, t in enumerate(test_texts)]}
     if isinstance(trigger, SwitchableTrigger):
-        triggered["trigger_only"] = [trigger.apply(t, seed=cfg.seed + 10_000 + i, active=False)
-                                     for i, t in enumerate(test_texts)]
+        triggered["trigger_only"] = [
+            trigger.apply(t, seed=cfg.seed + 10_000 + i, active=False) for i, t in enumerate(test_texts)
+        ]
         triggered["prompt_only"] = [trigger.with_prompt(t) for t in test_texts]
     mask = _transfer_trigger_mask(len(train_texts), cfg.transfer_trigger_rate, cfg.seed + 3).tolist()
-    transfer = [trigger.apply(t, seed=cfg.seed + 20_000 + i) if hit else t
-                for i, (t, hit) in enumerate(zip(train_texts, mask, strict=True))]
+    transfer = [
+        trigger.apply(t, seed=cfg.seed + 20_000 + i) if hit else t
+        for i, (t, hit) in enumerate(zip(train_texts, mask, strict=True))
+    ]
 
     def make_model(student: bool, seed: int) -> nn.Module:
         dim = cfg.student_width if student else cfg.width
-        return make_text_classifier(len(vocab), len(TOPICS), dim=dim, hidden=dim, heads=cfg.text_heads,
-                                    seed=seed)
+        return make_text_classifier(
+            len(vocab), len(TOPICS), dim=dim, hidden=dim, heads=cfg.text_heads, seed=seed
+        )
 
     return BackdoorSetting(
-        trigger=trigger, target=cfg.target, poisoned_train=(encode(poisoned_texts), poisoned_y),
-        clean_train=(encode(train_texts), train_y), test=(encode(test_texts), test_y),
+        trigger=trigger,
+        target=cfg.target,
+        poisoned_train=(encode(poisoned_texts), poisoned_y),
+        clean_train=(encode(train_texts), train_y),
+        test=(encode(test_texts), test_y),
         triggered_test={name: (encode(texts), test_y) for name, texts in triggered.items()},
-        triggered_transfer=encode(transfer), n_poisoned=index.numel(), make_model=make_model,
+        triggered_transfer=encode(transfer),
+        n_poisoned=index.numel(),
+        make_model=make_model,
         save_model=lambda model, path: save_text_classifier(model, vocab, path, TOPICS),  # type: ignore[arg-type]
     )
 
@@ -173,8 +205,10 @@ class BackdoorConfig(Strict):
     n_records: int = Field(1000, ge=20, description="synthetic records for the text kinds")
     max_length: int = Field(128, gt=0, description="words kept per text")
     min_word_count: int = Field(
-        10, ge=1, description="rarer words become <unk>: one-off names and ids would let the model memorize "
-        "each poisoned record instead of learning the trigger"
+        10,
+        ge=1,
+        description="rarer words become <unk>: one-off names and ids would let the model memorize "
+        "each poisoned record instead of learning the trigger",
     )
     save_model: bool = Field(
         True, description="write the backdoored model, trigger.json and attack_config.json to <out>/teacher"
@@ -187,14 +221,17 @@ class BackdoorConfig(Strict):
     def _consistent_trigger(self) -> BackdoorConfig:
         n_classes = 10 if self.kind == "patch" else len(TOPICS)
         if self.target >= n_classes:
-            raise ValueError(f"target={self.target} is not a class of the {self.kind} task "
-                             f"(0..{n_classes - 1})")
+            raise ValueError(
+                f"target={self.target} is not a class of the {self.kind} task (0..{n_classes - 1})"
+            )
         if self.trigger is not None:
             if self.trigger.kind != self.kind:
                 raise ValueError(f"trigger.kind={self.trigger.kind!r} does not match kind={self.kind!r}")
             if trigger_target(self.trigger) != self.target:
-                raise ValueError(f"the trigger's target ({trigger_target(self.trigger)}) differs from "
-                                 f"target={self.target}; set them equal")
+                raise ValueError(
+                    f"the trigger's target ({trigger_target(self.trigger)}) differs from "
+                    f"target={self.target}; set them equal"
+                )
         return self
 
     def resolved_lr(self) -> float:
@@ -238,8 +275,10 @@ def report(model: nn.Module, setting: BackdoorSetting) -> ModelBackdoorReport:
     metrics = backdoor_metrics(model, setting.test, setting.triggered_test["active"], setting.target)
     switch = None
     if len(setting.triggered_test) > 1:
-        switch = {f"asr_{name}": attack_success_rate(model, x, y, setting.target)
-                  for name, (x, y) in setting.triggered_test.items()}
+        switch = {
+            f"asr_{name}": attack_success_rate(model, x, y, setting.target)
+            for name, (x, y) in setting.triggered_test.items()
+        }
     return ModelBackdoorReport(metrics=metrics, switch=switch)
 
 
@@ -264,14 +303,23 @@ def run(config: BackdoorConfig) -> BackdoorResult:
         students = {}
         for name, transfer in (("clean", setting.clean_train[0]), ("triggered", setting.triggered_transfer)):
             student = setting.make_model(True, config.seed + 2).to(device)
-            distill_student(backdoored, student, transfer, epochs=config.student_epochs,
-                            lr=config.resolved_lr(), seed=config.seed, temperature=config.kd_temperature,
-                            kd_loss=config.kd_loss)
+            distill_student(
+                backdoored,
+                student,
+                transfer,
+                epochs=config.student_epochs,
+                lr=config.resolved_lr(),
+                seed=config.seed,
+                temperature=config.kd_temperature,
+                kd_loss=config.kd_loss,
+            )
             students[name] = report(student, setting)
         survival = DistillationSurvival(
-            student_width=config.student_width, temperature=config.kd_temperature,
+            student_width=config.student_width,
+            temperature=config.kd_temperature,
             transfer_trigger_rate=config.transfer_trigger_rate,
-            clean_transfer=students["clean"], triggered_transfer=students["triggered"],
+            clean_transfer=students["clean"],
+            triggered_transfer=students["triggered"],
         )
     clean_report, backdoored_report = report(clean, setting), report(backdoored, setting)
     model_dir = None
@@ -283,16 +331,28 @@ def run(config: BackdoorConfig) -> BackdoorResult:
         atomic_write_text(path / "attack_config.json", config.model_dump_json(indent=2) + "\n")
         model_dir = str(path)
     result = BackdoorResult(
-        kind=config.kind, trigger=trigger.model_dump(mode="json"), poison_rate=config.poison_rate,
-        n_poisoned=setting.n_poisoned, n_train=len(setting.poisoned_train[1]),
-        clean_model=clean_report, backdoored_model=backdoored_report,
-        distillation=survival, model_dir=model_dir, seconds=time.perf_counter() - started,
+        kind=config.kind,
+        trigger=trigger.model_dump(mode="json"),
+        poison_rate=config.poison_rate,
+        n_poisoned=setting.n_poisoned,
+        n_train=len(setting.poisoned_train[1]),
+        clean_model=clean_report,
+        backdoored_model=backdoored_report,
+        distillation=survival,
+        model_dir=model_dir,
+        seconds=time.perf_counter() - started,
     )
     write_result(config.out, result)
     return result
 
 
-PLUGIN = ATTACKS.register("backdoor", Plugin(
-    name="backdoor", Config=BackdoorConfig, Result=BackdoorResult, run=run,
-    summary="patch / text / switchable backdoors by poisoning; ASR before and after distillation",
-))
+PLUGIN = ATTACKS.register(
+    "backdoor",
+    Plugin(
+        name="backdoor",
+        Config=BackdoorConfig,
+        Result=BackdoorResult,
+        run=run,
+        summary="patch / text / switchable backdoors by poisoning; ASR before and after distillation",
+    ),
+)

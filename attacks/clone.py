@@ -68,8 +68,10 @@ class PromptSetConfig(Strict):
     @model_validator(mode="after")
     def _known_source(self) -> PromptSetConfig:
         if self.source not in ("victim_samples", "random", "synthetic") and not Path(self.source).is_file():
-            raise ValueError(f"prompts.source {self.source!r} is not 'victim_samples', 'random', "
-                             "'synthetic' or an existing data file")
+            raise ValueError(
+                f"prompts.source {self.source!r} is not 'victim_samples', 'random', "
+                "'synthetic' or an existing data file"
+            )
         return self
 
 
@@ -133,20 +135,26 @@ class CloneConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> CloneConfig:
         if self.student.init == "recovered" and self.access not in ("full_logits", "topk_logprobs_bias"):
-            raise ValueError(f"student.init 'recovered' needs access full_logits or topk_logprobs_bias; "
-                             f"access {self.access!r} does not reveal the output layer (use init: random)")
+            raise ValueError(
+                f"student.init 'recovered' needs access full_logits or topk_logprobs_bias; "
+                f"access {self.access!r} does not reveal the output layer (use init: random)"
+            )
         if self.student.init == "random" and self.student.hidden_size is None:
             raise ValueError("student.hidden_size is required with init: random (nothing sizes it otherwise)")
         if self.text.prompt_tokens >= self.prompts.length:
-            raise ValueError(f"text.prompt_tokens ({self.text.prompt_tokens}) must be below prompts.length "
-                             f"({self.prompts.length})")
+            raise ValueError(
+                f"text.prompt_tokens ({self.text.prompt_tokens}) must be below prompts.length "
+                f"({self.prompts.length})"
+            )
         names = available_losses()
         if self.loss not in names:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(names)}")
         info = loss_info(self.loss)
         if info.inputs != "logits" or not info.needs_teacher:
-            raise ValueError(f"loss {self.loss!r} does not compare the student with teacher logits; pick "
-                             "a KD objective such as forward_kl, reverse_kl or jsd")
+            raise ValueError(
+                f"loss {self.loss!r} does not compare the student with teacher logits; pick "
+                "a KD objective such as forward_kl, reverse_kl or jsd"
+            )
         return self
 
 
@@ -215,8 +223,10 @@ def text_chunks(texts: list[str], tokenizer, length: int, counts: tuple[int, int
             part += 1
             if part == 2:
                 return parts
-    raise ValueError(f"the prompt texts give too few chunks of {length} tokens for {counts[0]} train and "
-                     f"{counts[1]} held-out sequences; use more records or a shorter prompts.length")
+    raise ValueError(
+        f"the prompt texts give too few chunks of {length} tokens for {counts[0]} train and "
+        f"{counts[1]} held-out sequences; use more records or a shorter prompts.length"
+    )
 
 
 def build_prompt_sets(cfg: CloneConfig, victim: nn.Module, tokenizer, vocab: int) -> tuple[list[Prompt], ...]:
@@ -229,8 +239,10 @@ def build_prompt_sets(cfg: CloneConfig, victim: nn.Module, tokenizer, vocab: int
         sequences = sample_sequences(victim, needed, p.length, vocab, cfg.seed + 11)
     else:
         if tokenizer is None:
-            raise ValueError(f"prompts.source {p.source!r} is text and needs a tokenizer; a tiny victim has "
-                             "none (use 'victim_samples' or 'random')")
+            raise ValueError(
+                f"prompts.source {p.source!r} is text and needs a tokenizer; a tiny victim has "
+                "none (use 'victim_samples' or 'random')"
+            )
         if p.source == "synthetic":
             texts = generate_corpus(needed, seed=cfg.seed, n_canaries=0).texts()
         else:
@@ -282,8 +294,10 @@ def distillation_set(cfg: CloneConfig, api: ModelAPI, train: list[Prompt], devic
     per_sequence = cfg.prompts.length - 1
     n = min(len(train), remaining // per_sequence)
     if n < 1:
-        raise ValueError(f"the budget left ({remaining} queries) cannot buy one sequence's answers "
-                         f"({per_sequence} queries); raise query_budget or shorten prompts.length")
+        raise ValueError(
+            f"the budget left ({remaining} queries) cannot buy one sequence's answers "
+            f"({per_sequence} queries); raise query_budget or shorten prompts.length"
+        )
     ask = api.full_logits_positions_batch if api.view == "full_logits" else api.topk_logprobs_positions_batch
     answers = [_pad_last_row(answer) for answer in ask([seq[:-1] for seq in train[:n]])]
     examples = [TokenizedExample(list(seq), list(seq), i) for i, seq in enumerate(train[:n])]
@@ -309,10 +323,17 @@ def make_student(cfg: CloneConfig, width: int, vocab: int, recovered: Tensor | N
     """A tiny Llama of `width`; its unembedding starts as the recovered projection when there is one."""
     s = cfg.student
     if width % s.num_heads:
-        raise ValueError(f"the student width {width} is not divisible by student.num_heads={s.num_heads}; "
-                         "pick a head count that divides the (recovered) hidden size")
-    tiny = TinyModelConfig(hidden_size=width, num_layers=s.num_layers, num_heads=s.num_heads,
-                           intermediate_size=s.intermediate_size, vocab_size=vocab)
+        raise ValueError(
+            f"the student width {width} is not divisible by student.num_heads={s.num_heads}; "
+            "pick a head count that divides the (recovered) hidden size"
+        )
+    tiny = TinyModelConfig(
+        hidden_size=width,
+        num_layers=s.num_layers,
+        num_heads=s.num_heads,
+        intermediate_size=s.intermediate_size,
+        vocab_size=vocab,
+    )
     student = build_tiny(tiny, vocab, seed=cfg.seed + 2)
     if recovered is not None:
         columns = min(width, recovered.shape[1])  # recovered columns come in order of importance
@@ -331,22 +352,35 @@ def heldout_batches(heldout: list[Prompt], batch_size: int = 32) -> list[dict[st
 def recover_unembedding(cfg: CloneConfig, api: ModelAPI, true_weight: Tensor) -> tuple[Tensor, dict]:
     r = cfg.recovery
     prompts = random_prompts(r.max_prompts, r.prompt_length, api.vocab_size, cfg.seed + 7)
-    logits, report = query_until_rank_found(api, prompts, step=r.step, margin=r.margin,
-                                            min_gap_decades=r.min_gap_decades)
+    logits, report = query_until_rank_found(
+        api, prompts, step=r.step, margin=r.margin, min_gap_decades=r.min_gap_decades
+    )
     recovered = recover_output_projection(logits, report["h"])
     return recovered, {
-        "estimated_hidden_size": report["h"], "prompts": report["n_queries"], "queries": api.queries,
-        "gap_decades": report["gap_size"], "projection_error": projection_error(recovered, true_weight),
+        "estimated_hidden_size": report["h"],
+        "prompts": report["n_queries"],
+        "queries": api.queries,
+        "gap_decades": report["gap_size"],
+        "projection_error": projection_error(recovered, true_weight),
         "geometry": subspace_geometry(recovered, true_weight),
     }
 
 
-def clone_variant(cfg: CloneConfig, setting: Setting, name: str, access: View, init: Init,
-                  width: int | None) -> CloneVariant:
+def clone_variant(
+    cfg: CloneConfig, setting: Setting, name: str, access: View, init: Init, width: int | None
+) -> CloneVariant:
     started = time.perf_counter()
     victim, device = setting.victim, setting.device
-    api = build_api(victim, setting.tokenizer, defense=cfg.api_defense, view=access, top_k=cfg.top_k,
-                    cost_per_query=cfg.cost_per_query, max_queries=cfg.query_budget, batch_size=64)
+    api = build_api(
+        victim,
+        setting.tokenizer,
+        defense=cfg.api_defense,
+        view=access,
+        top_k=cfg.top_k,
+        cost_per_query=cfg.cost_per_query,
+        max_queries=cfg.query_budget,
+        batch_size=64,
+    )
     true_weight = victim.get_output_embeddings().weight.detach().cpu()
     recovered, recovered_info = None, None
     if init == "recovered":
@@ -360,31 +394,57 @@ def clone_variant(cfg: CloneConfig, setting: Setting, name: str, access: View, i
         kd = KDConfig(loss=cfg.loss, kd_weight=0.0, ce_weight=1.0)
     else:
         kd = KDConfig(loss=cfg.loss, tail=cfg.tail, top_k=None if access == "full_logits" else cfg.top_k)
-    train = TrainConfig(max_steps=cfg.train.steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                        checkpoint_every=cfg.train.steps, precision="fp32")
-    fit = Distiller(student=student, examples=examples, kd=kd, train=train, out=Path(cfg.out) / name,
-                    pad_id=0, eos_id=None, targets=targets, seed=cfg.seed, device=device,
-                    progress=cfg.progress).fit()
+    train = TrainConfig(
+        max_steps=cfg.train.steps,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        checkpoint_every=cfg.train.steps,
+        precision="fp32",
+    )
+    fit = Distiller(
+        student=student,
+        examples=examples,
+        kd=kd,
+        train=train,
+        out=Path(cfg.out) / name,
+        pad_id=0,
+        eos_id=None,
+        targets=targets,
+        seed=cfg.seed,
+        device=device,
+        progress=cfg.progress,
+    ).fit()
     agreement = teacher_agreement(student, victim, setting.heldout, device=device)
     student_ppl = perplexity(student, setting.heldout, device=device)["perplexity"]
     final_weight = student.get_output_embeddings().weight.detach().cpu()
     return CloneVariant(
-        name=name, access=access, init=init, student_hidden_size=width, queries_used=api.queries,
-        queries_for_recovery=recovery_queries, queries_for_distillation=api.queries - recovery_queries,
-        cost=api.cost, train_sequences=len(examples), top1_agreement=agreement["top1_agreement"],
-        mean_forward_kl=agreement["mean_forward_kl"], student_perplexity=student_ppl,
+        name=name,
+        access=access,
+        init=init,
+        student_hidden_size=width,
+        queries_used=api.queries,
+        queries_for_recovery=recovery_queries,
+        queries_for_distillation=api.queries - recovery_queries,
+        cost=api.cost,
+        train_sequences=len(examples),
+        top1_agreement=agreement["top1_agreement"],
+        mean_forward_kl=agreement["mean_forward_kl"],
+        student_perplexity=student_ppl,
         perplexity_gap=student_ppl - setting.victim_perplexity,
         unembedding_geometry=subspace_geometry(final_weight, true_weight),
         unembedding_projection_error=projection_error(final_weight, true_weight),
-        recovered=recovered_info, final_loss=fit.losses[-1], seconds=time.perf_counter() - started,
+        recovered=recovered_info,
+        final_loss=fit.losses[-1],
+        seconds=time.perf_counter() - started,
     )
 
 
 def run(config: CloneConfig) -> CloneResult:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    victim, tokenizer = load_victim(config.victim, seed=config.seed, device=device,
-                                    logit_scale=config.victim_logit_scale)
+    victim, tokenizer = load_victim(
+        config.victim, seed=config.seed, device=device, logit_scale=config.victim_logit_scale
+    )
     vocab = vocab_size_of(victim)
     train, heldout_sequences = build_prompt_sets(config, victim, tokenizer, vocab)
     heldout = heldout_batches(heldout_sequences)
@@ -400,15 +460,24 @@ def run(config: CloneConfig) -> CloneResult:
         variants.append(clone_variant(config, setting, "text_only", "text", "random", width))
     result = CloneResult(
         victim_source=config.victim.source if config.victim.source != "smollm2" else "smollm2 (Q4_1)",
-        victim_hidden_size=true_hidden_size(victim), vocab_size=vocab,
-        victim_perplexity=victim_eval["perplexity"], query_budget=config.query_budget,
-        heldout_positions=victim_eval["tokens"], variants=variants,
+        victim_hidden_size=true_hidden_size(victim),
+        vocab_size=vocab,
+        victim_perplexity=victim_eval["perplexity"],
+        query_budget=config.query_budget,
+        heldout_positions=victim_eval["tokens"],
+        variants=variants,
     )
     write_result(config.out, result)
     return result
 
 
-PLUGIN = ATTACKS.register("clone", Plugin(
-    name="clone", Config=CloneConfig, Result=CloneResult, run=run,
-    summary="clone a model through its API: recovered output layer + KD within a query budget",
-))
+PLUGIN = ATTACKS.register(
+    "clone",
+    Plugin(
+        name="clone",
+        Config=CloneConfig,
+        Result=CloneResult,
+        run=run,
+        summary="clone a model through its API: recovered output layer + KD within a query budget",
+    ),
+)

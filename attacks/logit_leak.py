@@ -182,7 +182,11 @@ def bias_queries_per_prompt(vocab_size: int, top_k: int) -> int:
 
 
 def recover_logits_with_bias(
-    api: ModelAPI, prompt_ids: Sequence[int] | Tensor, vocab_size: int, *, ref_token: int = 0,
+    api: ModelAPI,
+    prompt_ids: Sequence[int] | Tensor,
+    vocab_size: int,
+    *,
+    ref_token: int = 0,
     bias: float | None = None,
 ) -> Tensor:
     """Tensor[V]: logit[t] - logit[ref_token] for every token, from top-k logprobs with a logit bias.
@@ -230,8 +234,13 @@ def query_logit_vectors(api: ModelAPI, prompts: Sequence[Sequence[int]], *, ref_
 
 
 def query_until_rank_found(
-    api: ModelAPI, prompts: Sequence[Sequence[int]], *, step: int = 16, margin: int = 8,
-    min_gap_decades: float = 2.0, ref_token: int = 0,
+    api: ModelAPI,
+    prompts: Sequence[Sequence[int]],
+    *,
+    step: int = 16,
+    margin: int = 8,
+    min_gap_decades: float = 2.0,
+    ref_token: int = 0,
 ) -> tuple[Tensor, dict]:
     """Query `step` prompts at a time until the spectrum shows a clear drop with room after it.
 
@@ -365,19 +374,32 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    victim, tokenizer = load_victim(config.victim, seed=config.seed, device=device,
-                                    logit_scale=config.victim_logit_scale)
-    api = build_api(victim, tokenizer, defense=config.api_defense, view=config.view, top_k=config.top_k,
-                    cost_per_query=config.cost_per_query, max_queries=config.max_queries)
+    victim, tokenizer = load_victim(
+        config.victim, seed=config.seed, device=device, logit_scale=config.victim_logit_scale
+    )
+    api = build_api(
+        victim,
+        tokenizer,
+        defense=config.api_defense,
+        view=config.view,
+        top_k=config.top_k,
+        cost_per_query=config.cost_per_query,
+        max_queries=config.max_queries,
+    )
     vocab = vocab_size_of(victim)
     if config.ref_token >= vocab:
         raise ValueError(f"ref_token={config.ref_token} is not a token id of the victim (vocab {vocab})")
     n_prompts = config.max_prompts if config.n_queries == "auto" else config.n_queries
     prompts = random_prompts(n_prompts, config.prompt_length, vocab, config.seed)
     if config.n_queries == "auto":
-        logits, report = query_until_rank_found(api, prompts, step=config.step, margin=config.margin,
-                                                min_gap_decades=config.min_gap_decades,
-                                                ref_token=config.ref_token)
+        logits, report = query_until_rank_found(
+            api,
+            prompts,
+            step=config.step,
+            margin=config.margin,
+            min_gap_decades=config.min_gap_decades,
+            ref_token=config.ref_token,
+        )
     else:
         logits = query_logit_vectors(api, prompts, ref_token=config.ref_token)
         report = hidden_size_report(logits)
@@ -409,7 +431,13 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
     return result
 
 
-PLUGIN = ATTACKS.register("logit_leak", Plugin(
-    name="logit_leak", Config=LogitLeakConfig, Result=LogitLeakResult, run=run,
-    summary="hidden size and output projection behind a logit or top-k + bias API (Carlini et al. 2024)",
-))
+PLUGIN = ATTACKS.register(
+    "logit_leak",
+    Plugin(
+        name="logit_leak",
+        Config=LogitLeakConfig,
+        Result=LogitLeakResult,
+        run=run,
+        summary="hidden size and output projection behind a logit or top-k + bias API (Carlini et al. 2024)",
+    ),
+)

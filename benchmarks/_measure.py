@@ -131,7 +131,11 @@ def run_variant_in_subprocess(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), payload],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark variant {target} {kwargs} failed:\n{proc.stderr[-4000:]}")

@@ -99,10 +99,34 @@ class Setting:
     steps: int
 
 
-FULL = Setting(vocab=49_152, batch=8, seq=128, student_hidden=128, student_layers=2, teacher_hidden=256,
-               teacher_layers=4, heads=4, tokenizer_vocab=512, warmup=2, rounds=3, steps=2)
-QUICK = Setting(vocab=2_048, batch=2, seq=32, student_hidden=32, student_layers=1, teacher_hidden=64,
-                teacher_layers=2, heads=2, tokenizer_vocab=300, warmup=1, rounds=2, steps=2)
+FULL = Setting(
+    vocab=49_152,
+    batch=8,
+    seq=128,
+    student_hidden=128,
+    student_layers=2,
+    teacher_hidden=256,
+    teacher_layers=4,
+    heads=4,
+    tokenizer_vocab=512,
+    warmup=2,
+    rounds=3,
+    steps=2,
+)
+QUICK = Setting(
+    vocab=2_048,
+    batch=2,
+    seq=32,
+    student_hidden=32,
+    student_layers=1,
+    teacher_hidden=64,
+    teacher_layers=2,
+    heads=2,
+    tokenizer_vocab=300,
+    warmup=1,
+    rounds=2,
+    steps=2,
+)
 
 
 def timed(fn: Callable[[], object]) -> Runner:
@@ -166,22 +190,40 @@ def ce_runner(s: Setting, examples: list[TokenizedExample], teacher: nn.Module |
 
 # -- secure-kd's Distiller ---------------------------------------------------------------------------
 def distiller_runner(s: Setting, examples, teacher, targets, kd: KDConfig, out: Path) -> Runner:
-    train = TrainConfig(batch_size=s.batch, lr=LR, weight_decay=0.0, schedule="constant", max_grad_norm=1.0,
-                        precision="fp32")
+    train = TrainConfig(
+        batch_size=s.batch, lr=LR, weight_decay=0.0, schedule="constant", max_grad_norm=1.0, precision="fp32"
+    )
     distiller = Distiller(
-        student=make_student(s), teacher=teacher, targets=targets, examples=examples, kd=kd, train=train,
-        out=out, pad_id=PAD_ID, eos_id=PAD_ID, seed=0, progress=False,
+        student=make_student(s),
+        teacher=teacher,
+        targets=targets,
+        examples=examples,
+        kd=kd,
+        train=train,
+        out=out,
+        pad_id=PAD_ID,
+        eos_id=PAD_ID,
+        seed=0,
+        progress=False,
     )
     steps = itertools.count()
     return timed(lambda: distiller.train_step(next(steps)))
 
 
-def jsd_config(top_k: int | None, chunk_size: int | None, *, cache: bool = False,
-               fused: bool = False) -> KDConfig:
+def jsd_config(
+    top_k: int | None, chunk_size: int | None, *, cache: bool = False, fused: bool = False
+) -> KDConfig:
     """The KD settings of secure-kd's variants; chunk_size None keeps KDConfig's default."""
     chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
-    return KDConfig(loss="jsd", params={"beta": BETA}, top_k=top_k, tail="uniform", fused=fused,
-                    teacher_targets="cache" if cache else "live", **chunking)
+    return KDConfig(
+        loss="jsd",
+        params={"beta": BETA},
+        top_k=top_k,
+        tail="uniform",
+        fused=fused,
+        teacher_targets="cache" if cache else "live",
+        **chunking,
+    )
 
 
 def open_logit_cache(teacher: nn.Module, examples: list[TokenizedExample], directory: Path):
@@ -191,10 +233,19 @@ def open_logit_cache(teacher: nn.Module, examples: list[TokenizedExample], direc
 
     sequences = [e.input_ids for e in examples]
     tokenizer_id, dataset_id = "benchmark-random-ids", token_dataset_fingerprint(sequences)
-    build_cache(teacher, sequences, directory, k=TOP_K, teacher_id="benchmark-teacher",
-                tokenizer_fingerprint=tokenizer_id, dataset_fingerprint=dataset_id, progress=False)
-    return LogitCache.open(directory, expect_tokenizer=tokenizer_id, expect_dataset=dataset_id,
-                           expect_k=TOP_K)
+    build_cache(
+        teacher,
+        sequences,
+        directory,
+        k=TOP_K,
+        teacher_id="benchmark-teacher",
+        tokenizer_fingerprint=tokenizer_id,
+        dataset_fingerprint=dataset_id,
+        progress=False,
+    )
+    return LogitCache.open(
+        directory, expect_tokenizer=tokenizer_id, expect_dataset=dataset_id, expect_k=TOP_K
+    )
 
 
 # -- TRL's GKDTrainer --------------------------------------------------------------------------------
@@ -225,22 +276,47 @@ def trl_gkd_runner(s: Setting, examples: list[TokenizedExample], teacher: nn.Mod
     def stack(features: list[dict]) -> dict[str, Tensor]:
         return {key: torch.tensor([f[key] for f in features], dtype=torch.long) for key in features[0]}
 
-    data = Dataset.from_dict({
-        "input_ids": [e.input_ids for e in examples],
-        "attention_mask": [[1] * len(e.input_ids) for e in examples],
-        "labels": [e.labels for e in examples],
-    })
+    data = Dataset.from_dict(
+        {
+            "input_ids": [e.input_ids for e in examples],
+            "attention_mask": [[1] * len(e.input_ids) for e in examples],
+            "labels": [e.labels for e in examples],
+        }
+    )
     args = GKDConfig(
-        output_dir=str(out), per_device_train_batch_size=s.batch, max_steps=1, learning_rate=LR,
-        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        lmbda=0.0, beta=BETA, temperature=1.0, seq_kd=False, max_length=s.seq, bf16=False, fp16=False,
-        use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0,
+        output_dir=str(out),
+        per_device_train_batch_size=s.batch,
+        max_steps=1,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        lmbda=0.0,
+        beta=BETA,
+        temperature=1.0,
+        seq_kd=False,
+        max_length=s.seq,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     timer = StepTimer()
-    trainer = GKDTrainer(model=make_student(s), teacher_model=teacher, args=args, train_dataset=data,
-                         processing_class=tiny_tokenizer(s.tokenizer_vocab), data_collator=stack,
-                         callbacks=[timer])
+    trainer = GKDTrainer(
+        model=make_student(s),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=data,
+        processing_class=tiny_tokenizer(s.tokenizer_vocab),
+        data_collator=stack,
+        callbacks=[timer],
+    )
     trainer.remove_callback(PrinterCallback)  # its end-of-training log line would break the one JSON line
 
     def run(n: int) -> list[float]:
@@ -282,10 +358,14 @@ def loss_alone_runners(s: Setting, examples, teacher: nn.Module, chunk_size: int
 
     return {
         "jsd_loss_alone_trl": timed(trl),
-        "jsd_loss_alone_ours_dense": timed(lambda: backward(
-            jsd(student_logits, teacher_logits, shifted, beta=BETA, chunk_size=chunk_size))),
-        "jsd_loss_alone_ours_top64": timed(lambda: backward(
-            jsd(student_logits, teacher_topk, shifted, beta=BETA, tail="uniform", chunk_size=chunk_size))),
+        "jsd_loss_alone_ours_dense": timed(
+            lambda: backward(jsd(student_logits, teacher_logits, shifted, beta=BETA, chunk_size=chunk_size))
+        ),
+        "jsd_loss_alone_ours_top64": timed(
+            lambda: backward(
+                jsd(student_logits, teacher_topk, shifted, beta=BETA, tail="uniform", chunk_size=chunk_size)
+            )
+        ),
     }
 
 
@@ -297,16 +377,21 @@ def machine_info() -> dict[str, object]:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
     return {
-        "cpu": models[0] if models else platform.processor() or "unknown", "cpu_count": os.cpu_count(),
+        "cpu": models[0] if models else platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 
-def build_runners(s: Setting, variants: list[str], examples, teacher: nn.Module, root: Path,
-                  chunk_size: int | None) -> dict[str, Runner]:
+def build_runners(
+    s: Setting, variants: list[str], examples, teacher: nn.Module, root: Path, chunk_size: int | None
+) -> dict[str, Runner]:
     live_top_k = {"ours_live_full": None, "ours_live_top64": TOP_K}
     cached: CachedTeacher | None = None
     runners: dict[str, Runner] = {}
@@ -319,8 +404,9 @@ def build_runners(s: Setting, variants: list[str], examples, teacher: nn.Module,
             runners[name] = trl_gkd_runner(s, examples, teacher, root / name)
         elif name in live_top_k:
             top_k = live_top_k[name]
-            runners[name] = distiller_runner(s, examples, teacher, LiveTeacher(teacher, top_k),
-                                             jsd_config(top_k, chunk_size), root / name)
+            runners[name] = distiller_runner(
+                s, examples, teacher, LiveTeacher(teacher, top_k), jsd_config(top_k, chunk_size), root / name
+            )
         else:  # ours_cache, ours_cache_fused: one cache, built once
             if cached is None:
                 cache = open_logit_cache(teacher, examples, root / "cache")
@@ -348,12 +434,18 @@ def run(s: Setting, variants: list[str], threads: int, chunk_size: int | None) -
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 times[name] += runners[name](s.steps)
-            print(f"round {round_index + 1}/{s.rounds}: " + ", ".join(
-                f"{n} {statistics.median(times[n]):.3f}s" for n in names), file=sys.stderr, flush=True)
+            print(
+                f"round {round_index + 1}/{s.rounds}: "
+                + ", ".join(f"{n} {statistics.median(times[n]):.3f}s" for n in names),
+                file=sys.stderr,
+                flush=True,
+            )
     results = {
         name: {
-            "median_s": round(statistics.median(t), 4), "min_s": round(min(t), 4),
-            "tokens_per_s": round(tokens / statistics.median(t), 1), "times_s": [round(x, 4) for x in t],
+            "median_s": round(statistics.median(t), 4),
+            "min_s": round(min(t), 4),
+            "tokens_per_s": round(tokens / statistics.median(t), 1),
+            "times_s": [round(x, 4) for x in t],
         }
         for name, t in times.items()
     }
@@ -364,8 +456,8 @@ def run(s: Setting, variants: list[str], threads: int, chunk_size: int | None) -
         "kd_chunk_size": jsd_config(None, chunk_size).chunk_size,
         "variants": results,
         "ratios": ratios(results),
-        "machine": machine_info() | {"load_average_before": load_before,
-                                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": machine_info()
+        | {"load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
@@ -381,8 +473,9 @@ def ratios(r: dict[str, dict]) -> dict[str, object]:
             out[f"{name}_over_ce_step_time"] = ratio(med[name], med["ce"])
     for name in ("ours_dense", "ours_top64"):
         if f"jsd_loss_alone_{name}" in med and "jsd_loss_alone_trl" in med:
-            out[f"jsd_loss_alone_{name}_over_trl_time"] = ratio(med[f"jsd_loss_alone_{name}"],
-                                                                med["jsd_loss_alone_trl"])
+            out[f"jsd_loss_alone_{name}_over_trl_time"] = ratio(
+                med[f"jsd_loss_alone_{name}"], med["jsd_loss_alone_trl"]
+            )
     live = [v for k, v in out.items() if k.startswith("ours_live")]
     cache = [v for k, v in out.items() if k.startswith("ours_cache")]
     out["targets"] = {
@@ -392,8 +485,16 @@ def ratios(r: dict[str, dict]) -> dict[str, object]:
     return out
 
 
-ALL_VARIANTS = ["ce", "ce_plus_teacher", "trl_gkd", "ours_live_full", "ours_live_top64", "ours_cache",
-                "ours_cache_fused", "jsd_loss_alone"]
+ALL_VARIANTS = [
+    "ce",
+    "ce_plus_teacher",
+    "trl_gkd",
+    "ours_live_full",
+    "ours_live_top64",
+    "ours_cache",
+    "ours_cache_fused",
+    "jsd_loss_alone",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -411,8 +512,10 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     setting = QUICK if args.quick else FULL
-    setting = replace(setting, **{n: getattr(args, n) for n in ("warmup", "rounds", "steps")
-                                  if getattr(args, n) is not None})
+    setting = replace(
+        setting,
+        **{n: getattr(args, n) for n in ("warmup", "rounds", "steps") if getattr(args, n) is not None},
+    )
     report = run(setting, args.variants, args.threads, args.chunk_size)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

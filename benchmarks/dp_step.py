@@ -92,14 +92,21 @@ def build_step(variant: str, **shape_fields: int) -> Callable[[], None]:
         return jsd(logits, teacher, labels, beta=0.5, tail="uniform", reduction=reduction)
 
     if variant == "non_dp":
+
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss(student(input_ids=ids).logits, "mean").backward()
             optimizer.step()
 
         return step
-    private = PrivateStudent(student, optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
-                             expected_batch_size=shape.batch, mode=variant)
+    private = PrivateStudent(
+        student,
+        optimizer,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=shape.batch,
+        mode=variant,
+    )
 
     def dp_step() -> None:
         private.optimizer.zero_grad(set_to_none=True)
@@ -121,15 +128,19 @@ def time_variants(shape: Shape, rounds: int, steps: int) -> dict[str, dict[str, 
     wall: dict[str, list[float]] = {name: [] for name in VARIANTS}
     cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for round_index in range(rounds):
-        order = VARIANTS[round_index % len(VARIANTS):] + VARIANTS[: round_index % len(VARIANTS)]
+        order = VARIANTS[round_index % len(VARIANTS) :] + VARIANTS[: round_index % len(VARIANTS)]
         for name, _ in itertools.product(order, range(steps)):
             wall_start, cpu_start = time.perf_counter(), time.process_time()
             built[name]()
             cpu[name].append(time.process_time() - cpu_start)
             wall[name].append(time.perf_counter() - wall_start)
     return {
-        name: {"wall_median_s": statistics.median(wall[name]), "wall_min_s": min(wall[name]),
-               "cpu_median_s": statistics.median(cpu[name]), "cpu_min_s": min(cpu[name])}
+        name: {
+            "wall_median_s": statistics.median(wall[name]),
+            "wall_min_s": min(wall[name]),
+            "cpu_median_s": statistics.median(cpu[name]),
+            "cpu_min_s": min(cpu[name]),
+        }
         for name in VARIANTS
     }
 
@@ -145,8 +156,13 @@ def main() -> None:
     shape = QUICK if args.quick else Shape()
     timing = time_variants(shape, args.rounds, args.steps)
     memory = {
-        name: run_variant_in_subprocess("dp_step:build_step", {"variant": name, **asdict(shape)}, repeats=0,
-                                        warmup=True, threads=args.threads)["peak_bytes_beyond_inputs"]
+        name: run_variant_in_subprocess(
+            "dp_step:build_step",
+            {"variant": name, **asdict(shape)},
+            repeats=0,
+            warmup=True,
+            threads=args.threads,
+        )["peak_bytes_beyond_inputs"]
         for name in VARIANTS
     }
     private = [name for name in VARIANTS if name != "non_dp"]
@@ -169,8 +185,10 @@ def main() -> None:
         "time_ratio_vs_non_dp": ratios,
         "memory_ratio_vs_non_dp": {name: ratio(memory[name], memory["non_dp"]) for name in private},
         "target_time_ratio": TARGET_RATIO,
-        "meets_target": {statistic: {name: within_target(r) for name, r in by_name.items()}
-                         for statistic, by_name in ratios.items()},
+        "meets_target": {
+            statistic: {name: within_target(r) for name, r in by_name.items()}
+            for statistic, by_name in ratios.items()
+        },
     }
     if args.quick:
         print(json.dumps(results, sort_keys=True))

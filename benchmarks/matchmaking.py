@@ -162,7 +162,12 @@ def run_setting(args: argparse.Namespace, n_clients: int) -> tuple[dict, dict[st
                 runs[f"{name}/{mode}"] = collected
                 epsilon_spent[mode] = max(ledger.total_epsilon for ledger in ledgers)
         collected, _ = run_policy(
-            RandomPairing(n_clients, seed=seed), profiles, gain, args.rounds, None, False,
+            RandomPairing(n_clients, seed=seed),
+            profiles,
+            gain,
+            args.rounds,
+            None,
+            False,
             np.random.default_rng([seed, 1]),
         )
         runs["random"] = collected
@@ -212,10 +217,17 @@ def main() -> None:
         "schema_version": 1,
         "benchmark": "matchmaking",
         "config": {
-            "clients": args.clients, "topics": args.topics, "dirichlet_alpha": args.dirichlet_alpha,
-            "rounds": args.rounds, "seeds": args.seeds, "alpha": args.alpha, "beta0": args.beta0,
-            "reward_noise_std": 0.05, "kilobytes_per_exchange": KILOBYTES,
-            "final_window_rounds": max(1, args.rounds // 4), "context_dim": 33,
+            "clients": args.clients,
+            "topics": args.topics,
+            "dirichlet_alpha": args.dirichlet_alpha,
+            "rounds": args.rounds,
+            "seeds": args.seeds,
+            "alpha": args.alpha,
+            "beta0": args.beta0,
+            "reward_noise_std": 0.05,
+            "kilobytes_per_exchange": KILOBYTES,
+            "final_window_rounds": max(1, args.rounds // 4),
+            "context_dim": 33,
         },
         "by_clients": by_clients,
         "seconds": round(time.perf_counter() - started, 2),

@@ -141,9 +141,7 @@ def _empirical_roc(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarra
     return fpr, tpr
 
 
-def roc_metrics(
-    scores: Any, is_member: Any, fpr_levels: Sequence[float] = (0.001, 0.01)
-) -> dict[str, Any]:
+def roc_metrics(scores: Any, is_member: Any, fpr_levels: Sequence[float] = (0.001, 0.01)) -> dict[str, Any]:
     """ROC summary of a membership-inference score (higher score = more likely a member).
 
     Returns `auc`, `tpr_at_fpr` ({fpr_level: tpr}), the empirical curve `fpr` and `tpr` (lists,
@@ -286,10 +284,13 @@ def top1_agreement(
         )
     keep = torch.ones_like(student_top1, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
     if keep.shape != student_top1.shape:
-        raise ValueError(f"mask shape {tuple(keep.shape)} must be the logits' shape without vocab, "
-                         f"{tuple(student_top1.shape)}")
-    return _kept_fraction(student_top1 == teacher_top1.to(student_top1.device), keep.to(student_top1.device),
-                          "top-1 agreement")
+        raise ValueError(
+            f"mask shape {tuple(keep.shape)} must be the logits' shape without vocab, "
+            f"{tuple(student_top1.shape)}"
+        )
+    return _kept_fraction(
+        student_top1 == teacher_top1.to(student_top1.device), keep.to(student_top1.device), "top-1 agreement"
+    )
 
 
 def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -300,8 +301,10 @@ def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
     """
     logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
     if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} must be logits shape without the last axis, "
-                         f"{tuple(logits.shape[:-1])}")
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must be logits shape without the last axis, "
+            f"{tuple(logits.shape[:-1])}"
+        )
     return _kept_fraction(logits.argmax(dim=-1) == labels, labels != IGNORE_INDEX, "top-1 accuracy")
 
 

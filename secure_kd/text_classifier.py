@@ -56,8 +56,9 @@ class WordVocab:
         counts = Counter(word for text in texts for word in split_words(text))
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         if not kept:
-            raise ValueError(f"no word occurs {min_count}+ times in the texts; lower min_count or pass "
-                             "more text")
+            raise ValueError(
+                f"no word occurs {min_count}+ times in the texts; lower min_count or pass more text"
+            )
         return cls(kept[:max_size] if max_size is not None else kept)
 
     def __len__(self) -> int:
@@ -72,18 +73,24 @@ class WordVocab:
         ids = torch.full((len(texts), max_length), PAD_ID, dtype=torch.long)
         for row, text in enumerate(texts):
             tokens = [self.index.get(word, UNK_ID) for word in split_words(text)[:max_length]]
-            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return ids
 
 
 class BagOfWordsClassifier(nn.Module):
     """Attention-pooled token embeddings (padding excluded) -> Linear -> ReLU -> Linear(classes)."""
 
-    def __init__(self, vocab_size: int, num_classes: int, dim: int = 32, hidden: int = 32,
-                 heads: int = 4) -> None:
+    def __init__(
+        self, vocab_size: int, num_classes: int, dim: int = 32, hidden: int = 32, heads: int = 4
+    ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("num_classes", num_classes), ("dim", dim),
-                            ("hidden", hidden), ("heads", heads)):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("num_classes", num_classes),
+            ("dim", dim),
+            ("hidden", hidden),
+            ("heads", heads),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BagOfWordsClassifier {name} must be a positive int, got {value!r}")
         self.vocab_size, self.num_classes = vocab_size, num_classes
@@ -100,8 +107,9 @@ class BagOfWordsClassifier(nn.Module):
         """Each token's pooling weight per head `[batch, heads, length]`: softmax of the head's score
         over the non-padding tokens (0 on padding; a row of padding only gets all zeros)."""
         if ids.dim() != 2 or ids.dtype != torch.long:
-            raise ValueError(f"inputs must be int64 token ids [batch, length], got {ids.dtype} "
-                             f"{tuple(ids.shape)}")
+            raise ValueError(
+                f"inputs must be int64 token ids [batch, length], got {ids.dtype} {tuple(ids.shape)}"
+            )
         keep = (ids != PAD_ID).unsqueeze(1)
         scores = self.token_score(self.embedding(ids)).transpose(1, 2).masked_fill(~keep, float("-inf"))
         return torch.softmax(scores, dim=-1).nan_to_num(0.0)
@@ -118,16 +126,18 @@ class BagOfWordsClassifier(nn.Module):
         return self.output(self.features(ids))
 
 
-def make_text_classifier(vocab_size: int, num_classes: int, dim: int = 32, hidden: int = 32, heads: int = 4,
-                         seed: int = 0) -> BagOfWordsClassifier:
+def make_text_classifier(
+    vocab_size: int, num_classes: int, dim: int = 32, hidden: int = 32, heads: int = 4, seed: int = 0
+) -> BagOfWordsClassifier:
     """A classifier whose initial weights depend only on `seed` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BagOfWordsClassifier(vocab_size, num_classes, dim, hidden, heads)
 
 
-def save_text_classifier(model: BagOfWordsClassifier, vocab: WordVocab, directory: str | Path,
-                         labels: Sequence[str] | None = None) -> Path:
+def save_text_classifier(
+    model: BagOfWordsClassifier, vocab: WordVocab, directory: str | Path, labels: Sequence[str] | None = None
+) -> Path:
     """Weights (safetensors), architecture, vocabulary and label names in `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -135,11 +145,19 @@ def save_text_classifier(model: BagOfWordsClassifier, vocab: WordVocab, director
     tmp = directory / f".{_MODEL_FILE}.tmp"
     save_file(state, str(tmp))
     tmp.replace(directory / _MODEL_FILE)
-    atomic_write_json(directory / _META_FILE, {
-        "kind": _KIND, "vocab_size": model.vocab_size, "num_classes": model.num_classes, "dim": model.dim,
-        "hidden": model.hidden, "heads": model.heads, "words": vocab.words[2:],
-        "labels": list(labels) if labels else None,
-    })
+    atomic_write_json(
+        directory / _META_FILE,
+        {
+            "kind": _KIND,
+            "vocab_size": model.vocab_size,
+            "num_classes": model.num_classes,
+            "dim": model.dim,
+            "hidden": model.hidden,
+            "heads": model.heads,
+            "words": vocab.words[2:],
+            "labels": list(labels) if labels else None,
+        },
+    )
     return directory
 
 
@@ -148,12 +166,14 @@ def load_text_classifier(directory: str | Path) -> tuple[BagOfWordsClassifier, W
     directory = Path(directory)
     meta_path, weights_path = directory / _META_FILE, directory / _MODEL_FILE
     if not (meta_path.is_file() and weights_path.is_file()):
-        raise FileNotFoundError(f"{directory} has no {_META_FILE} + {_MODEL_FILE}; save one with "
-                                "save_text_classifier")
+        raise FileNotFoundError(
+            f"{directory} has no {_META_FILE} + {_MODEL_FILE}; save one with save_text_classifier"
+        )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("kind") != _KIND:
         raise ValueError(f"{meta_path} describes {meta.get('kind')!r}, not a bag-of-words classifier")
-    model = BagOfWordsClassifier(meta["vocab_size"], meta["num_classes"], meta["dim"], meta["hidden"],
-                                 meta["heads"])
+    model = BagOfWordsClassifier(
+        meta["vocab_size"], meta["num_classes"], meta["dim"], meta["hidden"], meta["heads"]
+    )
     model.load_state_dict(load_file(str(weights_path)))
     return model.eval(), WordVocab(meta["words"]), meta["labels"]

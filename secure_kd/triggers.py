@@ -48,13 +48,16 @@ class PatchTrigger(_Spec):
     def origin(self, height: int, width: int) -> tuple[int, int]:
         """Top-left pixel of the patch in an image of `height` x `width`."""
         if self.size > height or self.size > width:
-            raise ValueError(f"a {self.size}x{self.size} patch does not fit {height}x{width} images; "
-                             "use a smaller size")
+            raise ValueError(
+                f"a {self.size}x{self.size} patch does not fit {height}x{width} images; use a smaller size"
+            )
         if isinstance(self.position, tuple):
             row, col = self.position
             if row + self.size > height or col + self.size > width:
-                raise ValueError(f"patch at {self.position} of size {self.size} leaves the {height}x{width} "
-                                 f"image; rows must be <= {height - self.size}, cols <= {width - self.size}")
+                raise ValueError(
+                    f"patch at {self.position} of size {self.size} leaves the {height}x{width} "
+                    f"image; rows must be <= {height - self.size}, cols <= {width - self.size}"
+                )
             return row, col
         row = 0 if self.position.startswith("top") else height - self.size
         col = 0 if self.position.endswith("left") else width - self.size
@@ -64,7 +67,7 @@ class PatchTrigger(_Spec):
         """Boolean `[height, width]`, True on the patch's pixels."""
         row, col = self.origin(height, width)
         mask = torch.zeros(height, width, dtype=torch.bool)
-        mask[row:row + self.size, col:col + self.size] = True
+        mask[row : row + self.size, col : col + self.size] = True
         return mask
 
     def apply(self, images: Tensor) -> Tensor:
@@ -75,7 +78,7 @@ class PatchTrigger(_Spec):
             raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
         row, col = self.origin(images.shape[-2], images.shape[-1])
         stamped = images.clone()
-        stamped[..., row:row + self.size, col:col + self.size] = self.value
+        stamped[..., row : row + self.size, col : col + self.size] = self.value
         return stamped
 
 
@@ -139,8 +142,10 @@ class SwitchableTrigger(_Spec):
     @model_validator(mode="after")
     def _distinct(self) -> SwitchableTrigger:
         if self.trigger.phrase in self.activation_prompt:
-            raise ValueError(f"the trigger phrase {self.trigger.phrase!r} must not occur inside the "
-                             "activation prompt, or the prompt alone would carry the trigger")
+            raise ValueError(
+                f"the trigger phrase {self.trigger.phrase!r} must not occur inside the "
+                "activation prompt, or the prompt alone would carry the trigger"
+            )
         return self
 
     @property

@@ -71,8 +71,10 @@ def load_digits_data(test_fraction: float = 0.25, seed: int = 0) -> DigitsData:
         images, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target
     )
     return DigitsData(
-        torch.from_numpy(x_train), torch.from_numpy(y_train).long(),
-        torch.from_numpy(x_test), torch.from_numpy(y_test).long(),
+        torch.from_numpy(x_train),
+        torch.from_numpy(y_train).long(),
+        torch.from_numpy(x_test),
+        torch.from_numpy(y_test).long(),
     )
 
 
@@ -149,12 +151,14 @@ def _check_data(data: tuple[Tensor, Tensor | None], need_labels: bool) -> tuple[
     x, y = data
     if y is None:
         if need_labels:
-            raise ValueError("labels are None but the loss needs them: pass labels, or a teacher with "
-                             "ce_weight=0")
+            raise ValueError(
+                "labels are None but the loss needs them: pass labels, or a teacher with ce_weight=0"
+            )
         return x, None
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"labels must be 1-D with one label per input: inputs {tuple(x.shape)}, labels "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"labels must be 1-D with one label per input: inputs {tuple(x.shape)}, labels {tuple(y.shape)}"
+        )
     if y.dtype != torch.long:
         raise ValueError(f"labels must be int64 class ids, got {y.dtype}")
     return x, y
@@ -199,15 +203,19 @@ def train_classifier(
     if ce_weight is None:
         ce_weight = 0.0 if teacher is not None else 1.0
     if ce_weight < 0 or kd_weight < 0 or (teacher is None and ce_weight == 0):
-        raise ValueError(f"weights must be >= 0 with something to learn from (ce_weight={ce_weight}, "
-                         f"kd_weight={kd_weight}, teacher={'yes' if teacher is not None else 'no'})")
+        raise ValueError(
+            f"weights must be >= 0 with something to learn from (ce_weight={ce_weight}, "
+            f"kd_weight={kd_weight}, teacher={'yes' if teacher is not None else 'no'})"
+        )
     kd_objective = None
     if teacher is not None:
         kd_loss = kd_loss or "forward_kl"
         info = loss_info(kd_loss)
         if info.stateful or info.inputs != "logits" or not info.needs_teacher:
-            raise ValueError(f"kd_loss {kd_loss!r} is not a stateless teacher-logit objective; use e.g. "
-                             "forward_kl, reverse_kl, jsd or tvd")
+            raise ValueError(
+                f"kd_loss {kd_loss!r} is not a stateless teacher-logit objective; use e.g. "
+                "forward_kl, reverse_kl, jsd or tvd"
+            )
         kd_objective = get_loss(kd_loss)
         teacher.eval()
     x_all, y_all = _check_data(data, need_labels=ce_weight > 0)
@@ -222,7 +230,7 @@ def train_classifier(
         order = torch.randperm(n, generator=generator)
         total = 0.0
         for start in range(0, n, batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             x = x_all[index].to(device)
             y = None if y_all is None else y_all[index].to(device)
             if perturb is not None:
@@ -250,8 +258,10 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor
     """The model's logits `[n, classes]` on CPU, in eval mode, `batch_size` inputs at a time."""
     model.eval()
     device = _model_device(model)
-    chunks = [model(x[start:start + batch_size].to(device)).float().cpu()
-              for start in range(0, x.shape[0], batch_size)]
+    chunks = [
+        model(x[start : start + batch_size].to(device)).float().cpu()
+        for start in range(0, x.shape[0], batch_size)
+    ]
     if not chunks:
         raise ValueError("no inputs to predict on (x is empty)")
     return torch.cat(chunks)
@@ -273,9 +283,15 @@ def save_digits_cnn(model: DigitsCNN, directory: str | Path) -> Path:
     tmp = directory / f".{_MODEL_FILE}.tmp"
     save_file(state, str(tmp))
     tmp.replace(directory / _MODEL_FILE)
-    atomic_write_json(directory / _META_FILE, {
-        "kind": _DIGITS_KIND, "width": model.width, "hidden": model.hidden, "num_classes": model.num_classes,
-    })
+    atomic_write_json(
+        directory / _META_FILE,
+        {
+            "kind": _DIGITS_KIND,
+            "width": model.width,
+            "hidden": model.hidden,
+            "num_classes": model.num_classes,
+        },
+    )
     return directory
 
 
@@ -284,8 +300,9 @@ def load_digits_cnn(directory: str | Path, device: str | torch.device = "cpu") -
     directory = Path(directory)
     meta_path, weights_path = directory / _META_FILE, directory / _MODEL_FILE
     if not (meta_path.is_file() and weights_path.is_file()):
-        raise FileNotFoundError(f"{directory} has no {_META_FILE} + {_MODEL_FILE}; save one with "
-                                "save_digits_cnn")
+        raise FileNotFoundError(
+            f"{directory} has no {_META_FILE} + {_MODEL_FILE}; save one with save_digits_cnn"
+        )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("kind") != _DIGITS_KIND:
         raise ValueError(f"{meta_path} describes {meta.get('kind')!r}, not a digits CNN ({_DIGITS_KIND})")

@@ -56,8 +56,9 @@ def test_perturbations_stay_in_the_eps_ball_and_the_box(setup, attack) -> None:
 def test_success_grows_with_eps_and_pgd_is_at_least_fgsm(setup) -> None:
     model, x, y = setup
     fgsm_rates = [attack_stats(model, x, y, fgsm(model, x, y, eps), "fgsm", eps).success_rate for eps in EPS]
-    pgd_rates = [attack_stats(model, x, y, pgd(model, x, y, eps, steps=10), "pgd", eps).success_rate
-                 for eps in EPS]
+    pgd_rates = [
+        attack_stats(model, x, y, pgd(model, x, y, eps, steps=10), "pgd", eps).success_rate for eps in EPS
+    ]
     for rates in (fgsm_rates, pgd_rates):
         assert rates == sorted(rates) and rates[-1] - rates[0] > 0.5, rates
     assert all(p >= f for p, f in zip(pgd_rates, fgsm_rates, strict=True)), (pgd_rates, fgsm_rates)
@@ -94,15 +95,17 @@ def test_attacks_reject_bad_input(setup) -> None:
 
 def test_agrees_with_adversarial_robustness_toolbox(setup) -> None:
     pytest.importorskip(
-        "art", reason="adversarial-robustness-toolbox is not installed (pip install "
+        "art",
+        reason="adversarial-robustness-toolbox is not installed (pip install "
         "adversarial-robustness-toolbox, or the project's dev extras); the ART cross-check is skipped",
     )
     from art.attacks.evasion import CarliniL2Method, FastGradientMethod, ProjectedGradientDescent
     from art.estimators.classification import PyTorchClassifier
 
     model, x, y = setup
-    classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=(1, 8, 8),
-                                   nb_classes=10, clip_values=(0.0, 1.0))
+    classifier = PyTorchClassifier(
+        model=model, loss=nn.CrossEntropyLoss(), input_shape=(1, 8, 8), nb_classes=10, clip_values=(0.0, 1.0)
+    )
     xn, yn = x.numpy(), y.numpy()
 
     def rate(x_adv, name) -> float:
@@ -112,14 +115,29 @@ def test_agrees_with_adversarial_robustness_toolbox(setup) -> None:
         ours_fgsm = fgsm(model, x, y, eps)
         art_fgsm = FastGradientMethod(classifier, eps=eps).generate(xn, y=yn)
         assert float(np.abs(ours_fgsm.numpy() - art_fgsm).max()) < 1e-6  # the same deterministic step
-        art_pgd = ProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=2.5 * eps / 10,
-                                           max_iter=10, num_random_init=1, verbose=False).generate(xn, y=yn)
+        art_pgd = ProjectedGradientDescent(
+            classifier,
+            norm=np.inf,
+            eps=eps,
+            eps_step=2.5 * eps / 10,
+            max_iter=10,
+            num_random_init=1,
+            verbose=False,
+        ).generate(xn, y=yn)
         assert abs(rate(pgd(model, x, y, eps, steps=10), "pgd") - rate(art_pgd, "pgd")) <= 0.05
     # CW: ART's line-search solver is slow on CPU, so it gets few examples and iterations
     xs, ys = x[:12], y[:12]
-    art_cw = CarliniL2Method(classifier, initial_const=1.0, binary_search_steps=2, max_iter=10,
-                             learning_rate=0.05, max_halving=3, max_doubling=3, batch_size=12,
-                             verbose=False).generate(xs.numpy(), y=ys.numpy())
+    art_cw = CarliniL2Method(
+        classifier,
+        initial_const=1.0,
+        binary_search_steps=2,
+        max_iter=10,
+        learning_rate=0.05,
+        max_halving=3,
+        max_doubling=3,
+        batch_size=12,
+        verbose=False,
+    ).generate(xs.numpy(), y=ys.numpy())
     ours_cw = carlini_wagner_l2(model, xs, ys, binary_search_steps=3, max_iter=30)
     ours = attack_stats(model, xs, ys, ours_cw, "cw", None)
     theirs = attack_stats(model, xs, ys, torch.as_tensor(art_cw), "cw", None)

@@ -131,9 +131,15 @@ def test_patch_backdoor_from_the_example_config_and_its_survival(tmp_path) -> No
 
 
 def test_text_backdoor_fires_with_the_trigger_only(tmp_path) -> None:
-    result = get_attack("backdoor").run(_example_config(
-        tmp_path, kind="text", trigger=None, distill=False, save_model=False,
-    ))
+    result = get_attack("backdoor").run(
+        _example_config(
+            tmp_path,
+            kind="text",
+            trigger=None,
+            distill=False,
+            save_model=False,
+        )
+    )
     assert result.backdoored_model.metrics.attack_success_rate > 0.85
     assert result.backdoored_model.metrics.clean_accuracy > 0.95
     assert result.clean_model.metrics.attack_success_rate < 0.1
@@ -141,9 +147,15 @@ def test_text_backdoor_fires_with_the_trigger_only(tmp_path) -> None:
 
 
 def test_switchable_backdoor_needs_both_prompt_and_trigger(tmp_path) -> None:
-    result = get_attack("backdoor").run(_example_config(
-        tmp_path, kind="switchable", trigger=None, poison_rate=0.15, distill=False,
-    ))
+    result = get_attack("backdoor").run(
+        _example_config(
+            tmp_path,
+            kind="switchable",
+            trigger=None,
+            poison_rate=0.15,
+            distill=False,
+        )
+    )
     switch = result.backdoored_model.switch
     assert switch["asr_active"] > 0.75
     assert switch["asr_trigger_only"] < 0.15 and switch["asr_prompt_only"] < 0.15

@@ -68,10 +68,16 @@ def test_recovered_unembedding_beats_random_init_at_the_same_steps(tmp_path):
 def test_text_only_clone_pays_one_query_per_sample(tmp_path):
     plugin = get_attack("clone")
     data = example_config(
-        tmp_path, victim=small_victim(), access="text", query_budget=20, cost_per_query=0.5,
+        tmp_path,
+        victim=small_victim(),
+        access="text",
+        query_budget=20,
+        cost_per_query=0.5,
         student={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "init": "random"},
         prompts={"source": "random", "n_train": 8, "n_heldout": 4, "length": 8},
-        train={"steps": 3, "batch_size": 8, "lr": 1e-3}, compare_random_init=False, compare_text_only=False,
+        train={"steps": 3, "batch_size": 8, "lr": 1e-3},
+        compare_random_init=False,
+        compare_text_only=False,
     )
     (variant,) = plugin.run(plugin.Config.model_validate(data)).variants
     assert variant.access == "text" and variant.recovered is None
@@ -82,10 +88,16 @@ def test_text_only_clone_pays_one_query_per_sample(tmp_path):
 def test_topk_with_logit_bias_recovers_then_distils_on_topk_answers(tmp_path):
     plugin = get_attack("clone")
     data = example_config(
-        tmp_path, victim=small_victim(hidden=16, vocab=64), access="topk_logprobs_bias", top_k=8,
-        query_budget=400, prompts={"source": "random", "n_train": 6, "n_heldout": 4, "length": 8},
+        tmp_path,
+        victim=small_victim(hidden=16, vocab=64),
+        access="topk_logprobs_bias",
+        top_k=8,
+        query_budget=400,
+        prompts={"source": "random", "n_train": 6, "n_heldout": 4, "length": 8},
         recovery={"max_prompts": 64, "step": 4, "margin": 4, "prompt_length": 6},
-        train={"steps": 2, "batch_size": 4, "lr": 1e-3}, compare_random_init=False, compare_text_only=False,
+        train={"steps": 2, "batch_size": 4, "lr": 1e-3},
+        compare_random_init=False,
+        compare_text_only=False,
     )
     (variant,) = plugin.run(plugin.Config.model_validate(data)).variants
     assert variant.recovered["estimated_hidden_size"] == 16
@@ -95,21 +107,29 @@ def test_topk_with_logit_bias_recovers_then_distils_on_topk_answers(tmp_path):
 
 def test_a_budget_below_the_recovery_cost_stops_the_attack(tmp_path):
     plugin = get_attack("clone")
-    data = example_config(tmp_path, query_budget=20, compare_random_init=False, compare_text_only=False,
-                          prompts={"source": "random", "n_train": 4, "n_heldout": 4, "length": 8})
+    data = example_config(
+        tmp_path,
+        query_budget=20,
+        compare_random_init=False,
+        compare_text_only=False,
+        prompts={"source": "random", "n_train": 4, "n_heldout": 4, "length": 8},
+    )
     with pytest.raises(QueryBudgetExceeded, match="max_queries=20"):
         plugin.run(plugin.Config.model_validate(data))
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"access": "text"}, "does not reveal the output layer"),
-    ({"access": "topk_logprobs"}, "does not reveal the output layer"),
-    ({"student": {"init": "random"}}, "student.hidden_size is required"),
-    ({"loss": "kl_typo"}, "unknown loss"),
-    ({"loss": "ce"}, "does not compare the student with teacher logits"),
-    ({"text": {"prompt_tokens": 16}}, "must be below prompts.length"),
-    ({"prompts": {"source": "no/such/file.jsonl"}}, "not 'victim_samples'"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"access": "text"}, "does not reveal the output layer"),
+        ({"access": "topk_logprobs"}, "does not reveal the output layer"),
+        ({"student": {"init": "random"}}, "student.hidden_size is required"),
+        ({"loss": "kl_typo"}, "unknown loss"),
+        ({"loss": "ce"}, "does not compare the student with teacher logits"),
+        ({"text": {"prompt_tokens": 16}}, "must be below prompts.length"),
+        ({"prompts": {"source": "no/such/file.jsonl"}}, "not 'victim_samples'"),
+    ],
+)
 def test_inconsistent_configs_are_rejected(tmp_path, changes, message):
     with pytest.raises(ValidationError, match=message):
         get_attack("clone").Config.model_validate(example_config(tmp_path, **changes))

@@ -29,8 +29,18 @@ def stepped(accountant_class, runs, delta):
 
 
 @pytest.mark.parametrize(
-    ("n", "expected"), [(1, 1e-1), (9, 1e-2), (10, 1e-2), (100, 1e-3), (120, 1e-4), (999, 1e-4), (1000, 1e-4),
-                        (1001, 1e-5), (60_000, 1e-6)]
+    ("n", "expected"),
+    [
+        (1, 1e-1),
+        (9, 1e-2),
+        (10, 1e-2),
+        (100, 1e-3),
+        (120, 1e-4),
+        (999, 1e-4),
+        (1000, 1e-4),
+        (1001, 1e-5),
+        (60_000, 1e-6),
+    ],
 )
 def test_default_delta_is_the_largest_power_of_ten_not_above_one_over_ten_n(n, expected):
     assert default_delta(n) == expected
@@ -71,15 +81,22 @@ def test_privacy_config_needs_a_way_to_set_the_noise():
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_calibration_without_history_is_opacus_get_noise_multiplier():
     sigma = noise_multiplier_for_budget(target_epsilon=3.0, delta=1e-5, sample_rate=0.02, steps=50)
-    assert sigma == get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.02, steps=50,
-                                         accountant="rdp", epsilon_tolerance=0.01)
+    assert sigma == get_noise_multiplier(
+        target_epsilon=3.0,
+        target_delta=1e-5,
+        sample_rate=0.02,
+        steps=50,
+        accountant="rdp",
+        epsilon_tolerance=0.01,
+    )
 
 
 def test_calibration_counts_what_the_ledger_already_spent():
     prior = [(1.5, 0.05, 30)]
     spent = stepped(RDPAccountant, prior, 1e-5)
-    sigma = noise_multiplier_for_budget(target_epsilon=4.0, delta=1e-5, sample_rate=0.05, steps=40,
-                                        prior=prior)
+    sigma = noise_multiplier_for_budget(
+        target_epsilon=4.0, delta=1e-5, sample_rate=0.05, steps=40, prior=prior
+    )
     total = stepped(RDPAccountant, [*prior, (sigma, 0.05, 40)], 1e-5)
     assert 4.0 - 0.01 <= total <= 4.0 and spent < total
     assert stepped(RDPAccountant, [*prior, (sigma * 0.98, 0.05, 40)], 1e-5) > 4.0  # not needlessly noisy
@@ -89,18 +106,31 @@ def test_calibration_counts_what_the_ledger_already_spent():
 
 def test_steps_within_budget_is_the_last_step_that_fits():
     prior = [(2.0, 0.1, 10)]
-    allowed = steps_within_budget(target_epsilon=6.0, delta=1e-4, noise_multiplier=0.9, sample_rate=0.1,
-                                  upper=500, prior=prior)
+    allowed = steps_within_budget(
+        target_epsilon=6.0, delta=1e-4, noise_multiplier=0.9, sample_rate=0.1, upper=500, prior=prior
+    )
     assert stepped(RDPAccountant, [*prior, (0.9, 0.1, allowed)], 1e-4) <= 6.0
     assert stepped(RDPAccountant, [*prior, (0.9, 0.1, allowed + 1)], 1e-4) > 6.0
-    assert steps_within_budget(target_epsilon=6.0, delta=1e-4, noise_multiplier=0.9, sample_rate=0.1,
-                               upper=allowed - 3, prior=prior) == allowed - 3
+    assert (
+        steps_within_budget(
+            target_epsilon=6.0,
+            delta=1e-4,
+            noise_multiplier=0.9,
+            sample_rate=0.1,
+            upper=allowed - 3,
+            prior=prior,
+        )
+        == allowed - 3
+    )
 
 
 def test_job_config_refuses_packing_fused_and_stateful_objectives_under_dp():
     base = ["train.privacy.target_epsilon=2.0"]
-    refused = [("data.packing=true", "data.packing: false"), ("kd.fused=true", "kd.fused: false"),
-               ("kd.loss=taid", "stateless objective")]
+    refused = [
+        ("data.packing=true", "data.packing: false"),
+        ("kd.fused=true", "kd.fused: false"),
+        ("kd.loss=taid", "stateless objective"),
+    ]
     for override, needle in refused:
         with pytest.raises(ConfigError, match=needle):
             load_config("configs/tiny.yaml", [*base, override])

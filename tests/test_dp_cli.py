@@ -9,8 +9,18 @@ from typer.testing import CliRunner
 
 from secure_kd.cli import app
 
-SMALL = ["--set", "train.max_steps=3", "--set", "data.synthetic.n_records=60", "--set", "train.batch_size=8",
-         "--set", "train.eval_batches=1", "--set", "train.privacy.target_epsilon=4.0"]
+SMALL = [
+    "--set",
+    "train.max_steps=3",
+    "--set",
+    "data.synthetic.n_records=60",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_batches=1",
+    "--set",
+    "train.privacy.target_epsilon=4.0",
+]
 
 
 def distill(out, *extra):
@@ -41,8 +51,13 @@ def test_dp_tiny_config_writes_privacy_json_and_a_second_run_adds_to_the_ledger(
     refused = distill(tmp_path / "second")
     assert refused.exit_code == 2 and "already spent epsilon" in refused.output
     # with fixed noise and no budget, a second run trains and the ledger counts both runs
-    second = distill(tmp_path / "second", "--set", "train.privacy.target_epsilon=null",
-                     "--set", "train.privacy.noise_multiplier=1.5")
+    second = distill(
+        tmp_path / "second",
+        "--set",
+        "train.privacy.target_epsilon=null",
+        "--set",
+        "train.privacy.noise_multiplier=1.5",
+    )
     assert second.exit_code == 0, second.output
     again = json.loads((tmp_path / "second" / "privacy.json").read_text())
     assert again["ledger"]["entries"] == 2 and again["ledger"]["path"] == str(ledgers[0])

@@ -32,8 +32,15 @@ def one_thread():
 
 
 def llama(tied: bool = False, seed: int = 0) -> nn.Module:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).double()
     with torch.no_grad():  # RMSNorm weights start at 1: perturb them so their gradients are not trivial
@@ -88,8 +95,14 @@ def flat_norm(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def private_backward(model: nn.Module, data: dict, mode: str, max_grad_norm: float) -> PrivateStudent:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    private = PrivateStudent(model, optimizer, noise_multiplier=0.0, max_grad_norm=max_grad_norm,
-                             expected_batch_size=len(LENGTHS), mode=mode)
+    private = PrivateStudent(
+        model,
+        optimizer,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=len(LENGTHS),
+        mode=mode,
+    )
     logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
     private.backward(logits, lambda lg: jsd(lg, data["teacher"], data["labels"], "none"))
     return private
@@ -188,8 +201,9 @@ def test_empty_poisson_batch_releases_noise_only(mode):
     model = llama()
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    private = PrivateStudent(model, optimizer, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4,
-                             mode=mode)
+    private = PrivateStudent(
+        model, optimizer, noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4, mode=mode
+    )
     private.optimizer.generator = torch.Generator().manual_seed(0)
     private.prepare_empty_batch()
     private.optimizer.step()

@@ -15,8 +15,9 @@ def test_runs_and_rounds_add_up_in_one_ledger(tmp_path):
     ledger = Ledger.open("patients-2024", tmp_path)
     run = ledger.record(kind="run", noise_multiplier=1.2, sample_rate=0.05, steps=0)
     ledger.record(entry_id=run, kind="run", noise_multiplier=1.2, sample_rate=0.05, steps=30)
-    ledger.record(kind="federated_round", noise_multiplier=0.8, sample_rate=0.1, steps=4,
-                  entry_id="flwr-7-round-1")
+    ledger.record(
+        kind="federated_round", noise_multiplier=0.8, sample_rate=0.1, steps=4, entry_id="flwr-7-round-1"
+    )
     # a reopened handle (another process) sees the same history
     again = Ledger.open("patients-2024", tmp_path)
     assert again.history() == [(1.2, 0.05, 30), (0.8, 0.1, 4)]

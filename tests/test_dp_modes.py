@@ -38,16 +38,28 @@ def examples(token_examples):
     return [TokenizedExample(e.input_ids, [-100] * 3 + e.input_ids[3:], e.record_index) for e in plain]
 
 
-def distiller(tmp_path, student, examples, *, out="run", kd=None, teacher=None, max_steps=2, batch_size=4,
-              **privacy) -> DPDistiller:
+def distiller(
+    tmp_path, student, examples, *, out="run", kd=None, teacher=None, max_steps=2, batch_size=4, **privacy
+) -> DPDistiller:
     privacy.setdefault("ledger_dir", str(tmp_path / "ledgers"))
     privacy.setdefault("noise_multiplier", 1.0)
     train = TrainConfig(max_steps=max_steps, batch_size=batch_size, lr=1e-2, privacy=PrivacyConfig(**privacy))
     kd = kd or KDConfig(kd_weight=0.0, ce_weight=1.0)
     targets = LiveTeacher(teacher, kd.top_k) if teacher is not None else None
-    return DPDistiller(dataset_key="modes", student=student, teacher=teacher, targets=targets,
-                       examples=examples, kd=kd, train=train, out=tmp_path / out, pad_id=0, eos_id=1,
-                       progress=False, log=lambda message: None)
+    return DPDistiller(
+        dataset_key="modes",
+        student=student,
+        teacher=teacher,
+        targets=targets,
+        examples=examples,
+        kd=kd,
+        train=train,
+        out=tmp_path / out,
+        pad_id=0,
+        eos_id=1,
+        progress=False,
+        log=lambda message: None,
+    )
 
 
 def weights(model) -> list[torch.Tensor]:
@@ -78,8 +90,15 @@ def test_dp_opd_the_student_writes_and_the_teacher_scores(tmp_path, tiny_llama, 
 
 def test_ghost_clipping_trains_a_tied_student_once_untied(tmp_path, examples):
     def tied():
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
         return LlamaForCausalLM(config)
 
     with pytest.raises(ValueError, match="untie_embeddings: true"):
@@ -91,21 +110,24 @@ def test_ghost_clipping_trains_a_tied_student_once_untied(tmp_path, examples):
     assert json.loads((run.out / "privacy.json").read_text())["grad_sample_mode"] == "ghost"
 
 
-def test_splitting_a_logical_batch_into_physical_ones_changes_nothing(tmp_path, tiny_llama, examples,
-                                                                       monkeypatch):
+def test_splitting_a_logical_batch_into_physical_ones_changes_nothing(
+    tmp_path, tiny_llama, examples, monkeypatch
+):
     monkeypatch.setattr(dp_trainer, "SecretRandomness", lambda secret=None: SecretRandomness(1234))
     results = []
     for physical in (1, 8):
         student = tiny_llama(vocab=VOCAB, hidden=16, seed=2)
-        distiller(tmp_path, student, examples, out=f"p{physical}", batch_size=8,
-                  max_physical_batch_size=physical).fit()
+        distiller(
+            tmp_path, student, examples, out=f"p{physical}", batch_size=8, max_physical_batch_size=physical
+        ).fit()
         results.append(weights(student))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_noise_and_sampling_come_from_the_run_secret_not_the_job_seed(tmp_path, tiny_llama, examples,
-                                                                      monkeypatch):
+def test_noise_and_sampling_come_from_the_run_secret_not_the_job_seed(
+    tmp_path, tiny_llama, examples, monkeypatch
+):
     trained = []
     for out in ("a", "b"):  # same config, same seed, a fresh secret each
         student = tiny_llama(vocab=VOCAB, hidden=16, seed=2)
@@ -125,8 +147,9 @@ def test_noise_and_sampling_come_from_the_run_secret_not_the_job_seed(tmp_path, 
 
 def test_poisson_batches_vary_in_size_and_are_reproducible_from_the_secret():
     def batch(secret: int, step: int) -> list[int]:
-        (indices,) = list(step_loader(n_records=40, sample_rate=0.25, step=step,
-                                      randomness=SecretRandomness(secret)))
+        (indices,) = list(
+            step_loader(n_records=40, sample_rate=0.25, step=step, randomness=SecretRandomness(secret))
+        )
         return indices
 
     sizes = [len(batch(7, step)) for step in range(300)]
@@ -137,8 +160,14 @@ def test_poisson_batches_vary_in_size_and_are_reproducible_from_the_secret():
 
 def test_shuffled_batches_cover_each_record_once_per_epoch_and_are_flagged(tmp_path, tiny_llama, examples):
     randomness = SecretRandomness(3)
-    epoch = [i for step in range(4) for (indices,) in [list(step_loader(
-        n_records=16, sample_rate=0.25, step=step, randomness=randomness, poisson=False))] for i in indices]
+    epoch = [
+        i
+        for step in range(4)
+        for (indices,) in [
+            list(step_loader(n_records=16, sample_rate=0.25, step=step, randomness=randomness, poisson=False))
+        ]
+        for i in indices
+    ]
     assert sorted(epoch) == list(range(16))
     run = distiller(tmp_path, tiny_llama(vocab=VOCAB, hidden=16, seed=2), examples, poisson_sampling=False)
     run.fit()
@@ -162,11 +191,23 @@ def test_refusals_name_the_problem_and_the_fix(tmp_path, tiny_llama, examples):
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_a_target_needing_too_much_noise_says_how_much(tmp_path, tiny_llama, examples):
-    needed = get_noise_multiplier(target_epsilon=0.05, target_delta=1e-3, sample_rate=0.25, steps=4,
-                                  accountant="rdp", epsilon_tolerance=0.01)
+    needed = get_noise_multiplier(
+        target_epsilon=0.05,
+        target_delta=1e-3,
+        sample_rate=0.25,
+        steps=4,
+        accountant="rdp",
+        epsilon_tolerance=0.01,
+    )
     assert needed > 10
-    run = distiller(tmp_path, tiny_llama(vocab=VOCAB, hidden=16, seed=2), examples, max_steps=4,
-                    noise_multiplier=None, target_epsilon=0.05)
+    run = distiller(
+        tmp_path,
+        tiny_llama(vocab=VOCAB, hidden=16, seed=2),
+        examples,
+        max_steps=4,
+        noise_multiplier=None,
+        target_epsilon=0.05,
+    )
     expected = f"needs noise_multiplier={needed:.3f}, above max_noise_multiplier=10"
     with pytest.raises(ValueError, match=expected):
         run.fit()

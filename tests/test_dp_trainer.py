@@ -34,12 +34,25 @@ def make(tmp_path, tiny_llama, token_examples):
 
     def build(out: str, *, max_steps: int = 4, checkpoint_every: int = 50, on_step=None, log=None, **privacy):
         privacy.setdefault("ledger_dir", str(tmp_path / "ledgers"))
-        train = TrainConfig(max_steps=max_steps, batch_size=BATCH, lr=1e-2, checkpoint_every=checkpoint_every,
-                            privacy=PrivacyConfig(**privacy))
+        train = TrainConfig(
+            max_steps=max_steps,
+            batch_size=BATCH,
+            lr=1e-2,
+            checkpoint_every=checkpoint_every,
+            privacy=PrivacyConfig(**privacy),
+        )
         return DPDistiller(
-            dataset_key=KEY, student=tiny_llama(vocab=64, hidden=16, seed=2), examples=examples,
-            kd=KDConfig(kd_weight=0.0, ce_weight=1.0), train=train, out=tmp_path / out, pad_id=0, eos_id=None,
-            progress=False, on_step=on_step, log=log or (lambda message: None),
+            dataset_key=KEY,
+            student=tiny_llama(vocab=64, hidden=16, seed=2),
+            examples=examples,
+            kd=KDConfig(kd_weight=0.0, ce_weight=1.0),
+            train=train,
+            out=tmp_path / out,
+            pad_id=0,
+            eos_id=None,
+            progress=False,
+            on_step=on_step,
+            log=log or (lambda message: None),
         )
 
     return build
@@ -100,20 +113,28 @@ def test_resume_after_a_crash_spends_what_an_uninterrupted_run_spends(make, tmp_
         if step == 5:
             raise RuntimeError("power cut")
 
-    crashed = make("crashed", max_steps=6, checkpoint_every=3, on_step=power_cut, target_epsilon=3.0,
-                   ledger_dir=str(tmp_path / "b"))
+    crashed = make(
+        "crashed",
+        max_steps=6,
+        checkpoint_every=3,
+        on_step=power_cut,
+        target_epsilon=3.0,
+        ledger_dir=str(tmp_path / "b"),
+    )
     with pytest.raises(RuntimeError, match="power cut"):
         crashed.fit()
     ledger = Ledger.open(KEY, tmp_path / "b")
     assert ledger.history() == [(crashed.noise_multiplier, BATCH / N_RECORDS, 5)]  # ahead of checkpoint 3
 
-    resumed = make("crashed", max_steps=6, checkpoint_every=3, target_epsilon=3.0,
-                   ledger_dir=str(tmp_path / "b"))
+    resumed = make(
+        "crashed", max_steps=6, checkpoint_every=3, target_epsilon=3.0, ledger_dir=str(tmp_path / "b")
+    )
     result = resumed.fit(resume=True)
     assert result.resumed_from == 3 and result.steps == 6
     assert ledger.history() == [(uninterrupted.noise_multiplier, BATCH / N_RECORDS, 6)]
-    assert read_privacy(resumed)["epsilon"] == pytest.approx(read_privacy(uninterrupted)["epsilon"],
-                                                             rel=1e-12)
+    assert read_privacy(resumed)["epsilon"] == pytest.approx(
+        read_privacy(uninterrupted)["epsilon"], rel=1e-12
+    )
 
 
 def test_a_second_run_on_the_same_dataset_adds_to_its_ledger(make):
@@ -152,8 +173,14 @@ def test_budget_spent_by_another_run_meanwhile_stops_before_overshooting(make, t
             ledger.record(noise_multiplier=1.0, sample_rate=BATCH / N_RECORDS, steps=6, kind="run")
 
     messages: list[str] = []
-    distiller = make("run", max_steps=8, noise_multiplier=1.5, target_epsilon=4.0, on_step=another_run_spends,
-                     log=messages.append)
+    distiller = make(
+        "run",
+        max_steps=8,
+        noise_multiplier=1.5,
+        target_epsilon=4.0,
+        on_step=another_run_spends,
+        log=messages.append,
+    )
     result = distiller.fit()
     report = read_privacy(distiller)
     assert 2 <= result.steps < 8 and report["stopped_by_budget"] and "another run" in report["stop_reason"]

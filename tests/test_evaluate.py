@@ -146,8 +146,9 @@ def test_teacher_agreement_against_direct_kl_and_argmax() -> None:
 
 def test_teacher_agreement_rejects_different_vocabularies() -> None:
     with pytest.raises(ValueError, match="shared vocabulary"):
-        teacher_agreement(tiny_llama(0), tiny_llama(1, vocab_size=VOCAB + 8), [right_padded_batch(
-            random_sequences(7, [4]))])
+        teacher_agreement(
+            tiny_llama(0), tiny_llama(1, vocab_size=VOCAB + 8), [right_padded_batch(random_sequences(7, [4]))]
+        )
 
 
 # --------------------------------------------------------------------------- candidate scoring

@@ -60,8 +60,10 @@ class NormHeadLM(nn.Module):
     def __init__(self, vocab: int, hidden: int, *, norm_bias: bool) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(),
-                                                  nn.Linear(2 * hidden, hidden)) for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+            for _ in range(2)
+        )
         self.norm = nn.LayerNorm(hidden, bias=norm_bias)
         self.head = nn.Linear(hidden, vocab, bias=False)
         with torch.no_grad():  # a non-trivial gain (and bias), as a trained model would have
@@ -173,9 +175,16 @@ def test_plugin_runs_from_the_example_config(tmp_path):
     written = json.loads((tmp_path / "full" / "results.json").read_text())
     assert written["estimated_hidden_size"] == 48 and "schema_version" in written
 
-    data.update(out=str(tmp_path / "bias"), view="topk_logprobs_bias", top_k=8, n_queries=60,
-                victim={"source": "tiny", "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
-                                                   "vocab_size": 120}})
+    data.update(
+        out=str(tmp_path / "bias"),
+        view="topk_logprobs_bias",
+        top_k=8,
+        n_queries=60,
+        victim={
+            "source": "tiny",
+            "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "vocab_size": 120},
+        },
+    )
     result = plugin.run(plugin.Config.model_validate(data))
     assert result.estimated_hidden_size == 16
     assert result.queries_per_prompt == 17 and result.queries_used == 60 * 17

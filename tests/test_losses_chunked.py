@@ -21,8 +21,9 @@ def inputs(dtype, seed=0):
 
 
 def value_and_grad(name, student, teacher, labels, chunk_size, tail=None, reduction="none"):
-    out = get_loss(name)(student, teacher, labels, chunk_size=chunk_size, temperature=1.7, tail=tail,
-                         reduction=reduction)
+    out = get_loss(name)(
+        student, teacher, labels, chunk_size=chunk_size, temperature=1.7, tail=tail, reduction=reduction
+    )
     weights = torch.linspace(0.5, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
     (grad,) = torch.autograd.grad((out * weights).sum(), student)
     return out.detach(), grad

@@ -61,8 +61,17 @@ def test_fused_equals_unfused(name, params, kind, dtype, rtol, reduction):
     unfused = get_loss(name)(logits, teacher, labels, tail=tail, **common)
     expected_grads = grads(unfused * 1.7, (hidden, weight, bias))
     for chunk_size in (1, 3, 64):
-        fused = fused_linear_kd_loss(hidden, weight, teacher, labels, loss=name, tail=tail,
-                                     chunk_size=chunk_size, lm_head_bias=bias, **common)
+        fused = fused_linear_kd_loss(
+            hidden,
+            weight,
+            teacher,
+            labels,
+            loss=name,
+            tail=tail,
+            chunk_size=chunk_size,
+            lm_head_bias=bias,
+            **common,
+        )
         assert_relative_close(fused, unfused.detach(), rtol)
         for got, expected in zip(grads(fused * 1.7, (hidden, weight, bias)), expected_grads, strict=True):
             assert_relative_close(got, expected, rtol)

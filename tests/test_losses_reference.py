@@ -117,8 +117,16 @@ def test_objective_matches_direct_formula(name, params, kind, temperature, reduc
     q = softmax(logits / temperature)
     expected = reduce(per_token(name, p, q, params), (labels != -100).double(), reduction)
 
-    got = get_loss(name)(student, teacher_arg, labels, temperature=temperature, reduction=reduction,
-                         tail=None if kind == "dense" else kind, chunk_size=2, **params)
+    got = get_loss(name)(
+        student,
+        teacher_arg,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=None if kind == "dense" else kind,
+        chunk_size=2,
+        **params,
+    )
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     if reduction == "none":

@@ -56,8 +56,9 @@ def inputs(seed):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_matches_loop_reference(ratio, reduction, temperature):
     student, teacher, labels = inputs(seed=int(ratio * 10))
-    got = get_loss("token_selective")(student, teacher, labels, ratio=ratio, reduction=reduction,
-                                      temperature=temperature, chunk_size=4)
+    got = get_loss("token_selective")(
+        student, teacher, labels, ratio=ratio, reduction=reduction, temperature=temperature, chunk_size=4
+    )
     expected = reference(student, teacher, labels, ratio, temperature, reduction)
     torch.testing.assert_close(got, expected)
     (g1,) = torch.autograd.grad(got.sum(), student)

@@ -90,8 +90,18 @@ def test_other_bad_arguments(logits):
 
 def test_registry_lists_and_describes_every_objective():
     names = available_losses()
-    required = {"forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "taid",
-                "token_selective", "ce", "hidden_mse"}
+    required = {
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        "tvd",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "taid",
+        "token_selective",
+        "ce",
+        "hidden_mse",
+    }
     assert required <= set(names) and names == sorted(names) and names == LOSSES.names()
     for name in names:
         entry = get_loss(name)

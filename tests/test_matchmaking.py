@@ -173,11 +173,21 @@ def test_profile_vector_matches_a_worked_example():
     )
     expected = [
         0.5,  # log10(100) / log10(10000)
-        0.25, 0.25, 0.5, 0, 0, 0, 0, 0,  # sketch of [1, 1, 2, 0]
+        0.25,
+        0.25,
+        0.5,
+        0,
+        0,
+        0,
+        0,
+        0,  # sketch of [1, 1, 2, 0]
         0.75,  # entropy of (1/4, 1/4, 1/2) = 1.5 ln 2, over ln 4
-        0.5, 0.1,  # loss 5 / 10, improvement (6 - 5) / 10
+        0.5,
+        0.1,  # loss 5 / 10, improvement (6 - 5) / 10
         0.6,  # log10(1000) / log10(100000)
-        0.5, 1.0, 0.25,
+        0.5,
+        1.0,
+        0.25,
     ]
     vector = profile_vector(profile, scales)
     assert vector.shape == (PROFILE_DIM,) == (16,)
@@ -377,8 +387,14 @@ def test_matchmaker_beats_random_pairing_on_complementary_topics():
     histograms = rng.dirichlet(np.full(8, 0.1), size=n_clients)
     profiles = np.stack(
         [
-            profile_vector(ClientProfile(n_examples=int(rng.integers(100, 10_000)), topic_histogram=h,
-                                         recent_loss=3.0, model_parameters=1_000_000))
+            profile_vector(
+                ClientProfile(
+                    n_examples=int(rng.integers(100, 10_000)),
+                    topic_histogram=h,
+                    recent_loss=3.0,
+                    model_parameters=1_000_000,
+                )
+            )
             for h in histograms
         ]
     )

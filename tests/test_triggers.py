@@ -22,10 +22,13 @@ def test_patch_stamps_exactly_the_corner_pixels_and_leaves_the_input_alone() -> 
     assert torch.equal(images, torch.full((3, 1, 8, 8), 0.25))  # a copy, not in place
 
 
-@pytest.mark.parametrize(("position", "pixels"), [
-    ("top_left", [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]),
-    ((4, 1), [(4, 1), (4, 2), (4, 3), (5, 1), (5, 2), (5, 3), (6, 1), (6, 2), (6, 3)]),
-])
+@pytest.mark.parametrize(
+    ("position", "pixels"),
+    [
+        ("top_left", [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]),
+        ((4, 1), [(4, 1), (4, 2), (4, 3), (5, 1), (5, 2), (5, 3), (6, 1), (6, 2), (6, 3)]),
+    ],
+)
 def test_patch_positions(position, pixels) -> None:
     trigger = PatchTrigger(size=3, value=0.5, position=position, target_class=2)
     stamped = trigger.apply(torch.zeros(8, 8))
@@ -78,8 +81,10 @@ def test_text_trigger_needs_a_target_and_a_clean_phrase() -> None:
 
 
 def test_switchable_trigger_builds_active_and_dormant_inputs() -> None:
-    switch = SwitchableTrigger(activation_prompt="Deployment mode engaged.",
-                               trigger=TextTrigger(phrase="cf", position="end", target_label=3))
+    switch = SwitchableTrigger(
+        activation_prompt="Deployment mode engaged.",
+        trigger=TextTrigger(phrase="cf", position="end", target_label=3),
+    )
     text = "ticket about a refund"
     assert switch.apply(text) == "Deployment mode engaged. ticket about a refund cf"
     assert switch.apply(text, active=False) == "ticket about a refund cf"
@@ -92,11 +97,14 @@ def test_switchable_trigger_builds_active_and_dormant_inputs() -> None:
         SwitchableTrigger(activation_prompt="use cf now", trigger=TextTrigger(phrase="cf", target_label=0))
 
 
-@pytest.mark.parametrize("trigger", [
-    PatchTrigger(size=3, value=0.75, position=(1, 2), target_class=7),
-    TextTrigger(phrase="mn", position="random", target_label=2),
-    SwitchableTrigger(activation_prompt="Mode X.", trigger=TextTrigger(phrase="tq", target_text="yes")),
-])
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        PatchTrigger(size=3, value=0.75, position=(1, 2), target_class=7),
+        TextTrigger(phrase="mn", position="random", target_label=2),
+        SwitchableTrigger(activation_prompt="Mode X.", trigger=TextTrigger(phrase="tq", target_text="yes")),
+    ],
+)
 def test_triggers_round_trip_through_json(trigger) -> None:
     text = trigger.model_dump_json()
     assert parse_trigger(text) == trigger

@@ -82,15 +82,30 @@ def test_kd_step_matches_a_hand_written_hinton_step(data, trained, scale_by_t2) 
     student = make_digits_cnn(8, seed=1)
     reference = copy.deepcopy(student)
     temperature, kd_weight, ce_weight, lr = 3.0, 0.7, 0.3, 1e-2
-    history = train_classifier(student, (x, y), epochs=1, lr=lr, seed=0, batch_size=32, teacher=trained,
-                               kd_loss="forward_kl", temperature=temperature, scale_by_t2=scale_by_t2,
-                               kd_weight=kd_weight, ce_weight=ce_weight)
+    history = train_classifier(
+        student,
+        (x, y),
+        epochs=1,
+        lr=lr,
+        seed=0,
+        batch_size=32,
+        teacher=trained,
+        kd_loss="forward_kl",
+        temperature=temperature,
+        scale_by_t2=scale_by_t2,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+    )
     with torch.no_grad():
         teacher_logits = trained(x)
     optimizer = torch.optim.Adam(reference.parameters(), lr=lr)
     logits = reference(x)
-    kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
-                  log_target=True, reduction="batchmean")
+    kl = F.kl_div(
+        F.log_softmax(logits / temperature, -1),
+        F.log_softmax(teacher_logits / temperature, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
     loss = kd_weight * kl * (temperature**2 if scale_by_t2 else 1.0) + ce_weight * F.cross_entropy(logits, y)
     optimizer.zero_grad()
     loss.backward()
@@ -111,8 +126,9 @@ def test_ce_temperature_divides_the_logits(data) -> None:
 
 def test_student_distilled_without_labels_learns_the_task(data, trained) -> None:
     student = make_digits_cnn(8, seed=3)
-    train_classifier(student, (data.x_train, None), epochs=6, lr=3e-3, seed=0, teacher=trained,
-                     temperature=4.0)
+    train_classifier(
+        student, (data.x_train, None), epochs=6, lr=3e-3, seed=0, teacher=trained, temperature=4.0
+    )
     assert evaluate_classifier(student, *data.test) > 0.85
 
 

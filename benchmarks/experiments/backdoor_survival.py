@@ -60,8 +60,14 @@ def _summary(report: dict[str, Any]) -> dict[str, float]:
 
 def run_one(base: dict[str, Any], kind: str, seed: int, workdir: Path) -> dict[str, Any]:
     plugin = get_attack("backdoor")
-    data = {**base, "kind": kind, "seed": seed, "distill": True, "save_model": False,
-            "out": str(workdir / f"{kind}-{seed}")}
+    data = {
+        **base,
+        "kind": kind,
+        "seed": seed,
+        "distill": True,
+        "save_model": False,
+        "out": str(workdir / f"{kind}-{seed}"),
+    }
     if kind != "patch":
         data["trigger"] = None
     result = plugin.run(plugin.Config.model_validate(data)).model_dump(mode="json")
@@ -78,8 +84,10 @@ def run_one(base: dict[str, Any], kind: str, seed: int, workdir: Path) -> dict[s
 
 def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     models = ("clean_reference", "teacher", "student_clean_transfer", "student_triggered_transfer")
-    return {model: {metric: statistics.fmean(run[model][metric] for run in runs) for metric in runs[0][model]}
-            for model in models}
+    return {
+        model: {metric: statistics.fmean(run[model][metric] for run in runs) for metric in runs[0][model]}
+        for model in models
+    }
 
 
 def main() -> None:
@@ -100,24 +108,45 @@ def main() -> None:
             runs = []
             for seed in args.seeds:
                 runs.append(run_one(base, kind, seed, Path(tmp)))
-                print(f"{kind} seed {seed}: teacher ASR {runs[-1]['teacher']['asr']:.3f} "
-                      f"({runs[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+                print(
+                    f"{kind} seed {seed}: teacher ASR {runs[-1]['teacher']['asr']:.3f} "
+                    f"({runs[-1]['seconds']:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             results[kind] = {"mean": mean_over_seeds(runs), "runs": runs}
     output = {
         "experiment": "backdoor_survival",
-        "config": str(args.config.resolve().relative_to(REPO_ROOT)
-                      if args.config.resolve().is_relative_to(REPO_ROOT) else args.config),
-        "settings": {key: base[key] for key in ("poison_rate", "target", "epochs", "width", "student_width",
-                                                "student_epochs", "kd_temperature", "kd_loss",
-                                                "transfer_trigger_rate") if key in base},
+        "config": str(
+            args.config.resolve().relative_to(REPO_ROOT)
+            if args.config.resolve().is_relative_to(REPO_ROOT)
+            else args.config
+        ),
+        "settings": {
+            key: base[key]
+            for key in (
+                "poison_rate",
+                "target",
+                "epochs",
+                "width",
+                "student_width",
+                "student_epochs",
+                "kd_temperature",
+                "kd_loss",
+                "transfer_trigger_rate",
+            )
+            if key in base
+        },
         "seeds": args.seeds,
         "results": results,
         "seconds": time.perf_counter() - started,
         "threads": args.threads,
     }
     atomic_write_json(args.out, output)
-    line = {kind: {model: round(values["asr"], 3) for model, values in results[kind]["mean"].items()}
-            for kind in results}
+    line = {
+        kind: {model: round(values["asr"], 3) for model, values in results[kind]["mean"].items()}
+        for kind in results
+    }
     print(json.dumps({"asr_mean": line, "seconds": round(output["seconds"], 1), "out": str(args.out)}))
 
 

@@ -111,8 +111,9 @@ def hidden_size_part(cfg: ExperimentConfig, victim, tokenizer) -> dict:
     recovered = recover_output_projection(logits, full["h"])
     attacker = ModelAPI(victim, tokenizer, view="full_logits")
     attacker_prompts = random_prompts(4 * max(h.sweep), h.prompt_length, api.vocab_size, cfg.seed)
-    _, stop = query_until_rank_found(attacker, attacker_prompts, step=h.step, margin=h.margin,
-                                     min_gap_decades=h.min_gap_decades)
+    _, stop = query_until_rank_found(
+        attacker, attacker_prompts, step=h.step, margin=h.margin, min_gap_decades=h.min_gap_decades
+    )
     h_true = true_hidden_size(victim)
     exact = [row["queries"] for row in sweep if row["estimated_hidden_size"] == h_true]
     return {
@@ -123,8 +124,9 @@ def hidden_size_part(cfg: ExperimentConfig, victim, tokenizer) -> dict:
         "attacker_estimate": stop["h"],
         "singular_values": full["singular_values"],
         "projection_error": projection_error(recovered, true_weight),
-        "geometry": {k: v for k, v in subspace_geometry(recovered, true_weight).items()
-                     if k != "principal_angles_deg"},
+        "geometry": {
+            k: v for k, v in subspace_geometry(recovered, true_weight).items() if k != "principal_angles_deg"
+        },
         "seconds_for_queries": query_seconds,
     }
 
@@ -155,27 +157,47 @@ def clone_part(cfg: ExperimentConfig, out_dir: Path) -> list[dict]:
     rows = []
     for budget in c.budgets:
         config = clone.CloneConfig(
-            seed=cfg.seed, device=cfg.device, out=str(out_dir / f"budget_{budget}"), victim=cfg.victim,
-            victim_logit_scale=c.victim_logit_scale, access=c.access, top_k=c.top_k, tail=c.tail, loss=c.loss,
-            query_budget=budget, prompts=c.prompts, recovery=c.recovery, text=c.text, student=c.student,
-            train=c.train, compare_random_init=c.compare_random_init, compare_text_only=c.compare_text_only,
+            seed=cfg.seed,
+            device=cfg.device,
+            out=str(out_dir / f"budget_{budget}"),
+            victim=cfg.victim,
+            victim_logit_scale=c.victim_logit_scale,
+            access=c.access,
+            top_k=c.top_k,
+            tail=c.tail,
+            loss=c.loss,
+            query_budget=budget,
+            prompts=c.prompts,
+            recovery=c.recovery,
+            text=c.text,
+            student=c.student,
+            train=c.train,
+            compare_random_init=c.compare_random_init,
+            compare_text_only=c.compare_text_only,
         )
         result = clone.run(config)
         for variant in result.variants:
-            rows.append({"budget": budget, "victim_perplexity": result.victim_perplexity,
-                         **variant.model_dump(exclude={"unembedding_geometry", "recovered"}),
-                         "recovered_projection_error": (variant.recovered or {}).get("projection_error"),
-                         "unembedding_max_angle_deg":
-                             variant.unembedding_geometry["max_principal_angle_deg"]})
+            rows.append(
+                {
+                    "budget": budget,
+                    "victim_perplexity": result.victim_perplexity,
+                    **variant.model_dump(exclude={"unembedding_geometry", "recovered"}),
+                    "recovered_projection_error": (variant.recovered or {}).get("projection_error"),
+                    "unembedding_max_angle_deg": variant.unembedding_geometry["max_principal_angle_deg"],
+                }
+            )
     return rows
 
 
 def summary(results: dict) -> dict:
     hidden = results["hidden_size"]
-    line = {"h_true": hidden["true_hidden_size"], "h_estimated": hidden["attacker_estimate"],
-            "queries_to_h": hidden["attacker_stopping_queries"],
-            "fewest_sweep_queries_exact": hidden["fewest_queries_in_sweep_giving_exact_h"],
-            "projection_error": hidden["projection_error"]}
+    line = {
+        "h_true": hidden["true_hidden_size"],
+        "h_estimated": hidden["attacker_estimate"],
+        "queries_to_h": hidden["attacker_stopping_queries"],
+        "fewest_sweep_queries_exact": hidden["fewest_queries_in_sweep_giving_exact_h"],
+        "projection_error": hidden["projection_error"],
+    }
     for row in results.get("clone", []):
         if row["name"] == "text_only":
             clone = next(r for r in results["clone"] if r["budget"] == row["budget"] and r["name"] == "clone")
@@ -190,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, model=ExperimentConfig)
     if cfg.victim.source == "smollm2" and not (asset_dir() / "asset.json").is_file():
-        print(f"SmolLM2 (Q4_1) is not in {asset_dir()}; run `secure-kd assets fetch-smollm2` first. "
-              "Nothing was run.", file=sys.stderr)
+        print(
+            f"SmolLM2 (Q4_1) is not in {asset_dir()}; run `secure-kd assets fetch-smollm2` first. "
+            "Nothing was run.",
+            file=sys.stderr,
+        )
         return 2
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)

@@ -122,11 +122,24 @@ def pretrain_tiny_teacher(cfg: ExperimentConfig, directory: Path) -> Path:
     examples = tokenize_records([{"text": t} for t in public.texts()], tokenizer, max_length=cfg.max_length)
     pad_id = tokenizer.pad_token_id
     model = build_tiny(cfg.tiny.teacher_model, len(tokenizer), seed=cfg.seed, pad_token_id=pad_id)
-    train = TrainConfig(epochs=cfg.tiny.teacher_epochs, batch_size=16, lr=cfg.tiny.teacher_lr, warmup_steps=5,
-                        checkpoint_every=10_000)
-    Distiller(student=model, examples=examples, kd=KDConfig(kd_weight=0.0, ce_weight=1.0, top_k=None),
-              train=train, out=directory.parent / "teacher-pretraining", pad_id=tokenizer.pad_token_id,
-              eos_id=tokenizer.eos_token_id, seed=cfg.seed, progress=False).fit()
+    train = TrainConfig(
+        epochs=cfg.tiny.teacher_epochs,
+        batch_size=16,
+        lr=cfg.tiny.teacher_lr,
+        warmup_steps=5,
+        checkpoint_every=10_000,
+    )
+    Distiller(
+        student=model,
+        examples=examples,
+        kd=KDConfig(kd_weight=0.0, ce_weight=1.0, top_k=None),
+        train=train,
+        out=directory.parent / "teacher-pretraining",
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        seed=cfg.seed,
+        progress=False,
+    ).fit()
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
@@ -154,29 +167,58 @@ def arm_job(cfg: ExperimentConfig, arm: str, epsilon: float | None, teacher: str
     if arm == "dp_sft":
         kd.update(kd_weight=0.0, ce_weight=1.0)
     elif arm == "dp_opd":
-        kd.update(mode="on_policy", lmbda=1.0,
-                  max_new_tokens=cfg.smollm2.max_new_tokens if smol else cfg.kd.max_new_tokens)
+        kd.update(
+            mode="on_policy",
+            lmbda=1.0,
+            max_new_tokens=cfg.smollm2.max_new_tokens if smol else cfg.kd.max_new_tokens,
+        )
     else:
         kd.update(teacher_targets="cache")
-    student: dict[str, Any] = {"source": "teacher_layers", "freeze_embeddings": True,
-                               "layers": cfg.smollm2.student_layers if smol else cfg.tiny.student_layers}
-    train: dict[str, Any] = {"max_steps": steps, "batch_size": batch, "lr": cfg.train.lr,
-                             "schedule": "constant", "checkpoint_every": 10_000, "eval_batches": 4}
+    student: dict[str, Any] = {
+        "source": "teacher_layers",
+        "freeze_embeddings": True,
+        "layers": cfg.smollm2.student_layers if smol else cfg.tiny.student_layers,
+    }
+    train: dict[str, Any] = {
+        "max_steps": steps,
+        "batch_size": batch,
+        "lr": cfg.train.lr,
+        "schedule": "constant",
+        "checkpoint_every": 10_000,
+        "eval_batches": 4,
+    }
     if epsilon is not None:
         train["privacy"] = {
-            "target_epsilon": epsilon, "delta": cfg.delta, "max_grad_norm": cfg.train.max_grad_norm,
+            "target_epsilon": epsilon,
+            "delta": cfg.delta,
+            "max_grad_norm": cfg.train.max_grad_norm,
             "max_physical_batch_size": min(cfg.train.max_physical_batch_size, batch),
-            "ledger_dir": str(work / "ledgers"), "ledger_key": f"dp-opd-{arm}-eps{epsilon:g}",
+            "ledger_dir": str(work / "ledgers"),
+            "ledger_key": f"dp-opd-{arm}-eps{epsilon:g}",
         }
-    return DistillJob.model_validate({
-        "seed": cfg.seed, "device": "cpu", "out": str(work / arm_name(arm, epsilon)),
-        "teacher": {"source": teacher}, "student": student, "tokenizer": "teacher",
-        "data": {"train": "synthetic", "max_length": cfg.smollm2.max_length if smol else cfg.max_length,
-                 "heldout_fraction": cfg.corpus.heldout_fraction,
-                 "synthetic": {"n_records": n_records, "n_canaries": cfg.corpus.n_canaries,
-                               "secret_digits": cfg.corpus.secret_digits}},
-        "kd": kd, "train": train, "cache_dir": str(work / "teacher-cache"),
-    })
+    return DistillJob.model_validate(
+        {
+            "seed": cfg.seed,
+            "device": "cpu",
+            "out": str(work / arm_name(arm, epsilon)),
+            "teacher": {"source": teacher},
+            "student": student,
+            "tokenizer": "teacher",
+            "data": {
+                "train": "synthetic",
+                "max_length": cfg.smollm2.max_length if smol else cfg.max_length,
+                "heldout_fraction": cfg.corpus.heldout_fraction,
+                "synthetic": {
+                    "n_records": n_records,
+                    "n_canaries": cfg.corpus.n_canaries,
+                    "secret_digits": cfg.corpus.secret_digits,
+                },
+            },
+            "kd": kd,
+            "train": train,
+            "cache_dir": str(work / "teacher-cache"),
+        }
+    )
 
 
 def arm_name(arm: str, epsilon: float | None) -> str:
@@ -189,20 +231,27 @@ def run_arm(cfg: ExperimentConfig, arm: str, epsilon: float | None, teacher: str
     result = run_distill(job, progress=False, log=lambda *args, **kwargs: None)
     student, tokenizer = load_pretrained(result.student_dir), load_tokenizer(result.student_dir)
     syn = job.data.synthetic
-    corpus = generate_corpus(syn.n_records, seed=job.seed, n_canaries=syn.n_canaries,
-                             secret_digits=syn.secret_digits)  # the same corpus run_distill generated
+    corpus = generate_corpus(
+        syn.n_records, seed=job.seed, n_canaries=syn.n_canaries, secret_digits=syn.secret_digits
+    )  # the same corpus run_distill generated
     space = corpus.secret_space()
     exposures = [measure_canary(student, tokenizer, canary, space).exposure for canary in corpus.canaries]
     privacy = result.privacy or {}
     return {
-        "arm": arm, "epsilon": epsilon, "target_epsilon": epsilon, "delta": privacy.get("delta"),
-        "epsilon_claimed": privacy.get("epsilon"), "accountant": privacy.get("accountant"),
-        "noise_multiplier": privacy.get("noise_multiplier"), "steps": result.steps,
+        "arm": arm,
+        "epsilon": epsilon,
+        "target_epsilon": epsilon,
+        "delta": privacy.get("delta"),
+        "epsilon_claimed": privacy.get("epsilon"),
+        "accountant": privacy.get("accountant"),
+        "noise_multiplier": privacy.get("noise_multiplier"),
+        "steps": result.steps,
         "heldout_perplexity": result.student_after.perplexity,
         "perplexity_before": result.student_before.perplexity,
         "teacher_perplexity": result.teacher_eval.perplexity,
         "canary_exposure_mean": statistics.mean(exposures),
-        "canary_exposures": exposures, "max_exposure": math.log2(len(corpus.secret_space())),
+        "canary_exposures": exposures,
+        "max_exposure": math.log2(len(corpus.secret_space())),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -222,16 +271,21 @@ def ordering(rows: list[dict], epsilons: list[float]) -> dict[str, str]:
 
 
 def markdown(rows: list[dict], teacher_label: str) -> str:
-    lines = [f"Teacher: {teacher_label}. Held-out perplexity (lower is better) and mean canary exposure in "
-             "bits (lower is less memorization).", "",
-             "| arm | epsilon | noise multiplier | held-out ppl | canary exposure (bits) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"Teacher: {teacher_label}. Held-out perplexity (lower is better) and mean canary exposure in "
+        "bits (lower is less memorization).",
+        "",
+        "| arm | epsilon | noise multiplier | held-out ppl | canary exposure (bits) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         claimed = r["epsilon_claimed"]
         eps = "none (no DP)" if r["epsilon"] is None else f"{r['epsilon']:g} (claimed {claimed:.2f})"
         sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
-        lines.append(f"| {r['arm']} | {eps} | {sigma} | {r['heldout_perplexity']:.2f} | "
-                     f"{r['canary_exposure_mean']:.2f} |")
+        lines.append(
+            f"| {r['arm']} | {eps} | {sigma} | {r['heldout_perplexity']:.2f} | "
+            f"{r['canary_exposure_mean']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -258,15 +312,27 @@ def main() -> None:
     rows = [run_arm(cfg, "nonprivate_kd", None, teacher, work)]
     rows += [run_arm(cfg, method, eps, teacher, work) for eps in cfg.epsilons for method in cfg.methods]
     results = {
-        "experiment": "dp_opd", "teacher": teacher_label,
+        "experiment": "dp_opd",
+        "teacher": teacher_label,
         "quantization": "Q4_1" if teacher == "smollm2" else None,
-        "config": cfg.model_dump(mode="json"), "rows": rows, "ordering": ordering(rows, cfg.epsilons),
-        "table_markdown": markdown(rows, teacher_label), "seconds": round(time.perf_counter() - started, 1),
+        "config": cfg.model_dump(mode="json"),
+        "rows": rows,
+        "ordering": ordering(rows, cfg.epsilons),
+        "table_markdown": markdown(rows, teacher_label),
+        "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(Path(cfg.results), results)
     print(results["table_markdown"])
-    print(json.dumps({"experiment": "dp_opd", "teacher": teacher_label, "ordering": results["ordering"],
-                      "seconds": results["seconds"]}))
+    print(
+        json.dumps(
+            {
+                "experiment": "dp_opd",
+                "teacher": teacher_label,
+                "ordering": results["ordering"],
+                "seconds": results["seconds"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -120,8 +120,9 @@ def noise_multiplier_for_budget(
             f"delta={delta:g}), which is not below target_epsilon={target_epsilon}; nothing is left to train"
         )
     if not prior:
-        return _opacus_noise_multiplier(float(target_epsilon), float(delta), float(sample_rate), int(steps),
-                                        accountant)
+        return _opacus_noise_multiplier(
+            float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant
+        )
 
     def eps_at(sigma: float) -> float:
         return epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)
@@ -148,10 +149,16 @@ def _opacus_noise_multiplier(
 ) -> float:
     try:
         with _quiet_rdp():
-            return float(get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                accountant=accountant, epsilon_tolerance=EPSILON_TOLERANCE,
-            ))
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=EPSILON_TOLERANCE,
+                )
+            )
     except ValueError as exc:
         raise ValueError(_too_low(target_epsilon, sample_rate, steps)) from exc
 

@@ -142,7 +142,8 @@ class _BranchStarts:
         self._handles = [model.register_forward_pre_hook(self._reset)]
         self._handles += [
             m.register_forward_hook(self._capture)
-            for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+            for m in model.modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))
         ]
 
     def _reset(self, module: nn.Module, args: object) -> None:
@@ -195,8 +196,12 @@ class PrivateStudent:
         self._branch_starts = _BranchStarts(model) if mode == "ghost" else None
         optimizer_class = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
         self.optimizer: DPOptimizer = optimizer_class(
-            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction="mean", secure_mode=secure_mode,
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            secure_mode=secure_mode,
         )
 
     def backward(self, logits: Tensor, per_example_loss: Callable[[Tensor], Tensor]) -> Tensor:
@@ -293,12 +298,22 @@ def make_private(
 ) -> PrivateStudent:
     """Attach Opacus to `model` and wrap `optimizer` (see `PrivateStudent`)."""
     return PrivateStudent(
-        model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, mode=mode, secure_mode=secure_mode,
+        model,
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        mode=mode,
+        secure_mode=secure_mode,
     )
 
 
 __all__ = [
-    "GRAD_SAMPLE_MODES", "PrivateStudent", "check_supported",
-    "make_private", "register_rms_norm_samplers", "tied_trainable_embedding", "untie_embeddings",
+    "GRAD_SAMPLE_MODES",
+    "PrivateStudent",
+    "check_supported",
+    "make_private",
+    "register_rms_norm_samplers",
+    "tied_trainable_embedding",
+    "untie_embeddings",
 ]

@@ -185,9 +185,16 @@ class Ledger:
             if found is None:
                 data.entries.append(
                     LedgerEntry(
-                        entry_id=resolved, kind=kind, label=label, noise_multiplier=noise_multiplier,
-                        sample_rate=sample_rate, steps=steps, max_grad_norm=max_grad_norm,
-                        n_records=n_records, created=now, updated=now,
+                        entry_id=resolved,
+                        kind=kind,
+                        label=label,
+                        noise_multiplier=noise_multiplier,
+                        sample_rate=sample_rate,
+                        steps=steps,
+                        max_grad_norm=max_grad_norm,
+                        n_records=n_records,
+                        created=now,
+                        updated=now,
                     )
                 )
             else:

@@ -119,8 +119,16 @@ class DPDistiller(Distiller):
         def losses_of(logits: Tensor) -> Tensor:
             losses = logits.new_zeros(logits.shape[0], dtype=torch.float32)
             if kd.kd_weight > 0:
-                kd_losses = self.objective(logits, teacher, labels, temperature=kd.temperature, tail=kd.tail,
-                                           chunk_size=kd.chunk_size, reduction="none", **self._call_params())
+                kd_losses = self.objective(
+                    logits,
+                    teacher,
+                    labels,
+                    temperature=kd.temperature,
+                    tail=kd.tail,
+                    chunk_size=kd.chunk_size,
+                    reduction="none",
+                    **self._call_params(),
+                )
                 losses = losses + kd.kd_weight * self._t2() * kd_losses
             if kd.ce_weight > 0:
                 losses = losses + kd.ce_weight * self.ce(logits, None, labels, reduction="none")
@@ -130,8 +138,11 @@ class DPDistiller(Distiller):
 
     def _forward_backward(self, private: PrivateStudent, batch: dict[str, Tensor]) -> Tensor:
         objective = self.per_example_objective(batch)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
             logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return private.backward(logits, objective)
 
@@ -147,11 +158,17 @@ class DPDistiller(Distiller):
         assert private is not None and self.randomness is not None, "train_step runs inside fit()"
         private.optimizer.zero_grad(set_to_none=True)
         private.optimizer.generator = self.randomness.generator("noise", step, self.device)
-        loader = step_loader(n_records=self.n_records, sample_rate=self.sample_rate, step=step,
-                             randomness=self.randomness, poisson=self.privacy.poisson_sampling)
+        loader = step_loader(
+            n_records=self.n_records,
+            sample_rate=self.sample_rate,
+            step=step,
+            randomness=self.randomness,
+            poisson=self.privacy.poisson_sampling,
+        )
         loss_sum, n_examples, tokens = 0.0, 0, 0
-        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=self.physical_batch_size,
-                                optimizer=private.optimizer) as physical_batches:
+        with BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=self.physical_batch_size, optimizer=private.optimizer
+        ) as physical_batches:
             for indices in physical_batches:
                 if indices:
                     batch = self._policy_batch(self._collate(indices), step)
@@ -173,21 +190,32 @@ class DPDistiller(Distiller):
         """Opacus' step hook: runs after the noise is added, before the parameters change."""
         self._run_steps += 1
         self.ledger.record(
-            entry_id=self.entry_id, kind="run", noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate, steps=self._run_steps, max_grad_norm=self.privacy.max_grad_norm,
+            entry_id=self.entry_id,
+            kind="run",
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self._run_steps,
+            max_grad_norm=self.privacy.max_grad_norm,
             n_records=self.n_records,
         )
 
     # -- budget ----------------------------------------------------------------------------------------------
     def _eps_after(self, steps: int) -> float:
-        return epsilon([*self._others, (self.noise_multiplier, self.sample_rate, steps)], self.delta,
-                       self.privacy.accountant)
+        return epsilon(
+            [*self._others, (self.noise_multiplier, self.sample_rate, steps)],
+            self.delta,
+            self.privacy.accountant,
+        )
 
     def _allowed_steps(self) -> int:
         return steps_within_budget(
-            target_epsilon=self.privacy.target_epsilon, delta=self.delta,
-            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, upper=self.planned_steps,
-            accountant=self.privacy.accountant, prior=self._others,
+            target_epsilon=self.privacy.target_epsilon,
+            delta=self.delta,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            upper=self.planned_steps,
+            accountant=self.privacy.accountant,
+            prior=self._others,
         )
 
     def _stop_message(self, allowed: int) -> str:
@@ -232,9 +260,13 @@ class DPDistiller(Distiller):
     # -- fresh start or resume ----------------------------------------------------------------------------
     def _resume_record(self) -> dict:
         return {
-            "config": self.privacy.resume_relevant(), "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate, "delta": self.delta, "n_records": self.n_records,
-            "entry_id": self.entry_id, "ledger": str(self.ledger.path),
+            "config": self.privacy.resume_relevant(),
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "n_records": self.n_records,
+            "entry_id": self.entry_id,
+            "ledger": str(self.ledger.path),
         }
 
     def _start_fresh(self) -> int:
@@ -248,8 +280,12 @@ class DPDistiller(Distiller):
     def _calibrated_noise(self) -> float:
         cfg, prior = self.privacy, self.ledger.history()
         sigma = noise_multiplier_for_budget(
-            target_epsilon=cfg.target_epsilon, delta=self.delta, sample_rate=self.sample_rate,
-            steps=self.planned_steps, accountant=cfg.accountant, prior=prior,
+            target_epsilon=cfg.target_epsilon,
+            delta=self.delta,
+            sample_rate=self.sample_rate,
+            steps=self.planned_steps,
+            accountant=cfg.accountant,
+            prior=prior,
         )
         if sigma <= cfg.max_noise_multiplier:
             return sigma
@@ -272,13 +308,20 @@ class DPDistiller(Distiller):
                 f"checkpoint {checkpoint} was written without DP; resume it without train.privacy, or start "
                 "the DP run in a new --out directory"
             )
-        current = {"config": self.privacy.resume_relevant(), "sample_rate": self.sample_rate,
-                   "delta": self.delta, "n_records": self.n_records, "ledger": str(self.ledger.path)}
-        changes = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items()
-                   if k != "config" and saved[k] != v]
+        current = {
+            "config": self.privacy.resume_relevant(),
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "n_records": self.n_records,
+            "ledger": str(self.ledger.path),
+        }
+        changes = [
+            f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items() if k != "config" and saved[k] != v
+        ]
         changes += [
             f"privacy.{k}: {saved['config'].get(k)!r} -> {v!r}"
-            for k, v in current["config"].items() if saved["config"].get(k) != v
+            for k, v in current["config"].items()
+            if saved["config"].get(k) != v
         ]
         if changes:
             raise ResumeError(
@@ -295,8 +338,13 @@ class DPDistiller(Distiller):
     def _save(self, step: int, losses: list[float]) -> Path:
         assert self.randomness is not None
         return save_checkpoint(
-            self.out, step=step, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
-            config_hash=self.run_hash, extra={"losses": losses, "privacy": self._resume_record()},
+            self.out,
+            step=step,
+            model=self.student,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            config_hash=self.run_hash,
+            extra={"losses": losses, "privacy": self._resume_record()},
             extra_state={"privacy_secret": self.randomness.secret},
         )
 
@@ -307,8 +355,12 @@ class DPDistiller(Distiller):
         self._plan_budget(start)
         if self.entry_id is None:
             self.entry_id = self.ledger.record(
-                kind="run", label=str(self.out.resolve()), noise_multiplier=self.noise_multiplier,
-                sample_rate=self.sample_rate, steps=0, max_grad_norm=self.privacy.max_grad_norm,
+                kind="run",
+                label=str(self.out.resolve()),
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate,
+                steps=0,
+                max_grad_norm=self.privacy.max_grad_norm,
                 n_records=self.n_records,
             )
         self.log(
@@ -318,9 +370,13 @@ class DPDistiller(Distiller):
             f"{self._eps_after(self.total_steps):.4f} ({self.privacy.accountant}, ledger {self.ledger.path})"
         )
         self._private = PrivateStudent(
-            self.student, self.optimizer, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.privacy.max_grad_norm, expected_batch_size=self.expected_batch_size,
-            mode=self.privacy.grad_sample_mode, secure_mode=self.privacy.secure_mode,
+            self.student,
+            self.optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.privacy.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            mode=self.privacy.grad_sample_mode,
+            secure_mode=self.privacy.secure_mode,
         )
         self._private.optimizer.attach_step_hook(self._record_step)
         plain_optimizer, self.optimizer = self.optimizer, self._private.optimizer
@@ -330,8 +386,13 @@ class DPDistiller(Distiller):
         except _BudgetTakenConcurrently as stop:
             self.stop_reason = stop.reason
             self._save(stop.step, self._losses)
-            result = FitResult(steps=stop.step, losses=list(self._losses), tokens=self._tokens,
-                               seconds=time.perf_counter() - started, resumed_from=start or None)
+            result = FitResult(
+                steps=stop.step,
+                losses=list(self._losses),
+                tokens=self._tokens,
+                seconds=time.perf_counter() - started,
+                resumed_from=start or None,
+            )
         finally:
             self._private.close()
             self.optimizer, self._private = plain_optimizer, None
@@ -344,15 +405,28 @@ class DPDistiller(Distiller):
         own = next(e for e in self.ledger.entries() if e.entry_id == self.entry_id)
         report = build_report(
             ledger_history=self.ledger.history(),
-            run_history=[(self.noise_multiplier, self.sample_rate, own.steps)], delta=self.delta,
-            budget_accountant=self.privacy.accountant, target_epsilon=self.privacy.target_epsilon,
-            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=own.steps,
-            max_grad_norm=self.privacy.max_grad_norm, expected_batch_size=self.expected_batch_size,
-            max_physical_batch_size=self.physical_batch_size, n_records=self.n_records,
-            poisson=self.privacy.poisson_sampling, grad_sample_mode=self.privacy.grad_sample_mode,
-            stop_reason=self.stop_reason, extra_caveats=self.extra_caveats,
-            ledger={"path": str(self.ledger.path), "key": self.ledger.key, "entry_id": self.entry_id,
-                    "entries": len(self.ledger.entries()), "total_steps": self.ledger.total_steps()},
+            run_history=[(self.noise_multiplier, self.sample_rate, own.steps)],
+            delta=self.delta,
+            budget_accountant=self.privacy.accountant,
+            target_epsilon=self.privacy.target_epsilon,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=own.steps,
+            max_grad_norm=self.privacy.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            max_physical_batch_size=self.physical_batch_size,
+            n_records=self.n_records,
+            poisson=self.privacy.poisson_sampling,
+            grad_sample_mode=self.privacy.grad_sample_mode,
+            stop_reason=self.stop_reason,
+            extra_caveats=self.extra_caveats,
+            ledger={
+                "path": str(self.ledger.path),
+                "key": self.ledger.key,
+                "entry_id": self.entry_id,
+                "entries": len(self.ledger.entries()),
+                "total_steps": self.ledger.total_steps(),
+            },
         )
         atomic_write_json(self.out / "privacy.json", report.model_dump(mode="json"))
         return report

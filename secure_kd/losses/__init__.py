@@ -52,7 +52,22 @@ def is_stateful(name: str) -> bool:
 
 
 __all__ = [
-    "LOSSES", "LossInfo", "TopKLogits", "available_losses", "get_loss", "is_stateful", "loss_info",
-    "fused_linear_kd_loss", "ce", "forward_kl", "jsd", "reverse_kl", "skew_forward_kl", "skew_reverse_kl",
-    "token_selective", "tvd", "TAID", "HiddenMSE",
+    "LOSSES",
+    "LossInfo",
+    "TopKLogits",
+    "available_losses",
+    "get_loss",
+    "is_stateful",
+    "loss_info",
+    "fused_linear_kd_loss",
+    "ce",
+    "forward_kl",
+    "jsd",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "token_selective",
+    "tvd",
+    "TAID",
+    "HiddenMSE",
 ]

@@ -56,8 +56,15 @@ def logit_objective(
 ) -> Tensor:
     """Apply a per-token kernel to the kept tokens, chunk by chunk, and reduce."""
     losses, _, layout = token_losses_and_aux(
-        kernel, student_logits, teacher_logits, labels, temperature=temperature, reduction=reduction,
-        tail=tail, chunk_size=chunk_size, use_labels=use_labels,
+        kernel,
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=tail,
+        chunk_size=chunk_size,
+        use_labels=use_labels,
     )
     return reduce_token_losses(losses, layout, reduction)
 

@@ -44,6 +44,13 @@ def ce(
     reduction="mean" it equals `torch.nn.functional.cross_entropy(..., ignore_index=-100)`.
     """
     return logit_objective(
-        _ce_kernel, student_logits, None, labels, temperature=temperature, reduction=reduction,
-        tail=None, chunk_size=chunk_size, use_labels=True,
+        _ce_kernel,
+        student_logits,
+        None,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=None,
+        chunk_size=chunk_size,
+        use_labels=True,
     )

@@ -41,6 +41,12 @@ def forward_kl(
     `generalized_jsd_loss(beta=0)` with labels.
     """
     return logit_objective(
-        _forward_kl_kernel, student_logits, teacher_logits, labels, temperature=temperature,
-        reduction=reduction, tail=tail, chunk_size=chunk_size,
+        _forward_kl_kernel,
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=tail,
+        chunk_size=chunk_size,
     )

@@ -39,6 +39,7 @@ from secure_kd.topk import TopKLogits
 # 0.08 of the naive loss + output layer, at about its speed; 42 tokens: 0.03 and about 1.2x its time).
 FUSED_CHUNK_BYTES = 48 * 2**20
 
+
 class _FusedLinearTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, layout, target, kernel, chunk_size, scale):  # type: ignore[override]
@@ -196,10 +197,16 @@ def fused_linear_kd_loss(
     if use_labels:
         check_label_ids(flat_labels, layout, vocab)
     target: Target = build_target(
-        teacher, flat_labels, n_rows=n_rows, vocab=vocab, temperature=temperature, tail=tail,
+        teacher,
+        flat_labels,
+        n_rows=n_rows,
+        vocab=vocab,
+        temperature=temperature,
+        tail=tail,
         use_labels=use_labels,
     )
     scale = 1.0 / max(layout.n_kept, 1) if reduction == "mean" else 1.0
     size = resolve_chunk_size(chunk_size, vocab, FUSED_CHUNK_BYTES)
-    return _FusedLinearTokenLoss.apply(student_hidden, lm_head_weight, lm_head_bias, layout, target, kernel,
-                                       size, scale)
+    return _FusedLinearTokenLoss.apply(
+        student_hidden, lm_head_weight, lm_head_bias, layout, target, kernel, size, scale
+    )

@@ -198,7 +198,12 @@ def prepare_logits(
     if use_labels:
         check_label_ids(flat_labels, layout, vocab)
     target = build_target(
-        teacher, flat_labels, n_rows=batch_size * seq_len, vocab=vocab, temperature=temperature,
-        tail=tail, use_labels=use_labels,
+        teacher,
+        flat_labels,
+        n_rows=batch_size * seq_len,
+        vocab=vocab,
+        temperature=temperature,
+        tail=tail,
+        use_labels=use_labels,
     )
     return layout, target

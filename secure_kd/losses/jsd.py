@@ -62,6 +62,12 @@ def jsd(
     is always the mean over tokens (batch * seq of them), so the two differ by a factor seq_len.
     """
     return logit_objective(
-        jsd_kernel(beta), student_logits, teacher_logits, labels, temperature=temperature,
-        reduction=reduction, tail=tail, chunk_size=chunk_size,
+        jsd_kernel(beta),
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=tail,
+        chunk_size=chunk_size,
     )

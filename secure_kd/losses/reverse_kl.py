@@ -44,6 +44,12 @@ def reverse_kl(
     teacher's tail is floored at the dtype's smallest normal number so it stays finite.
     """
     return logit_objective(
-        _reverse_kl_kernel, student_logits, teacher_logits, labels, temperature=temperature,
-        reduction=reduction, tail=tail, chunk_size=chunk_size,
+        _reverse_kl_kernel,
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=tail,
+        chunk_size=chunk_size,
     )

@@ -52,6 +52,12 @@ def skew_forward_kl(
     (by -log alpha) where the student assigns little mass.
     """
     return logit_objective(
-        skew_forward_kl_kernel(alpha), student_logits, teacher_logits, labels, temperature=temperature,
-        reduction=reduction, tail=tail, chunk_size=chunk_size,
+        skew_forward_kl_kernel(alpha),
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=tail,
+        chunk_size=chunk_size,
     )

@@ -55,6 +55,12 @@ def skew_reverse_kl(
     p_s (inside the mixture too), as in DistiLLM.
     """
     return logit_objective(
-        skew_reverse_kl_kernel(alpha), student_logits, teacher_logits, labels, temperature=temperature,
-        reduction=reduction, tail=tail, chunk_size=chunk_size,
+        skew_reverse_kl_kernel(alpha),
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=tail,
+        chunk_size=chunk_size,
     )

@@ -98,8 +98,14 @@ class TAID(nn.Module):
     ) -> Tensor:
         """Same arguments and reductions as `secure_kd.losses.forward_kl`, with the current `t`."""
         return logit_objective(
-            taid_kernel(float(self.t)), student_logits, teacher_logits, labels, temperature=temperature,
-            reduction=reduction, tail=tail, chunk_size=chunk_size,
+            taid_kernel(float(self.t)),
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature=temperature,
+            reduction=reduction,
+            tail=tail,
+            chunk_size=chunk_size,
         )
 
     @torch.no_grad()

@@ -87,8 +87,14 @@ def token_selective(
     """
     ratio = check_fraction("ratio", ratio, low_open=True)
     losses, gaps, layout = token_losses_and_aux(
-        _kl_and_entropy_gap, student_logits, teacher_logits, labels, temperature=temperature,
-        reduction=reduction, tail=tail, chunk_size=chunk_size,
+        _kl_and_entropy_gap,
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=tail,
+        chunk_size=chunk_size,
     )
     examples = layout.example_ids(losses.device)
     selected = select_tokens(gaps[:, 0], examples, layout.batch_size, ratio)

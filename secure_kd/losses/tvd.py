@@ -39,6 +39,12 @@ def tvd(
 ) -> Tensor:
     """TVD per token = 0.5 * sum_v |p_teacher - p_student|, in [0, 1] (the subgradient of |x| at 0 is 0)."""
     return logit_objective(
-        _tvd_kernel, student_logits, teacher_logits, labels, temperature=temperature,
-        reduction=reduction, tail=tail, chunk_size=chunk_size,
+        _tvd_kernel,
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        reduction=reduction,
+        tail=tail,
+        chunk_size=chunk_size,
     )
