@@ -149,7 +149,7 @@ def test_refuses_other_tokenizer_dataset_or_k(model, tmp_path: Path) -> None:
     with pytest.raises(CacheMismatchError) as info:
         open_cache(tmp_path / "cache", seqs, expect_tokenizer="tok-fingerprint-b")
     message = str(info.value)
-    assert TOKENIZER in message and "tok-fingerprint-b" in message and "secure-kd cache build" in message
+    assert TOKENIZER in message and "tok-fingerprint-b" in message and "secure-kd distill" in message
     other_data = token_dataset_fingerprint(sequences(seed=2))
     with pytest.raises(CacheMismatchError) as info:
         open_cache(tmp_path / "cache", seqs, expect_dataset=other_data)

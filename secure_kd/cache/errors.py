@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+REBUILD_HINT = (
+    "rebuild the cache: delete its directory and run the same `secure-kd distill` job again "
+    "(kd.teacher_targets: cache builds it), or call secure_kd.cache.build_cache"
+)
+
 
 class CacheError(ValueError):
     """Base class of every logit-cache error."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from secure_kd.cache.errors import CacheCorruptionError
+from secure_kd.cache.errors import REBUILD_HINT, CacheCorruptionError
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -66,9 +66,7 @@ def read_bounded(path: Path, max_bytes: int, *, what: str) -> bytes:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise CacheCorruptionError(
-            f"{what} {path} is missing; rebuild the cache with `secure-kd cache build`"
-        ) from None
+        raise CacheCorruptionError(f"{what} {path} is missing; {REBUILD_HINT}") from None
     if not stat.S_ISREG(info.st_mode):
         raise CacheCorruptionError(f"{what} {path} is not a regular file")
     with open(path, "rb") as handle:

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from secure_kd.cache.codec import CodecParams
-from secure_kd.cache.errors import CacheCorruptionError
+from secure_kd.cache.errors import REBUILD_HINT, CacheCorruptionError
 from secure_kd.cache.files import read_bounded, write_private_atomic
 
 MANIFEST_NAME = "manifest.json"
@@ -114,7 +114,7 @@ def read_manifest(directory: str | Path) -> CacheManifest:
     if not path.exists():
         raise FileNotFoundError(
             f"no logit cache at {directory} ({MANIFEST_NAME} not found); "
-            "build one with `secure-kd cache build`"
+            "build one with `secure-kd distill` and kd.teacher_targets: cache, or secure_kd.cache.build_cache"
         )
     data = read_bounded(path, MAX_MANIFEST_BYTES, what="cache manifest")
     try:
@@ -130,7 +130,7 @@ def read_manifest(directory: str | Path) -> CacheManifest:
         )
         raise CacheCorruptionError(
             f"{path} is not a valid logit-cache manifest ({problems}). It was edited, damaged or written "
-            "by another version of secure-kd; rebuild the cache with `secure-kd cache build`"
+            f"by another version of secure-kd; {REBUILD_HINT}"
         ) from None
 
 

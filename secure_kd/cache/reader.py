@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from secure_kd.cache.codec import DecodedBlock, TopKCodec
-from secure_kd.cache.errors import CacheError, CacheIncompleteError, CacheMismatchError
+from secure_kd.cache.errors import REBUILD_HINT, CacheError, CacheIncompleteError, CacheMismatchError
 from secure_kd.cache.manifest import CacheManifest, ShardInfo, read_manifest
 from secure_kd.cache.shard import load_shard
 from secure_kd.topk import TopKLogits
 
-_REBUILD = "rebuild the cache with `secure-kd cache build`"
+_REBUILD = REBUILD_HINT
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class LogitCache:
         if not manifest.complete:
             raise CacheIncompleteError(
                 f"the cache build in {directory} was interrupted after {len(manifest.shards)} shard(s); "
-                "run the same build again (`secure-kd cache build` or build_cache) to resume it"
+                "run the same build again (the same `secure-kd distill` job, or build_cache) to resume it"
             )
         checks = [
             (

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from secure_kd.cache.codec import CODEC_NAME
-from secure_kd.cache.errors import CacheCorruptionError
+from secure_kd.cache.errors import REBUILD_HINT, CacheCorruptionError
 from secure_kd.cache.files import parse_safetensors, read_bounded, sha256_hex
 from secure_kd.cache.manifest import CACHE_FORMAT, ShardInfo
 
@@ -26,7 +26,7 @@ SHARD_TENSORS = {
     "sequence_lengths": np.dtype(np.int32),
 }
 _SAFETENSORS_DTYPES = {np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32"}
-_REBUILD = "rebuild the cache with `secure-kd cache build`"
+_REBUILD = REBUILD_HINT
 
 
 def max_shard_bytes(n_tokens: int, n_sequences: int, k: int) -> int:
