@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from secure_kd.config import LoraConfig, ModelConfig, TinyModelConfig
+from secure_kd.seeding import seeded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,8 +98,7 @@ def build_tiny(
         tie_word_embeddings=False,
         pad_token_id=pad_token_id,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeded(seed):
         return LlamaForCausalLM(config)
 
 
@@ -154,8 +154,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int | None = None) ->
     )
     if seed is None:
         return get_peft_model(model, peft_cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return get_peft_model(model, peft_cfg)
 
 

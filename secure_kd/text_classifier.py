@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from secure_kd.paths import atomic_write_json
+from secure_kd.seeding import seeded
 
 PAD_ID, UNK_ID = 0, 1
 # Small initial embeddings keep the initial attention scores near uniform; with N(0, 1) a few random
@@ -130,8 +131,7 @@ def make_text_classifier(
     vocab_size: int, num_classes: int, dim: int = 32, hidden: int = 32, heads: int = 4, seed: int = 0
 ) -> BagOfWordsClassifier:
     """A classifier whose initial weights depend only on `seed` (the global RNG is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return BagOfWordsClassifier(vocab_size, num_classes, dim, hidden, heads)
 
 

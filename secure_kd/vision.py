@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from secure_kd.losses import get_loss, loss_info
 from secure_kd.metrics import top1_accuracy
 from secure_kd.paths import atomic_write_json
+from secure_kd.seeding import seeded
 
 DIGITS_CLASSES = 10
 DIGITS_SHAPE = (1, 8, 8)
@@ -119,8 +120,7 @@ class DigitsCNN(nn.Module):
 
 def make_digits_cnn(width: int = 16, seed: int = 0, hidden: int = 64) -> DigitsCNN:
     """A `DigitsCNN` whose initial weights depend only on `seed` (the global RNG is left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return DigitsCNN(width=width, hidden=hidden)
 
 

@@ -224,3 +224,18 @@ def test_lora_adapters_with_the_same_seed_start_identical_and_leave_the_global_r
     a, b, c = adapters(7, 1), adapters(7, 2), adapters(8, 1)
     assert a and all(torch.equal(p, b[n]) for n, p in a.items())
     assert not all(torch.equal(p, c[n]) for n, p in a.items())
+
+
+def test_seeded_models_built_in_concurrent_threads_are_identical():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from secure_kd.config import TinyModelConfig
+    from secure_kd.models import build_tiny
+
+    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        models = list(pool.map(lambda s: build_tiny(tiny, 300, seed=s % 2), range(12)))
+    for i, model in enumerate(models):
+        reference = models[i % 2].state_dict()
+        assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items())
+    assert not torch.equal(models[0].lm_head.weight, models[1].lm_head.weight)
