@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,13 @@ def _federate(out: Path) -> Any:
     from federation.config import load_federated_job
     from federation.run import run_federation
 
-    return run_federation(load_federated_job(CONFIGS / "federated-he.yaml", [f"out={out}"]), progress=True)
+    # The demo owns its output: a re-run starts a fresh federation with its own privacy ledger, so its
+    # epsilon is that of one run. Real jobs keep one ledger per dataset under $SECURE_KD_HOME, where
+    # every run on the same records adds to the budget.
+    if out.exists():
+        shutil.rmtree(out)
+    overrides = [f"out={out}", f"train.privacy.ledger_dir={out / 'ledgers'}"]
+    return run_federation(load_federated_job(CONFIGS / "federated-he.yaml", overrides), progress=True)
 
 
 def demo_audit_config(out: Path, model_dir: str, private: Path, heldout: Path):
