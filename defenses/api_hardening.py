@@ -23,6 +23,7 @@ which runs the registered `logit_leak` and `clone` attacks against a hardened AP
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Literal
@@ -200,12 +201,11 @@ def detector_report(
     flagged, coverages, surprisals = 0, [], []
     for client in range(t.ordinary_clients):
         api = HardenedModelAPI(victim, tokenizer, defense=config.defense, **api_args)
-        try:
+        # a refusal ends this client's traffic; whether it was flagged is read below
+        with contextlib.suppress(ExtractionRefused, QueryBudgetExceeded):
             ordinary_client(
                 api, ordinary[client * per_client : (client + 1) * per_client], t.queries_per_client
             )
-        except (ExtractionRefused, QueryBudgetExceeded):
-            pass
         flagged += int(api.detector.flagged)
         coverages += [c for _, c, _ in api.detector.history]
         surprisals += [s for _, _, s in api.detector.history if not math.isnan(s)]

@@ -14,6 +14,7 @@ SuperNode only if its ECDSA public key was registered with `flwr supernode regis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -245,16 +246,12 @@ def _stop_helpers(helpers: list) -> None:
     import psutil
 
     for helper in helpers:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             helper.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(helpers, timeout=5)
     for helper in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             helper.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def launch(command: list[str], *, log_path: str | Path | None = None, timeout_s: float | None = None) -> int:
@@ -287,10 +284,8 @@ def launch(command: list[str], *, log_path: str | Path | None = None, timeout_s:
             if deadline is not None and time.monotonic() > deadline:
                 process.kill()
                 break
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 helpers = psutil.Process(process.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
             time.sleep(0.5)
         code = process.wait()
     except KeyboardInterrupt:
