@@ -36,6 +36,7 @@ from secure_kd.backdoor_data import (  # noqa: F401  (re-exported: attacks.backd
     BackdoorMetrics,
     attack_success_rate,
     backdoor_metrics,
+    check_trigger_for_task,
     choose_poison_indices,
     poison_images,
     poison_texts,
@@ -219,19 +220,7 @@ class BackdoorConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent_trigger(self) -> BackdoorConfig:
-        n_classes = 10 if self.kind == "patch" else len(TOPICS)
-        if self.target >= n_classes:
-            raise ValueError(
-                f"target={self.target} is not a class of the {self.kind} task (0..{n_classes - 1})"
-            )
-        if self.trigger is not None:
-            if self.trigger.kind != self.kind:
-                raise ValueError(f"trigger.kind={self.trigger.kind!r} does not match kind={self.kind!r}")
-            if trigger_target(self.trigger) != self.target:
-                raise ValueError(
-                    f"the trigger's target ({trigger_target(self.trigger)}) differs from "
-                    f"target={self.target}; set them equal"
-                )
+        check_trigger_for_task(self.kind, self.target, self.trigger)
         return self
 
     def resolved_lr(self) -> float:

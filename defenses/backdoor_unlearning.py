@@ -39,9 +39,9 @@ from secure_kd.backdoor_data import (
     BackdoorTask,
     attack_success_rate,
     backdoor_metrics,
+    check_trigger_for_task,
     patch_task,
     text_task,
-    trigger_target,
 )
 from secure_kd.config import Strict
 from secure_kd.data.documents import TOPICS
@@ -127,19 +127,7 @@ class BackdoorUnlearningConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> BackdoorUnlearningConfig:
-        n_classes = 10 if self.kind == "patch" else len(TOPICS)
-        if self.target >= n_classes:
-            raise ValueError(
-                f"target={self.target} is not a class of the {self.kind} task (0..{n_classes - 1})"
-            )
-        if self.trigger is not None:
-            if self.trigger.kind != self.kind:
-                raise ValueError(f"trigger.kind={self.trigger.kind!r} does not match kind={self.kind!r}")
-            if trigger_target(self.trigger) != self.target:
-                raise ValueError(
-                    f"the trigger's target ({trigger_target(self.trigger)}) differs from "
-                    f"target={self.target}; set them equal"
-                )
+        check_trigger_for_task(self.kind, self.target, self.trigger)
         if self.model != "train":
             missing = [n for n in _ATTACK_FILES if not (Path(self.model) / n).is_file()]
             if missing:

@@ -165,6 +165,22 @@ def trigger_target(trigger: PatchTrigger | TextTrigger | SwitchableTrigger) -> i
     return target
 
 
+def check_trigger_for_task(kind: str, target: int, trigger) -> None:
+    """The target is a class of the task (`patch`: 10 digits; text kinds: the topics), and a given
+    trigger is of the same kind with the same target; raises ValueError naming the fix."""
+    n_classes = 10 if kind == "patch" else len(TOPICS)
+    if target >= n_classes:
+        raise ValueError(f"target={target} is not a class of the {kind} task (0..{n_classes - 1})")
+    if trigger is None:
+        return
+    if trigger.kind != kind:
+        raise ValueError(f"trigger.kind={trigger.kind!r} does not match kind={kind!r}")
+    if trigger_target(trigger) != target:
+        raise ValueError(
+            f"the trigger's target ({trigger_target(trigger)}) differs from target={target}; set them equal"
+        )
+
+
 def patch_task(trigger: PatchTrigger, poison_rate: float, test_fraction: float, seed: int) -> BackdoorTask:
     """scikit-learn digits with `poison_rate` of the training images patched and relabelled."""
     data = load_digits_data(test_fraction, seed)
