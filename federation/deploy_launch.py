@@ -32,6 +32,9 @@ from federation.deploy import DeployError, OrgFiles, SuperLinkFiles
 from secure_kd.paths import atomic_write_text
 
 DEFAULT_PORT = 9093
+# Lines of a launched process's log kept for explaining its exit: the SuperNode's own reason can be
+# followed by a long traceback of the flower-superexec it started, so a short tail can miss it.
+LOG_LINES_KEPT = 2000
 NODE_CONFIG_FILE = "node-config.toml"
 
 # Flower's log lines for a refused SuperNode, and what they mean here.
@@ -273,7 +276,7 @@ def launch(command: list[str], *, log_path: str | Path | None = None, timeout_s:
                 log.write(line)
                 log.flush()
             tail.append(line)
-            del tail[:-40]
+            del tail[:-LOG_LINES_KEPT]
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
@@ -298,7 +301,7 @@ def launch(command: list[str], *, log_path: str | Path | None = None, timeout_s:
             log.close()
     if code not in (0, -2, 130):
         text = "".join(tail)
-        hint = explain_refusal(text)
+        hint = explain_refusal(text)  # the whole kept log: helpers' tracebacks can follow the reason
         raise DeployError(
             f"{Path(command[0]).name} exited with code {code}"
             + (f": {hint}" if hint else f"; its last lines:\n{text[-2000:]}")

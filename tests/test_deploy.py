@@ -8,6 +8,7 @@ import base64
 import ipaddress
 import json
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from federation.config import FederatedJob, load_federated_job
 from federation.deploy import (
+    DeployError,
     Registration,
     add_org,
     copy_trust,
@@ -27,7 +29,7 @@ from federation.deploy import (
     remove_org,
     write_demo_data,
 )
-from federation.deploy_launch import explain_refusal, superlink_command, supernode_command
+from federation.deploy_launch import explain_refusal, launch, superlink_command, supernode_command
 from federation.he import Keyring, decrypt, encrypt
 from federation.identity import OrgKeys, TrustStore
 from federation.keys import CeremonyError, KeySubstitutionError, open_from, seal_for
@@ -248,6 +250,22 @@ def test_refusals_are_explained():
     assert "TLS" in explain_refusal(plaintext)
     assert "does not verify" in explain_refusal("ssl.SSLCertVerificationError: certificate verify failed")
     assert explain_refusal("all good") is None
+
+
+def test_launch_explains_a_refusal_followed_by_a_long_helper_traceback(tmp_path):
+    # seen in CI: the SuperNode printed its TLS reason, then the flower-superexec it had started
+    # printed a long ConnectError traceback; the reason must still be the TLS one
+    script = tmp_path / "fake_supernode.py"
+    script.write_text(
+        "print('Server disconnected without sending a response.')\n"
+        "for i in range(200):\n"
+        "    print(f'  File \"x.py\", line {i}, in handle_request')\n"
+        "print('httpcore.ConnectError: [Errno 111] Connection refused')\n"
+        "raise SystemExit(1)\n"
+    )
+    with pytest.raises(DeployError, match="TLS handshake did not happen"):
+        launch([sys.executable, str(script)], log_path=tmp_path / "fake.log", timeout_s=60)
+    assert "Connection refused" in (tmp_path / "fake.log").read_text()  # the log keeps every line
 
 
 def test_cli_init_commands(tmp_path):
