@@ -101,13 +101,16 @@ def _digest(ws: OrgWorkspace, model, message: Message, r: int) -> dict[str, floa
     return {"digest-loss": distill_from(ws, model, ensemble, r, steps=ws.job.transfer.digest_steps)}
 
 
-def _soft_label_payload(ws: OrgWorkspace, model) -> tuple[dict[str, np.ndarray], float | None]:
+def _soft_label_payload(ws: OrgWorkspace, model, adversary) -> tuple[dict[str, np.ndarray], float | None]:
     """fed_distill: soft labels on the transfer set, with this organization's filtering weights if asked.
 
     Under CKKS the weighted labels and the weights are one vector (the server only adds); in plaintext
-    the labels stay valid distributions and the weights travel beside them."""
+    the labels stay valid distributions and the weights travel beside them. A `poison_soft_labels`
+    adversary poisons the labels before they are weighted, so every payload layout carries the poison."""
     public = ws.public
     labels = soft_labels(model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device)
+    if adversary is not None and adversary.kind == "poison_soft_labels":
+        labels = poisoned_soft_labels(adversary, labels)
     filtering = ws.job.transfer.filtering
     if filtering is None:
         return {"soft-labels": labels}, None
@@ -164,11 +167,9 @@ def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
             payload = clip_update(payload, start, ws.job.aggregation.client_clip_norm)
         weight = len(ws.train_examples)
     else:
-        payload, kept = _soft_label_payload(ws, model)
+        payload, kept = _soft_label_payload(ws, model, adversary)
         if kept is not None:
             extra["kept-fraction"] = kept
-        if adversary is not None and "soft-labels" in payload:
-            payload["soft-labels"] = poisoned_soft_labels(adversary, payload["soft-labels"])
         weight = 1
     metrics = {**before, **fit_metrics(fit), **extra}
     if ws.job.protection == "plaintext":

@@ -73,6 +73,32 @@ def test_ckks_ensemble_matches_the_plaintext_weighted_mean(tmp_path):
     assert result.final is not None and all("digest-loss" in c.metrics for c in result.final.clients)
 
 
+def test_a_poisoning_organization_poisons_the_encrypted_filtered_payload_too(tmp_path):
+    job = tiny_job(
+        tmp_path,
+        n_organizations=2,
+        mode="fed_distill",
+        protection="ckks",
+        ckks={"max_abs_update": 10.0},
+        adversaries={1: {"kind": "poison_soft_labels", "target_column": 2, "strength": 1.0}},
+        transfer={"n_records": 6, "index_k": 16, "digest_steps": 1, "filtering": FILTERING},
+    )
+    _, grid = federate(job)
+    keyring = Keyring.from_secret_context(
+        (tmp_path / "run" / "orgs" / "org-0" / SECRET_CONTEXT_FILE).read_bytes()
+    )
+    layout = job_data(job).layout
+    n, width = layout.n_positions, layout.width
+    uploads = {
+        m.metadata.dst_node_id: decrypt(keyring, r.content["config"]["ciphertext"], n * width + n)
+        for m, r in grid.sent("train")
+    }
+    labels = {node: f[: n * width].reshape(n, width) / f[n * width :, None] for node, f in uploads.items()}
+    np.testing.assert_allclose(labels[1001][:, 2], 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.delete(labels[1001], 2, axis=1), 0.0, atol=1e-4)
+    assert labels[1000][:, 2].max() < 0.9  # the honest organization's labels are its own
+
+
 def _example(tokens: list[int]) -> TokenizedExample:
     return TokenizedExample(tokens, [-100] + tokens[1:], 0, False)
 
