@@ -127,6 +127,16 @@ def _weights(model) -> dict[str, np.ndarray]:
     return {n: t.float().cpu().numpy().copy() for n, t in zip(names, tensors, strict=True)}
 
 
+def _fedavg_payload(ws: OrgWorkspace, model, start: dict[str, np.ndarray], adversary) -> dict[str, np.ndarray]:
+    """The weights this organization sends: an adversary's crafted ones, or its own, clipped if asked."""
+    payload = _weights(model)
+    if adversary is not None:
+        return malicious_weights(adversary, payload, start)
+    if ws.job.aggregation.client_clip_norm is not None:
+        return clip_update(payload, start, ws.job.aggregation.client_clip_norm)
+    return payload
+
+
 def _train(ws: OrgWorkspace, model, r: int, adversary) -> LocalFit:
     """Local training; a backdoor attacker may take its own number of steps (`local_steps`)."""
     if adversary is None or adversary.local_steps is None:
@@ -160,11 +170,7 @@ def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
     fit = _train(ws, model, r, adversary)
     ws.save_student(model)
     if ws.job.mode == "fedavg":
-        payload = _weights(model)
-        if adversary is not None:
-            payload = malicious_weights(adversary, payload, start)
-        elif ws.job.aggregation.client_clip_norm is not None:
-            payload = clip_update(payload, start, ws.job.aggregation.client_clip_norm)
+        payload = _fedavg_payload(ws, model, start, adversary)
         weight = len(ws.train_examples)
     else:
         payload, kept = _soft_label_payload(ws, model, adversary)
@@ -190,7 +196,10 @@ def final_evaluate(ws: OrgWorkspace, message: Message, context: Context) -> Reco
 
 
 def secagg_train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
-    """SecAgg+ (Flower's legacy FitIns/FitRes records): `secaggplus_mod` masks the reply before it leaves."""
+    """SecAgg+ (Flower's legacy FitIns/FitRes records): `secaggplus_mod` masks the reply before it leaves.
+
+    An adversary crafts its weights before masking, as under CKKS; SecAgg+ then clips every value to
+    `secagg.clipping_range` when it quantizes, which bounds (but does not remove) a boosted update."""
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     r = int(fitins.config.get("server-round", 0))
     model = ws.student()
@@ -201,10 +210,15 @@ def secagg_train(ws: OrgWorkspace, message: Message, context: Context) -> Record
     if not all(np.all(np.isfinite(a)) for a in received):
         raise MessageRejected("the global parameters hold NaN or infinite values")
     load_parameters(model, dict(zip(names, received, strict=True)))
+    adversary = ws.job.adversaries.get(ws.index)
+    if adversary is not None and adversary.kind == "backdoor":
+        install_backdoor_data(ws, adversary)
     before = evaluate(ws, model)
-    fit = train_locally(ws, model, r)
+    start = _weights(model)
+    fit = _train(ws, model, r, adversary)
     ws.save_student(model)
-    updated = [t.float().cpu().numpy() for t in flat_parameters(model)[1]]
+    payload = _fedavg_payload(ws, model, start, adversary)
+    updated = [payload[name] for name in names]
     metrics = dict(rounded_metrics({**before, **fit_metrics(fit), "org-index": ws.index}))
     result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(updated), len(ws.train_examples), metrics)
     return compat.fitres_to_recorddict(result, keep_input=True)

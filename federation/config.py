@@ -309,8 +309,6 @@ def _adversarial_problems(job: FederatedJob) -> list[str]:
         wanted = "fedavg" if adversary.kind in FEDAVG_KINDS else "fed_distill"
         if job.mode != wanted:
             found.append(f"adversaries.{index}.kind={adversary.kind} attacks mode {wanted}, not {job.mode}")
-    if job.adversaries and job.protection == "secagg+":
-        found.append("adversaries are not wired into secagg+ clients: use protection plaintext or ckks")
     aggregation = job.aggregation
     if aggregation.rule != "mean" and job.mode != "fedavg":
         found.append(
@@ -322,10 +320,8 @@ def _adversarial_problems(job: FederatedJob) -> list[str]:
             f"{job.protection} hides: set aggregation.rule: mean and bound clients with "
             "aggregation.client_clip_norm (clients clip before encrypting)"
         )
-    if aggregation.client_clip_norm is not None and (job.mode != "fedavg" or job.protection == "secagg+"):
-        found.append(
-            "aggregation.client_clip_norm clips fedavg updates: use mode fedavg with plaintext or ckks"
-        )
+    if aggregation.client_clip_norm is not None and job.mode != "fedavg":
+        found.append("aggregation.client_clip_norm clips fedavg updates: use mode fedavg")
     return found
 
 

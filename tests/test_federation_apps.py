@@ -276,8 +276,10 @@ def test_p2p_peers_exchange_sealed_soft_labels_through_the_server(tmp_path):
     assert len(result.rounds[0].aggregate["rewards"]) == 2
 
 
-def test_secagg_plus_average_equals_the_plaintext_average_of_the_same_updates(tmp_path):
-    plain_job = tiny_job(tmp_path, out=str(tmp_path / "plain"))
+@pytest.mark.parametrize("adversaries", [{}, {1: {"kind": "scale", "boost": 3.0}}], ids=["honest", "scaled"])
+def test_secagg_plus_average_equals_the_plaintext_average_of_the_same_updates(tmp_path, adversaries):
+    # with an adversary: SecAgg+ hides its update from the server but carries it into the sum unchanged
+    plain_job = tiny_job(tmp_path, out=str(tmp_path / "plain"), adversaries=adversaries)
     _, plain_grid = federate(plain_job)
     replies = [r for _, r in plain_grid.sent("train")]
     weights = np.asarray([r.content["metrics"]["num-examples"] for r in replies], dtype=float)
@@ -286,7 +288,9 @@ def test_secagg_plus_average_equals_the_plaintext_average_of_the_same_updates(tm
         for name in _arrays(replies[0])
     }
     secagg = {"max_weight": 64.0, "clipping_range": 4.0}
-    masked_job = tiny_job(tmp_path, out=str(tmp_path / "secagg"), protection="secagg+", secagg=secagg)
+    masked_job = tiny_job(
+        tmp_path, out=str(tmp_path / "secagg"), protection="secagg+", secagg=secagg, adversaries=adversaries
+    )
     result, grid = federate(masked_job)
     assert result.rounds[0].aggregate["contributors"] == 3
     for _, reply in grid.sent("train"):  # every SecAgg+ stage reply: no plaintext array leaves a client
