@@ -37,6 +37,23 @@ OUT_OPTION = typer.Option(None, "--out", "-o", help="output directory (overrides
 JOB_KINDS = {"distill": DistillJob, "eval": EvalJob, "federate": None}
 
 
+@app.callback()
+def _process_options(
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        envvar="SECURE_KD_THREADS",
+        help="CPU threads torch may use (default: torch's, one per core); 1 is often fastest on a "
+        "shared or busy machine",
+    ),
+) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _job_model(kind: str):
     if kind == "federate":
         from federation.config import FederatedJob

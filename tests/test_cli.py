@@ -78,3 +78,18 @@ def test_federate_bad_override_is_a_user_error():
         app, ["federate", "--config", "configs/federated-plain.yaml", "--set", "rounds=-1"]
     )
     assert result.exit_code == 2 and "rounds" in result.output
+
+
+def test_threads_option_sets_torchs_thread_count():
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    try:
+        result = runner.invoke(app, ["--threads", str(wanted), "validate", "configs/tiny.yaml"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == wanted
+        refused = runner.invoke(app, ["--threads", "0", "validate", "configs/tiny.yaml"])
+        assert refused.exit_code == 2 and "--threads" in refused.output
+    finally:
+        torch.set_num_threads(before)
