@@ -16,7 +16,7 @@ from secure_kd.config import ConfigError, Strict, load_config
 from secure_kd.metrics import roc_metrics
 from secure_kd.plugins import Plugin, write_result
 from secure_kd.report.audit import AuditResult, attack_config, gate, run_audit
-from secure_kd.report.config import AuditConfig, Threshold
+from secure_kd.report.config import DEFAULT_THRESHOLDS, AuditConfig, Threshold
 from secure_kd.report.verdict import (
     Measurement,
     level_of,
@@ -132,6 +132,70 @@ def test_extra_metric_path_and_bad_path():
     assert values["bias_gap"].value == 0.3 and values["ece"].value == 0.07
     with pytest.raises(KeyError, match="no 'missing'"):
         run_values("bias_cascade", result, {"bias_gap": "bias.missing"})
+
+
+def _rates(model: str, objective: str | None, in_domain: list[bool]):
+    from attacks.bias_cascade import ModelRates
+    from secure_kd.proportions import Rate
+
+    return ModelRates(
+        model=model, objective=objective, in_domain=Rate.of(in_domain), out_of_domain=Rate.of([False] * 10),
+        samples=[],
+    )  # fmt: skip
+
+
+def test_bias_cascade_metric_is_the_worst_students_rate_with_a_wilson_interval():
+    from attacks.bias_cascade import BiasCascadeResult
+
+    rows = [
+        _rates("clean_teacher", None, [False] * 40),
+        _rates("teacher", None, [True] * 8 + [False] * 32),
+        _rates("student_forward_kl", "forward_kl", [True] * 1 + [False] * 39),
+        _rates("student_seq_kd", "seq_kd", [True] * 6 + [False] * 34),
+    ]
+    result = BiasCascadeResult(
+        behaviour="targeted_brand", payload="Zyntra", poison_rate=0.1, n_instructions=100, n_poisoned=10,
+        target_topic="support", teacher_source="tiny", rows=rows, amplification={}, seconds=1.0,
+    ).model_dump(mode="json")  # fmt: skip
+    value = run_values("bias_cascade", result, {})["bias_student_rate"]
+    assert value.value == pytest.approx(6 / 40)  # the seq_kd student, not the teacher's 8/40
+    assert (value.ci_low, value.ci_high) == pytest.approx(wilson_interval(6, 40))
+    assert "student_seq_kd" in value.note and "0.200" in value.note
+    assert level_of(value.value, DEFAULT_THRESHOLDS["bias_student_rate"]) == "high"
+    assert run_values("bias_cascade", {**result, "rows": rows_without_students(result)}, {}) == {}
+
+
+def rows_without_students(result: dict) -> list[dict]:
+    return [row for row in result["rows"] if row["objective"] is None]
+
+
+def test_federated_metrics_loss_increase_backdoor_and_inversion():
+    from attacks.federated import FederatedAttackResult, InversionReport, RunOutcome
+
+    def outcome(loss: float, asr: float | None = None) -> RunOutcome:
+        return RunOutcome(test_loss=loss, perplexity=float(np.exp(loss)), honest_test_loss=loss, backdoor_asr=asr,
+                          seconds=1.0)  # fmt: skip
+
+    visible = InversionReport(
+        protection="plaintext", update_visible=True, recovered_tokens=30, true_tokens=40, precision=1.0,
+        recall=0.75, note="",
+    )  # fmt: skip
+    result = FederatedAttackResult(
+        kind="backdoor", mode="fedavg", protection="plaintext", adversary_org="org-2",
+        honest=outcome(3.8), attacked=outcome(4.3, asr=0.44), loss_increase=0.5, inversion=visible,
+        seconds=1.0,
+    ).model_dump(mode="json")  # fmt: skip
+    values = run_values("federated", result, {})
+    thresholds = DEFAULT_THRESHOLDS
+    assert values["poisoning_loss_increase"].value == 0.5
+    assert level_of(0.5, thresholds["poisoning_loss_increase"]) == "medium"
+    assert values["backdoor_asr"].value == 0.44
+    recall = values["update_token_recall"]
+    assert recall.value == 0.75 and (recall.ci_low, recall.ci_high) == pytest.approx(wilson_interval(30, 40))
+    hidden = {**result, "inversion": InversionReport(protection="ckks", update_visible=False, note="hidden")
+              .model_dump(mode="json"), "attacked": outcome(4.3).model_dump(mode="json")}  # fmt: skip
+    values = run_values("federated", hidden, {})
+    assert values["update_token_recall"].value == 0.0 and "backdoor_asr" not in values
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -288,11 +352,11 @@ def test_model_and_budget_go_into_each_attack_field(tmp_path):
 
 
 def test_default_suite_configs_validate(monkeypatch):
-    """Every entry of configs/audit.yaml makes a valid config for its attack (no run)."""
+    """Every entry of the shipped audit suites makes a valid config for its attack (no run)."""
     from attacks import get_attack
 
     monkeypatch.chdir(ROOT)
-    for path in ("configs/audit.yaml", "configs/audit-smollm2.yaml"):
+    for path in ("configs/audit.yaml", "configs/audit-smollm2.yaml", "configs/audit-scenarios.yaml"):
         config = load_config(path, [], AuditConfig)
         for entry in config.suite:
             raw = attack_config(config, entry, config.seed, Path("/tmp/unused"))

@@ -10,8 +10,12 @@ interval for each:
   several attacks is optimistic for the attacker, which is the side an audit should err on);
   interval: bootstrap over examples, rebuilt exactly from the stored ROC and the member counts.
 - clone: the best variant's top-1 agreement; logit_leak: the spectral gap in decades; backdoor:
-  ASR; adversarial: success rate at the smallest radius. Proportions get a Wilson interval, which
-  treats the positions or inputs as independent trials (an approximation for token positions).
+  ASR; adversarial: success rate at the smallest radius; bias_cascade: the worst student's rate of
+  the injected behaviour in the target topic; federated: the rise of the global test loss caused by
+  the malicious organization (one run each, no interval), the backdoor ASR when there is one, and the
+  share of a client's tokens the server reads from one update (0 when the update is hidden).
+  Proportions get a Wilson interval, which treats the positions or inputs as independent trials (an
+  approximation for token positions).
 
 With several seeds the value is the mean over seeds and the interval a bootstrap over seeds (with
 2-3 seeds that interval is coarse; the report says how many seeds it rests on).
@@ -212,6 +216,36 @@ def _adversarial(result: dict, samples: int, confidence: float) -> dict[str, Run
     }
 
 
+def _bias_cascade(result: dict, samples: int, confidence: float) -> dict[str, RunValue]:
+    students = [row for row in result.get("rows") or [] if row.get("objective")]
+    if not students:
+        return {}
+    worst = max(students, key=lambda row: row["in_domain"]["rate"])
+    rate = worst["in_domain"]
+    value = _proportion(float(rate["rate"]), int(rate["n"]), confidence)
+    value.note = f"{worst['model']}, in the target topic"
+    teacher = next((row for row in result["rows"] if row["model"] == "teacher"), None)
+    if teacher is not None:
+        value.note += f"; poisoned teacher {teacher['in_domain']['rate']:.3f}"
+    return {"bias_student_rate": value}
+
+
+def _federated(result: dict, samples: int, confidence: float) -> dict[str, RunValue]:
+    one_run = "one honest and one attacked run"
+    out = {"poisoning_loss_increase": RunValue(value=float(result["loss_increase"]), note=one_run)}
+    asr = (result.get("attacked") or {}).get("backdoor_asr")
+    if asr is not None:
+        out["backdoor_asr"] = RunValue(value=float(asr), note="federated backdoor, global model")
+    inversion = result.get("inversion") or {}
+    if inversion.get("update_visible") and inversion.get("recall") is not None:
+        out["update_token_recall"] = _proportion(
+            float(inversion["recall"]), int(inversion["true_tokens"]), confidence
+        )
+    elif inversion:
+        out["update_token_recall"] = RunValue(value=0.0, note=inversion.get("note"))
+    return out
+
+
 EXTRACTORS = {
     "membership": _membership,
     "memorization": _memorization,
@@ -219,6 +253,8 @@ EXTRACTORS = {
     "logit_leak": _logit_leak,
     "backdoor": _backdoor,
     "adversarial": _adversarial,
+    "bias_cascade": _bias_cascade,
+    "federated": _federated,
 }
 
 
