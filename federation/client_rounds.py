@@ -127,7 +127,9 @@ def _weights(model) -> dict[str, np.ndarray]:
     return {n: t.float().cpu().numpy().copy() for n, t in zip(names, tensors, strict=True)}
 
 
-def _fedavg_payload(ws: OrgWorkspace, model, start: dict[str, np.ndarray], adversary) -> dict[str, np.ndarray]:
+def _fedavg_payload(
+    ws: OrgWorkspace, model, start: dict[str, np.ndarray], adversary
+) -> dict[str, np.ndarray]:
     """The weights this organization sends: an adversary's crafted ones, or its own, clipped if asked."""
     payload = _weights(model)
     if adversary is not None:

@@ -173,8 +173,13 @@ def test_federated_metrics_loss_increase_backdoor_and_inversion():
     from attacks.federated import FederatedAttackResult, InversionReport, RunOutcome
 
     def outcome(loss: float, asr: float | None = None) -> RunOutcome:
-        return RunOutcome(test_loss=loss, perplexity=float(np.exp(loss)), honest_test_loss=loss, backdoor_asr=asr,
-                          seconds=1.0)  # fmt: skip
+        return RunOutcome(
+            test_loss=loss,
+            perplexity=float(np.exp(loss)),
+            honest_test_loss=loss,
+            backdoor_asr=asr,
+            seconds=1.0,
+        )
 
     visible = InversionReport(
         protection="plaintext", update_visible=True, recovered_tokens=30, true_tokens=40, precision=1.0,
