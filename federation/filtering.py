@@ -31,7 +31,6 @@ from numbers import Real
 from typing import Any
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 
 def _check_features(features: Any, name: str, dim: int | None = None) -> np.ndarray:
@@ -90,6 +89,8 @@ class ProxyFilter:
                 f"own_features have {n_distinct} distinct rows but n_clusters={self.n_clusters}; "
                 "lower n_clusters or provide more data"
             )
+        from sklearn.cluster import KMeans  # here: scikit-learn costs ~1.5 s to import per ClientApp process
+
         kmeans = KMeans(n_clusters=self.n_clusters, random_state=self.seed, n_init=self.n_init)
         labels = kmeans.fit_predict(features)
         centroids = kmeans.cluster_centers_.astype(np.float64)

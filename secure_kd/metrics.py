@@ -15,7 +15,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from scipy import stats as scipy_stats
 from torch import Tensor
 
 from secure_kd.topk import TopKLogits
@@ -108,6 +107,8 @@ def estimate_exposure(sampled_losses: Any, canary_loss: float, space_size: int) 
         raise ValueError(f"canary_loss must be finite, got {canary_loss}")
     if isinstance(space_size, bool) or not isinstance(space_size, int | np.integer) or space_size < 1:
         raise ValueError(f"space_size must be a positive int (number of secrets), got {space_size}")
+
+    from scipy import stats as scipy_stats  # here: ~0.4 s to import, needed only for this estimate
 
     shape, loc, scale = scipy_stats.skewnorm.fit(losses)
     log_cdf = float(scipy_stats.skewnorm.logcdf(canary_loss, shape, loc=loc, scale=scale))

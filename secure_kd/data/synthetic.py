@@ -15,14 +15,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 from faker import Faker
 
 from secure_kd.data.documents import TOPICS, DocumentBuilder, make_document
 from secure_kd.fingerprint import text_dataset_fingerprint
 from secure_kd.paths import atomic_write_text
+
+if TYPE_CHECKING:
+    import datasets
 
 DEFAULT_CANARY_FORMAT = "The access code for {name} is {secret}."
 CANARY_TOPIC = "canary"
@@ -109,6 +111,8 @@ class SyntheticCorpus:
         return [canary.prefix + secret + suffix for secret in self.secret_space()]
 
     def to_dataset(self) -> datasets.Dataset:
+        import datasets
+
         return datasets.Dataset.from_list(self.records)
 
     def split(self, heldout_fraction: float, seed: int) -> tuple[SyntheticCorpus, SyntheticCorpus]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
-
-import datasets
+from typing import TYPE_CHECKING, Any, Literal
 
 from secure_kd.data.example import IGNORE_INDEX, TokenizedExample
+
+if TYPE_CHECKING:  # not imported at run time: ~0.5 s per Flower ClientApp process
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,8 @@ def tokenize_records(
         raise ValueError(f"use_chat_template must be True, False or 'auto', got {use_chat_template!r}")
     if len(records) == 0:
         return []
-    fields = (
-        records.column_names if isinstance(records, datasets.Dataset) else list(_as_mapping(records[0], 0))
-    )
+    column_names = getattr(records, "column_names", None)  # a datasets.Dataset
+    fields = list(column_names) if column_names is not None else list(_as_mapping(records[0], 0))
     names = dict(
         text_field=text_field,
         prompt_field=prompt_field,

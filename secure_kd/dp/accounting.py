@@ -12,10 +12,10 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
+if TYPE_CHECKING:  # Opacus is imported where an accountant is made: ~1 s per Flower ClientApp process
+    from opacus.accountants.accountant import IAccountant
 
 History = list[tuple[float, float, int]]
 
@@ -34,6 +34,8 @@ def make_accountant(name: str, history: Sequence[tuple[float, float, int]] = ())
         raise ValueError(
             f"unknown accountant {name!r}; choose one of {', '.join(ACCOUNTANTS)} (gdp is not offered)"
         )
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     accountant = RDPAccountant() if name == "rdp" else PRVAccountant()
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
     return accountant
@@ -147,6 +149,8 @@ def noise_multiplier_for_budget(
 def _opacus_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         with _quiet_rdp():
             return float(
