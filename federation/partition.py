@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from secure_kd.data import generate_corpus, load_records
+from secure_kd.data.synthetic import SyntheticCorpus
 
 MAX_DIRICHLET_DRAWS = 1000
 
@@ -92,18 +93,26 @@ def _check_sizes(n_units: int, n_clients: int, min_units: int) -> None:
         )
 
 
+def job_corpus(job) -> SyntheticCorpus | None:
+    """The job's synthetic corpus with its canaries (None when the job reads a data file)."""
+    data = job.data
+    if data.train != "synthetic":
+        return None
+    syn = data.synthetic
+    return generate_corpus(
+        syn.n_records,
+        seed=job.seed if syn.seed is None else syn.seed,
+        n_canaries=syn.n_canaries,
+        canary_repeats=syn.canary_repeats,
+        secret_digits=syn.secret_digits,
+    )
+
+
 def _records(job) -> tuple[list[dict[str, Any]], list[tuple[str, tuple[int, ...]]]]:
     """All records of the job and the canaries as (owner name, record ids)."""
     data = job.data
-    if data.train == "synthetic":
-        syn = data.synthetic
-        corpus = generate_corpus(
-            syn.n_records,
-            seed=job.seed if syn.seed is None else syn.seed,
-            n_canaries=syn.n_canaries,
-            canary_repeats=syn.canary_repeats,
-            secret_digits=syn.secret_digits,
-        )
+    corpus = job_corpus(job)
+    if corpus is not None:
         canaries = [(c.prefix, c.record_ids) for c in corpus.canaries]
         return [dict(r) for r in corpus.records], canaries
     records = [dict(r) for r in load_records(data.train)]

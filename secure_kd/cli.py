@@ -170,6 +170,24 @@ def federate(
     console.print(f"federation done: {len(result.rounds)} rounds; results: {Path(job.out) / 'results.json'}")
 
 
+@app.command("federate-export")
+@user_errors
+def federate_export(
+    run_dir: Path = typer.Argument(..., help="the `out` directory of a finished `secure-kd federate` run"),
+    org: str = typer.Option(..., "--org", help="the organization: its name (e.g. org-0, alpha) or index"),
+    out: Path = typer.Option(..., "--out", "-o", help="where the model directory and record files go"),
+    org_dir: Path | None = typer.Option(
+        None, "--org-dir", help="the organization's directory, if not under the run"
+    ),
+) -> None:
+    """Export one organization's federated student (HF directory) and its member / non-member records,
+    ready for `secure-kd audit --model OUT/model --data OUT/members.jsonl`."""
+    from federation.export import export_student
+
+    exported = export_student(run_dir, org, out, org_dir=org_dir)
+    typer.echo(json.dumps(exported.model_dump(mode="json"), indent=2))
+
+
 def _run_plugin(kind: str, name: str, config: Path | None, overrides: list[str], out: Path | None) -> None:
     """Shared by `attack` and `defend`: validate the plugin's Config, run it, print the result path."""
     if kind == "attack":

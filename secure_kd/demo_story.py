@@ -14,6 +14,8 @@ federation and the audit, which the engine proper never imports.
 5. The audit (`configs/demo-audit.yaml`) of the student and of the baseline: canary exposure and
    extraction, loss-based membership inference, hidden-size recovery and cloning through the API;
    `<out>/audit/report.html` for the student, `<out>/audit-baseline/report.html` for the baseline.
+   One federated student (the organization holding the most canaries, exported with
+   `federation.export`) gets the memorization and membership part: `<out>/federated-audit/audit/`.
 6. A summary table: perplexity, epsilon, exposure, MIA AUC, clone agreement.
 """
 
@@ -90,12 +92,17 @@ def _federate(out: Path) -> Any:
     return run_federation(load_federated_job(CONFIGS / "federated-he.yaml", overrides), progress=True)
 
 
-def demo_audit_config(out: Path, model_dir: str, private: Path, heldout: Path):
-    """configs/demo-audit.yaml aimed at `model_dir`, trained on `private` (`heldout`: never trained on)."""
+def demo_audit_config(
+    out: Path, model_dir: str, private: Path, heldout: Path, *, attacks: tuple[str, ...] | None = None
+):
+    """configs/demo-audit.yaml aimed at `model_dir`, trained on `private` (`heldout`: never trained on);
+    `attacks` keeps only those suite entries."""
     from secure_kd.report.config import AuditConfig
 
     raw = yaml.safe_load((CONFIGS / "demo-audit.yaml").read_text())
     raw.update(model=model_dir, data=str(private), out=str(out))
+    if attacks is not None:
+        raw["suite"] = [entry for entry in raw["suite"] if entry["attack"] in attacks]
     for entry in raw["suite"]:
         entry["config_file"] = str(CONFIGS.parent / entry["config_file"])
         data = entry.get("config", {}).get("data", {})
@@ -108,6 +115,28 @@ def _audit(out: Path, model_dir: str, private: Path, heldout: Path, console: Con
     from secure_kd.report.audit import run_audit
 
     return run_audit(demo_audit_config(out, model_dir, private, heldout), console=console)
+
+
+def _audit_federated(out: Path, run_dir: Path, console: Console) -> Any:
+    """Export the federated student of the organization holding the most canaries, audit its memorization
+    and membership (its own training records against records nobody trained on)."""
+    from federation.config import load_federated_job
+    from federation.export import export_student, org_with_most_canaries
+    from secure_kd.report.audit import run_audit
+
+    org = org_with_most_canaries(load_federated_job(run_dir / "job.json"))
+    exported = export_student(run_dir, org, out / "export")
+    console.print(
+        f"auditing {org}'s student ({exported.canaries} canaries in its {exported.n_members} records)"
+    )
+    config = demo_audit_config(
+        out / "audit",
+        exported.model_dir,
+        Path(exported.members),
+        Path(exported.nonmembers),
+        attacks=("memorization", "membership"),
+    )
+    return run_audit(config, console=console)
 
 
 def _metric(audit: Any, name: str) -> float | None:
@@ -146,6 +175,9 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
         log,
     )
     fed = stage("federated distillation: 4 organizations, CKKS, DP-SGD", _federate, out / "federated")
+    fed_audit = stage(
+        "audit of a federated student", _audit_federated, out / "federated-audit", out / "federated", console
+    )
     audits = {
         "student": stage(
             "audit of the distilled student", _audit, out / "audit", kd.student_dir, private, heldout, console
@@ -195,10 +227,12 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
             model=f"federated x{len(fed.organizations)} (CKKS+DP)",
             perplexity=math.exp(sum(test_losses) / len(test_losses)) if test_losses else None,
             epsilon=max(epsilons) if epsilons else None,
-            exposure_bits=None,
-            mia_auc=None,
+            exposure_bits=_metric(fed_audit, "max_exposure_bits"),
+            mia_auc=_metric(fed_audit, "mia_auc"),
             clone_agreement=None,
-            note="own tiny tokenizer: perplexity not comparable with the rows above; not audited here",
+            note="own tiny tokenizer: perplexity not comparable with the rows above; audit of the "
+            "organization holding the most canaries (memorization, membership)"
+            + (f"; failed: {', '.join(fed_audit.failed)}" if fed_audit.failed else ""),
         )
     )
     result = DemoResult(
@@ -206,7 +240,11 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
         stage_seconds=seconds,
         reports={
             name: str(out / d / "report.html")
-            for name, d in (("student", "audit"), ("baseline", "audit-baseline"))
+            for name, d in (
+                ("student", "audit"),
+                ("baseline", "audit-baseline"),
+                ("federated", "federated-audit/audit"),
+            )
         },
     )
     atomic_write_json(out / "summary.json", result.model_dump(mode="json"))
@@ -239,4 +277,4 @@ def _print_summary(result: DemoResult, console: Console) -> None:
             console.print(f"  {row.model}: {row.note}")
     total = sum(result.stage_seconds.values())
     console.print(f"stages (s): {json.dumps(result.stage_seconds)}; total {total / 60:.1f} min")
-    console.print(f"reports: {result.reports['student']} and {result.reports['baseline']}")
+    console.print(f"reports: {', '.join(result.reports.values())}")
