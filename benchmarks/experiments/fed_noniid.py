@@ -41,7 +41,9 @@ def _arms(cfg: dict) -> list[tuple[str, dict]]:
                     {"mode": "fed_distill", "partition_alpha": alpha, "transfer": transfer},
                 )
             )
-    alpha = cfg["pairing_alpha"]
+    alpha = cfg.get("pairing_alpha")
+    if alpha is None:  # filtering arms only
+        return arms
     if alpha not in cfg["filtering_alphas"]:  # the central baseline of the pairing comparison
         arms.append(
             (f"fed_distill alpha={alpha} filtering=off", {"mode": "fed_distill", "partition_alpha": alpha})
@@ -92,6 +94,44 @@ def run_arm(name: str, arm: dict, cfg: dict, seed: int) -> dict:
     }
 
 
+def comparisons(cfg: dict) -> list[tuple[str, str]]:
+    """(arm, baseline) pairs: filtering on vs off at each alpha; LinUCB vs random vs central."""
+    pairs = [
+        (f"fed_distill alpha={a} filtering=on", f"fed_distill alpha={a} filtering=off")
+        for a in cfg["filtering_alphas"]
+    ]
+    a = cfg.get("pairing_alpha")
+    if a is None:
+        return pairs
+    central, linucb, random = (
+        f"fed_distill alpha={a} filtering=off",
+        f"p2p linucb alpha={a}",
+        f"p2p random alpha={a}",
+    )
+    return pairs + [(linucb, random), (linucb, central), (random, central)]
+
+
+def paired_differences(runs: list[dict], cfg: dict) -> list[dict]:
+    """Per seed (same split, organizations and local work), an arm's test perplexity minus its baseline's.
+    With several seeds the sign of each paired difference says more than the two means do."""
+    by = {(r["arm"], r["seed"]): r["test_ppl_mean"] for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    out = []
+    for arm, base in comparisons(cfg):
+        diffs = [by[(arm, s)] - by[(base, s)] for s in seeds if (arm, s) in by and (base, s) in by]
+        out.append(
+            {
+                "arm": arm,
+                "minus": base,
+                "test_ppl_diff_per_seed": diffs,
+                "mean_diff": statistics.mean(diffs) if diffs else None,
+                "seeds_lower": sum(d < 0 for d in diffs),
+                "n_seeds": len(diffs),
+            }
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs/experiments/fed_noniid.yaml"))
@@ -115,12 +155,17 @@ def main() -> None:
                 "own_heldout_ppl_mean": statistics.mean(r["own_heldout_ppl_mean"] for r in rows),
                 "kept_fraction": rows[0]["kept_fraction"]
                 and statistics.mean(r["kept_fraction"] for r in rows),
+                "n_seeds": len(rows),
+                "test_ppl_per_seed": [r["test_ppl_mean"] for r in rows],
+                "test_ppl_sd": statistics.stdev(r["test_ppl_mean"] for r in rows) if len(rows) > 1 else None,
             }
         )
+    report_pairs = paired_differences(runs, cfg)
     report = {
         "experiment": "fed_noniid",
         "config": cfg,
         "table": table,
+        "paired": report_pairs,
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
     }
