@@ -12,7 +12,8 @@ directory and the records it was trained on, so this writes, under `out`:
                        own held-out records (the transfer set is excluded: every student saw its inputs)
     export.json        which run, organization and files
 
-Run on the machine that holds the organization's directory: the records and the student are its own.
+Run on the machine that holds the organization's directory: the records and the student are its own,
+and `out` is made readable by its owner only (0700).
 `secure-kd audit --model <out>/model --data <out>/members.jsonl` then audits the student.
 """
 
@@ -104,6 +105,8 @@ def export_student(run_dir: str | Path, org: str, out: str | Path, *, org_dir: s
             "federation to the end first, or give --org-dir where its directory lives)"
         )
     ws = OrgWorkspace(job, index, root)
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)  # it holds the organization's private records, like its own directory
     model = ws.student().eval()
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     model_dir = out / "model"

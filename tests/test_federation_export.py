@@ -39,6 +39,7 @@ def finished_run(tmp_path_factory):
 def test_exported_student_and_records_are_the_organizations_own(finished_run, tmp_path):
     job, run = finished_run
     exported = export_student(run, "org-1", tmp_path / "export")
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o700  # private records inside
     ws = OrgWorkspace(job, 1, run / "orgs" / "org-1")
     # the directory loads with plain transformers and computes what the workspace's student computes
     model = AutoModelForCausalLM.from_pretrained(exported.model_dir).eval()
