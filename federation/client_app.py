@@ -19,6 +19,7 @@ SecAgg+ configuration go through `secaggplus_mod` first.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ from federation.messages import CONFIG, METRICS, MessageRejected, read_config
 from federation.workspace import OrgWorkspace, flat_parameters, job_digest, node_org_index
 
 Handler = Callable[[OrgWorkspace, Message, Context], RecordDict]
+logger = logging.getLogger("secure_kd.federation")
 
 
 # Per process: the simulation engine hands each message a fresh copy of the ClientApp, so a cache in
@@ -63,6 +65,10 @@ def _trust(ws: OrgWorkspace, context: Context):
 
 
 def hello(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
+    """The first message of every run: start from a clean slate, say who this organization is."""
+    removed = ws.start_run()
+    if removed:
+        logger.info("%s: a new run starts; removed the previous run's %s", ws.name, ", ".join(removed))
     bundle = ws.keys().public_bundle().to_json()
     return RecordDict({CONFIG: ConfigRecord({"org": ws.name, "index": ws.index, "bundle": bundle})})
 

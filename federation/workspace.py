@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,8 @@ from secure_kd.trainer import config_hash
 STUDENT_FILE = "student.safetensors"
 SECRET_CONTEXT_FILE = "ckks-secret.bin"
 STATE_FILE = "state.json"
+# state.json keys that outlive a run: the record of every profile this organization released (p2p)
+PERSISTENT_STATE = frozenset({"profile_ledger"})
 KEYS_DIR = "keys"
 
 
@@ -251,6 +254,26 @@ class OrgWorkspace:
         if not path.is_file():
             raise FileNotFoundError(f"{self.name} holds no CKKS key: it missed the key ceremony of this run")
         return path.read_bytes()
+
+    def start_run(self) -> list[str]:
+        """Forget what a previous run left here (its student, its CKKS key, its per-run state and scratch)
+        so that a run never silently continues another; keys, trust and privacy ledgers stay (the
+        profile ledger in state.json included). Returns what was removed."""
+        removed = []
+        for name in (STUDENT_FILE, SECRET_CONTEXT_FILE):
+            path = self.root / name
+            if path.is_file():
+                path.unlink()
+                removed.append(name)
+        if (self.root / "work").is_dir():
+            shutil.rmtree(self.root / "work")
+            removed.append("work")
+        state = self.state()
+        kept = {key: value for key, value in state.items() if key in PERSISTENT_STATE}
+        if kept != state:
+            atomic_write_json(self.root / STATE_FILE, kept, mode=0o600)
+            removed.extend(sorted(set(state) - set(kept)))
+        return removed
 
     def state(self) -> dict[str, Any]:
         path = self.root / STATE_FILE

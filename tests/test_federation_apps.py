@@ -302,3 +302,38 @@ def test_secagg_plus_average_equals_the_plaintext_average_of_the_same_updates(tm
     bound = 3 * step / (weights.sum() / 64.0)
     for name, value in final.items():
         np.testing.assert_allclose(value, expected[name], atol=bound)
+
+
+def test_a_second_run_in_the_same_directory_starts_afresh(tmp_path):
+    # before: the organizations' students of run 1 were loaded as run 2's starting point, silently
+    # (fed_distill sends no initial model that would have overwritten them)
+    job = tiny_job(tmp_path, rounds=2, mode="fed_distill")
+    first, _ = federate(job)
+    second, _ = federate(job)
+
+    def losses(result):
+        return [
+            [(c.org, c.metrics["test-loss"]) for c in sorted(r.clients, key=lambda c: c.org)]
+            for r in [*result.rounds, result.final]
+        ]
+
+    assert losses(second) == losses(first)
+
+
+def test_start_run_keeps_keys_and_the_profile_ledger_only(tmp_path):
+    from federation.workspace import STATE_FILE, STUDENT_FILE, OrgWorkspace
+
+    job = tiny_job(tmp_path)
+    ws = OrgWorkspace(job, 0, tmp_path / "org")
+    ws.keys()
+    (ws.root / STUDENT_FILE).write_bytes(b"old student")
+    ws.save_secret_context(b"old key")
+    (ws.root / "work" / "round-1").mkdir(parents=True)
+    ws.update_state(noise_multiplier=1.3, recent_loss=2.0, profile_ledger={"releases": [{"epsilon": 1.0}]})
+    removed = ws.start_run()
+    assert sorted(removed) == sorted(
+        [STUDENT_FILE, SECRET_CONTEXT_FILE, "work", "noise_multiplier", "recent_loss"]
+    )
+    assert ws.state() == {"profile_ledger": {"releases": [{"epsilon": 1.0}]}}
+    assert (ws.root / STATE_FILE).stat().st_mode & 0o777 == 0o600
+    assert (ws.root / "keys" / "bundle.json").is_file() and ws.start_run() == []
