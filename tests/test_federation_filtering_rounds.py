@@ -49,14 +49,19 @@ def test_plaintext_ensemble_is_the_weighted_mean_of_the_uploads(tmp_path):
     assert len(kept) == 3 and all(0 <= k <= 1 for k in kept)
 
 
-def test_ckks_ensemble_matches_the_plaintext_weighted_mean(tmp_path):
-    job = tiny_job(
+def _ckks_filtering_job(tmp_path, **changes):
+    return tiny_job(
         tmp_path,
         mode="fed_distill",
         protection="ckks",
         ckks={"max_abs_update": 10.0},
         transfer={"n_records": 6, "index_k": 16, "digest_steps": 1, "filtering": FILTERING},
+        **changes,
     )
+
+
+def test_ckks_ensemble_matches_the_plaintext_weighted_mean(tmp_path):
+    job = _ckks_filtering_job(tmp_path)
     result, grid = federate(job)
     keyring = Keyring.from_secret_context(
         (tmp_path / "run" / "orgs" / "org-0" / SECRET_CONTEXT_FILE).read_bytes()
@@ -74,14 +79,10 @@ def test_ckks_ensemble_matches_the_plaintext_weighted_mean(tmp_path):
 
 
 def test_a_poisoning_organization_poisons_the_encrypted_filtered_payload_too(tmp_path):
-    job = tiny_job(
+    job = _ckks_filtering_job(
         tmp_path,
         n_organizations=2,
-        mode="fed_distill",
-        protection="ckks",
-        ckks={"max_abs_update": 10.0},
         adversaries={1: {"kind": "poison_soft_labels", "target_column": 2, "strength": 1.0}},
-        transfer={"n_records": 6, "index_k": 16, "digest_steps": 1, "filtering": FILTERING},
     )
     _, grid = federate(job)
     keyring = Keyring.from_secret_context(
