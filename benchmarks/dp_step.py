@@ -10,9 +10,12 @@ starts from the same initialization and runs the same work per step: zero_grad, 
   hooks      Opacus per-example gradients from its layer hooks (RMSNorm by secure-kd's rule), the
              per-example losses (reduction="none") clipped at 1.0, Gaussian noise (sigma 1.0), AdamW;
   functorch  the same with every per-example gradient from torch.func (vmap);
-  ghost      ghost clipping: per-example gradient norms without per-example gradients, then a
-             second backward of the clipped loss (secure-kd's first pass computes activation
-             gradients only, see `PrivateStudent._ghost_backward`).
+  ghost      ghost clipping: per-example gradient norms without per-example gradients (secure-kd's
+             first pass computes activation gradients only, see `PrivateStudent._ghost_backward`),
+             then the clipped gradient sum by book-keeping from that pass's layer inputs and output
+             gradients (`secure_kd.dp.bookkeeping`), with no second backward;
+  ghost_two_pass  the same norms, then Opacus' second backward of the clipped loss (what `ghost` did
+             before book-keeping, and what it still does for layer types book-keeping does not know).
 
 A DP step here is exactly what `DPDistiller` runs per physical batch (`secure_kd.dp.engine.PrivateStudent`).
 Timing: all variants live in one process; after one untimed warm-up step each, `rounds` rounds time
@@ -56,7 +59,7 @@ from secure_kd.losses import get_loss  # noqa: E402
 from secure_kd.models import build_tiny  # noqa: E402
 from secure_kd.topk import TopKLogits  # noqa: E402
 
-VARIANTS = ("non_dp", "hooks", "functorch", "ghost")
+VARIANTS = ("non_dp", "hooks", "functorch", "ghost", "ghost_two_pass")
 TARGET_RATIO = 1.5
 
 
@@ -105,7 +108,8 @@ def build_step(variant: str, **shape_fields: int) -> Callable[[], None]:
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         expected_batch_size=shape.batch,
-        mode=variant,
+        mode="ghost" if variant == "ghost_two_pass" else variant,
+        bookkeeping=variant != "ghost_two_pass",
     )
 
     def dp_step() -> None:

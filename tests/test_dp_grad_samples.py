@@ -13,6 +13,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from secure_kd.config import LoraConfig
+from secure_kd.dp.bookkeeping import BookKeeper
 from secure_kd.dp.engine import PrivateStudent, check_supported, register_rms_norm_samplers, untie_embeddings
 from secure_kd.losses import get_loss
 from secure_kd.models import apply_lora
@@ -93,7 +94,9 @@ def flat_norm(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads.values()]).norm()
 
 
-def private_backward(model: nn.Module, data: dict, mode: str, max_grad_norm: float) -> PrivateStudent:
+def private_backward(
+    model: nn.Module, data: dict, mode: str, max_grad_norm: float, bookkeeping: bool = True
+) -> PrivateStudent:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     private = PrivateStudent(
         model,
@@ -102,20 +105,23 @@ def private_backward(model: nn.Module, data: dict, mode: str, max_grad_norm: flo
         max_grad_norm=max_grad_norm,
         expected_batch_size=len(LENGTHS),
         mode=mode,
+        bookkeeping=bookkeeping,
     )
     logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
     private.backward(logits, lambda lg: jsd(lg, data["teacher"], data["labels"], "none"))
     return private
 
 
-def check_against_loop(make_model, mode: str) -> None:
+def check_against_loop(make_model, mode: str, bookkeeping: bool = True) -> None:
     data = batch()
     reference = loop_gradients(make_model(), data)
     ref_norms = torch.stack([flat_norm(g) for g in reference])
     clip = float(ref_norms.median())  # some examples are clipped, some are not
     model = make_model()
     names = {id(p): name for name, p in model.named_parameters()}
-    private = private_backward(model, data, mode, clip)
+    private = private_backward(model, data, mode, clip, bookkeeping)
+    if mode == "ghost":  # the clipped sum from the first pass's inputs and output gradients, or a 2nd pass
+        assert private.last_second_pass == ("bookkeeping" if bookkeeping else "backward")
 
     norms = private.per_sample_norms()
     torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-7)
@@ -141,6 +147,18 @@ def test_plain_llama_matches_per_example_loop(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_lora_student_matches_per_example_loop(mode):
     check_against_loop(lora_llama, mode)
+
+
+@pytest.mark.parametrize("make_model", [llama, lora_llama], ids=["plain", "lora"])
+def test_ghost_without_bookkeeping_takes_the_second_backward_and_matches_the_loop(make_model):
+    check_against_loop(make_model, "ghost", bookkeeping=False)
+
+
+def test_bookkeeping_declines_layer_types_it_does_not_know():
+    model = nn.Sequential(nn.Embedding(VOCAB, HIDDEN), nn.LayerNorm(HIDDEN), nn.Linear(HIDDEN, VOCAB))
+    assert not BookKeeper(model).supported
+    model[1].requires_grad_(False)  # frozen layers do not count
+    assert BookKeeper(model).supported
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])

@@ -29,6 +29,8 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from torch import Tensor, nn
 
+from secure_kd.dp.bookkeeping import BookKeeper
+
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 # Raised by torch for the embedding (integer inputs) and by Opacus' functorch path on CPU; both benign.
@@ -181,6 +183,7 @@ class PrivateStudent:
         expected_batch_size: int,
         mode: str = "hooks",
         secure_mode: bool = False,
+        bookkeeping: bool = True,
     ) -> None:
         register_rms_norm_samplers()
         check_supported(model, mode)
@@ -194,6 +197,8 @@ class PrivateStudent:
             raise ValueError(f"Opacus rejected the student: {exc}. Freeze the layers it names.") from None
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._branch_starts = _BranchStarts(model) if mode == "ghost" else None
+        self._bookkeeper = BookKeeper(model) if mode == "ghost" and bookkeeping else None
+        self.last_second_pass: str | None = None  # ghost mode: "bookkeeping" or "backward"
         optimizer_class = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
         self.optimizer: DPOptimizer = optimizer_class(
             optimizer,
@@ -225,15 +230,22 @@ class PrivateStudent:
         self._ghost_backward(surrogate)
         return losses.detach()
 
+    @property
+    def bookkept(self) -> bool:
+        """Ghost mode forms the clipped gradients from the first pass (`secure_kd.dp.bookkeeping`)."""
+        return self._bookkeeper is not None and self._bookkeeper.supported
+
     def _ghost_backward(self, surrogate: Tensor) -> None:
-        """Opacus' two ghost-clipping passes, the first one lighter.
+        """Opacus' two ghost-clipping passes, the first one lighter, the second one book-kept.
 
         Opacus' `DPTensorFastGradientClipping.backward` runs a full first backward only for its hooks to
         compute per-example norms from activations and output gradients, then discards the parameter
         gradients. Here the first pass asks autograd only for the gradients of the branch starts (see
         `_BranchStarts`), which carry every output gradient the hooks need but skip all weight-gradient
         products. Every trained parameter must have received a fresh norm, else the layers not
-        reached are named (use grad_sample_mode: hooks for such a model).
+        reached are named (use grad_sample_mode: hooks for such a model). When every trained layer is
+        one `BookKeeper` handles, the second pass is replaced by contractions of the first pass's
+        inputs and output gradients; otherwise it is Opacus' backward of sum_b c_b * loss_b.
         """
         anchors, self._branch_starts.tensors = self._branch_starts.tensors, []
         if not anchors:
@@ -252,12 +264,22 @@ class PrivateStudent:
                 "layers' outputs; use grad_sample_mode: hooks or functorch for this model"
             )
         coefficients = self.module.get_clipping_coef().to(surrogate.device)
+        if self._bookkeeper is not None and self._bookkeeper.ready():
+            # the first pass took the batch mean: scale its output gradients back to per-example sums
+            self._bookkeeper.accumulate_clipped(coefficients, scale=float(len(surrogate)))
+            self.last_second_pass = "bookkeeping"
+            return
+        self.last_second_pass = "backward"
+        if self._bookkeeper is not None:
+            self._bookkeeper.clear()
         self.module.disable_hooks()
         try:
             with _quiet_benign_warnings():
                 (coefficients * surrogate).sum().backward()
         finally:
             self.module.enable_hooks()
+            if self._bookkeeper is not None:
+                self._bookkeeper.clear()
 
     def per_sample_norms(self) -> Tensor:
         """The per-example gradient norms the optimizer will clip (after `backward`, before `step`)."""
@@ -278,6 +300,8 @@ class PrivateStudent:
         """Remove Opacus' hooks and attributes; returns the plain model."""
         if self._branch_starts is not None:
             self._branch_starts.remove()
+        if self._bookkeeper is not None:
+            self._bookkeeper.remove()
         self.module.cleanup()
         for p in self.model.parameters():
             for attr in ("summed_grad", "_processed"):
