@@ -32,7 +32,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def llama(tied: bool = False, seed: int = 0) -> nn.Module:
+def llama(tied: bool = False, seed: int = 0, bias: bool = False) -> nn.Module:
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
@@ -41,6 +41,8 @@ def llama(tied: bool = False, seed: int = 0) -> nn.Module:
         num_attention_heads=2,
         num_key_value_heads=2,
         tie_word_embeddings=tied,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).double()
@@ -48,7 +50,14 @@ def llama(tied: bool = False, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):  # biases start at 0
+                p.normal_(std=0.1)
     return model
+
+
+def biased_llama() -> nn.Module:
+    """Every attention and MLP projection with a bias."""
+    return llama(bias=True)
 
 
 def lora_llama() -> nn.Module:
@@ -112,7 +121,9 @@ def private_backward(
     return private
 
 
-def check_against_loop(make_model, mode: str, bookkeeping: bool = True) -> None:
+def check_against_loop(
+    make_model, mode: str, bookkeeping: bool = True, second_pass: str | None = None
+) -> None:
     data = batch()
     reference = loop_gradients(make_model(), data)
     ref_norms = torch.stack([flat_norm(g) for g in reference])
@@ -121,7 +132,7 @@ def check_against_loop(make_model, mode: str, bookkeeping: bool = True) -> None:
     names = {id(p): name for name, p in model.named_parameters()}
     private = private_backward(model, data, mode, clip, bookkeeping)
     if mode == "ghost":  # the clipped sum from the first pass's inputs and output gradients, or a 2nd pass
-        assert private.last_second_pass == ("bookkeeping" if bookkeeping else "backward")
+        assert private.last_second_pass == (second_pass or ("bookkeeping" if bookkeeping else "backward"))
 
     norms = private.per_sample_norms()
     torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-5, atol=1e-7)
@@ -149,9 +160,78 @@ def test_lora_student_matches_per_example_loop(mode):
     check_against_loop(lora_llama, mode)
 
 
-@pytest.mark.parametrize("make_model", [llama, lora_llama], ids=["plain", "lora"])
+def test_biased_llama_matches_per_example_loop_by_bookkeeping():
+    check_against_loop(biased_llama, "ghost")
+
+
+@pytest.mark.parametrize("make_model", [llama, biased_llama, lora_llama], ids=["plain", "biased", "lora"])
 def test_ghost_without_bookkeeping_takes_the_second_backward_and_matches_the_loop(make_model):
     check_against_loop(make_model, "ghost", bookkeeping=False)
+
+
+def ghost_clipped_sums(make_model, data: dict, clip: float, bookkeeping: bool, batches: int) -> dict:
+    """p.grad after `batches` ghost backward calls (float32): the clipped sums the optimizer receives."""
+    model = make_model().float()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    private = PrivateStudent(
+        model,
+        optimizer,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=len(LENGTHS),
+        mode="ghost",
+        bookkeeping=bookkeeping,
+    )
+    for _ in range(batches):
+        logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+        private.backward(logits, lambda lg: jsd(lg, data["teacher"].float(), data["labels"], "none"))
+        assert private.last_second_pass == ("bookkeeping" if bookkeeping else "backward")
+        if bookkeeping:  # nothing kept past the step
+            assert not private._bookkeeper._inputs and not private._bookkeeper._output_grads
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    private.close()
+    return grads
+
+
+@pytest.mark.parametrize("batches", [1, 2], ids=["one", "accumulated"])
+@pytest.mark.parametrize("make_model", [llama, biased_llama, lora_llama], ids=["plain", "biased", "lora"])
+def test_bookkeeping_equals_the_second_backward_in_float32(make_model, batches):
+    data = batch()
+    norms = torch.stack([flat_norm(g) for g in loop_gradients(make_model(), data)])
+    clip = float(norms.median())  # some examples clipped, some not
+    kept = ghost_clipped_sums(make_model, data, clip, bookkeeping=True, batches=batches)
+    two_pass = ghost_clipped_sums(make_model, data, clip, bookkeeping=False, batches=batches)
+    assert kept.keys() == two_pass.keys()
+    for name, grad in two_pass.items():
+        assert grad.norm() > 0, name
+        assert (kept[name] - grad).norm() <= 1e-5 * grad.norm(), name
+
+
+def test_bookkeeping_keeps_only_the_last_forward_pass():
+    model, data = llama(), batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    private = PrivateStudent(
+        model, optimizer, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4, mode="ghost"
+    )
+    model.eval()  # a forward pass with gradients on and no backward (Opacus' hooks skip eval mode)
+    model(input_ids=data["input_ids"])
+    model.train()
+    logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    private.backward(logits, lambda lg: jsd(lg, data["teacher"], data["labels"], "none"))
+    assert private.last_second_pass == "bookkeeping"
+    private.close()
+
+
+def llama_with_layer_norm() -> nn.Module:
+    """A trained layer type book-keeping does not know: the final RMSNorm becomes a LayerNorm."""
+    model = llama()
+    torch.manual_seed(1)
+    norm = nn.LayerNorm(HIDDEN).double()
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn_like(norm.weight))
+        norm.bias.normal_(std=0.1)
+    model.model.norm = norm
+    return model
 
 
 def test_bookkeeping_declines_layer_types_it_does_not_know():
@@ -159,6 +239,13 @@ def test_bookkeeping_declines_layer_types_it_does_not_know():
     assert not BookKeeper(model).supported
     model[1].requires_grad_(False)  # frozen layers do not count
     assert BookKeeper(model).supported
+    model[0].scale_grad_by_freq = True  # an embedding gradient that is not the plain row sum
+    assert not BookKeeper(model).supported
+
+
+def test_unknown_trained_layer_type_takes_the_second_backward_and_matches_the_loop():
+    assert not BookKeeper(llama_with_layer_norm()).supported
+    check_against_loop(llama_with_layer_norm, "ghost", second_pass="backward")
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])

@@ -12,8 +12,10 @@ keep those two per layer during the first pass and form sum_b c_b * grad_b direc
     LlamaRMSNorm   w: sum_{b,t} c_b g_bt * normalize(x_bt)
 
 This skips the second pass's activation-gradient products (about a forward pass of work). A model with
-any other trained layer type, or a trained layer called more than once per forward pass, is not
-book-kept: `ready()` is False and the caller runs the second backward as before.
+any other trained layer type (or an Embedding with `scale_grad_by_freq` or sparse gradients), or a
+trained layer called more than once per forward pass, is not book-kept: `ready()` is False and the
+caller runs the second backward as before. What is kept is dropped after each step and at the start of
+every forward pass of the model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ def _rms_norm_type() -> type | None:
     return LlamaRMSNorm
 
 
+def _book_keepable(module: nn.Module, kinds: tuple[type, ...]) -> bool:
+    """Exactly one of the known types (a subclass may compute something else), plain Embedding gradients."""
+    if isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse):
+        return False
+    return type(module) in kinds
+
+
 class BookKeeper:
     """Per trained layer, its input and its output gradient from the last pass, then the clipped sums."""
 
@@ -37,11 +46,12 @@ class BookKeeper:
         rms_norm = _rms_norm_type()
         kinds = (nn.Linear, nn.Embedding) + ((rms_norm,) if rms_norm is not None else ())
         trained = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-        self.supported = all(type(m) in kinds for m in trained)
+        self.supported = all(_book_keepable(m, kinds) for m in trained)
         self._inputs: dict[nn.Module, list[Tensor]] = {}
         self._output_grads: dict[nn.Module, list[Tensor]] = {}
         self._handles = []
         if self.supported:
+            self._handles.append(model.register_forward_pre_hook(lambda module, args: self.clear()))
             for module in trained:
                 self._handles.append(module.register_forward_hook(self._keep_input))
                 self._handles.append(module.register_full_backward_hook(self._keep_output_grad))
