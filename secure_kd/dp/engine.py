@@ -13,6 +13,14 @@ What is checked before training, with a message naming the layer and the way out
 
 `LlamaRMSNorm` (tiny students, SmolLM2) gets a direct per-sample gradient rule; Opacus would
 otherwise fall back to functorch for it, which is correct but slower.
+
+`nn.Embedding` gets rules that honour `padding_idx`: autograd gives the padding row no gradient,
+whatever the input, but Opacus' grad and norm samplers count every occurrence of that token. Where
+the pad id is a real token inside the sequences (SmolLM2-Instruct: pad = eos = `<|im_end|>` closes
+every chat turn), that over-clipped such examples (ghost) and trained a row that non-DP training
+freezes (hooks). The row's per-example gradients are then exactly zero, and the DP optimizer also
+zeroes the noise there (post-processing of a coordinate no record can influence), unless the matrix
+is tied to another layer (a tied output layer does train the row).
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import torch
-from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from opacus.grad_sample.embedding import compute_embedding_grad_sample
+from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
@@ -59,6 +70,71 @@ def register_rms_norm_samplers() -> None:
         return
     if LlamaRMSNorm not in GradSampleHooks.GRAD_SAMPLERS:
         register_grad_sampler(LlamaRMSNorm)(_llama_rms_norm_grad_sample)
+
+
+def _without_padding_positions(layer: nn.Embedding, activations: list[Tensor], backprops: Tensor) -> Tensor:
+    """The output gradients with the positions of `padding_idx` zeroed: what autograd's embedding uses."""
+    if layer.padding_idx is None:
+        return backprops
+    keep = (activations[0] != layer.padding_idx).unsqueeze(-1)
+    return backprops * keep.to(backprops.dtype)
+
+
+def _embedding_grad_sample(layer: nn.Embedding, activations: list[Tensor], backprops: Tensor) -> dict:
+    return compute_embedding_grad_sample(
+        layer, activations, _without_padding_positions(layer, activations, backprops)
+    )
+
+
+def _embedding_norm_sample(layer: nn.Embedding, activations: list[Tensor], backprops: Tensor) -> dict:
+    return compute_embedding_norm_sample(
+        layer, activations, _without_padding_positions(layer, activations, backprops)
+    )
+
+
+def register_samplers() -> None:
+    """secure-kd's rules in Opacus' registries: LlamaRMSNorm, Embedding with `padding_idx` (idempotent)."""
+    register_rms_norm_samplers()
+    if GradSampleHooks.GRAD_SAMPLERS.get(nn.Embedding) is not _embedding_grad_sample:
+        register_grad_sampler(nn.Embedding)(_embedding_grad_sample)
+    if GradSampleHooksFastGradientClipping.NORM_SAMPLERS.get(nn.Embedding) is not _embedding_norm_sample:
+        register_norm_sampler(nn.Embedding)(_embedding_norm_sample)
+
+
+def frozen_padding_rows(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """(weight, row) of each trained Embedding's padding row whose matrix no other layer uses."""
+    uses: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    return [
+        (m.weight, int(m.padding_idx))
+        for m in model.modules()
+        if isinstance(m, nn.Embedding)
+        and m.padding_idx is not None
+        and m.weight.requires_grad
+        and uses[id(m.weight)] == 1
+    ]
+
+
+class _FrozenRowsMixin:
+    """After the noise is added, zero it on rows whose every per-example gradient is zero by construction."""
+
+    frozen_rows: list[tuple[nn.Parameter, int]] = []
+
+    def add_noise(self) -> None:
+        super().add_noise()  # the generator advances as usual: the rest of the noise is unchanged
+        for weight, row in self.frozen_rows:
+            if weight.grad is not None:
+                weight.grad[row] = 0
+
+
+class _DPOptimizer(_FrozenRowsMixin, DPOptimizer):
+    pass
+
+
+class _DPOptimizerFastGradientClipping(_FrozenRowsMixin, DPOptimizerFastGradientClipping):
+    pass
 
 
 def tied_trainable_embedding(model: nn.Module) -> nn.Parameter | None:
@@ -185,7 +261,7 @@ class PrivateStudent:
         secure_mode: bool = False,
         bookkeeping: bool = True,
     ) -> None:
-        register_rms_norm_samplers()
+        register_samplers()
         check_supported(model, mode)
         self.model, self.mode = model, mode
         options: dict = dict(batch_first=True, loss_reduction="mean", strict=True)
@@ -199,7 +275,7 @@ class PrivateStudent:
         self._branch_starts = _BranchStarts(model) if mode == "ghost" else None
         self._bookkeeper = BookKeeper(model) if mode == "ghost" and bookkeeping else None
         self.last_second_pass: str | None = None  # ghost mode: "bookkeeping" or "backward"
-        optimizer_class = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
+        optimizer_class = _DPOptimizerFastGradientClipping if mode == "ghost" else _DPOptimizer
         self.optimizer: DPOptimizer = optimizer_class(
             optimizer,
             noise_multiplier=noise_multiplier,
@@ -208,6 +284,7 @@ class PrivateStudent:
             loss_reduction="mean",
             secure_mode=secure_mode,
         )
+        self.optimizer.frozen_rows = frozen_padding_rows(model)
 
     def backward(self, logits: Tensor, per_example_loss: Callable[[Tensor], Tensor]) -> Tensor:
         """Backward pass leaving what the optimizer clips; returns the detached per-example losses.
@@ -336,8 +413,10 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "PrivateStudent",
     "check_supported",
+    "frozen_padding_rows",
     "make_private",
     "register_rms_norm_samplers",
+    "register_samplers",
     "tied_trainable_embedding",
     "untie_embeddings",
 ]

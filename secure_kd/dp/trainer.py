@@ -37,7 +37,7 @@ from secure_kd.dp.accounting import (
     resolve_delta,
     steps_within_budget,
 )
-from secure_kd.dp.engine import PrivateStudent, check_supported, register_rms_norm_samplers, untie_embeddings
+from secure_kd.dp.engine import PrivateStudent, check_supported, register_samplers, untie_embeddings
 from secure_kd.dp.ledger import Ledger
 from secure_kd.dp.report import PrivacyReport, build_report
 from secure_kd.dp.sampling import SecretRandomness, step_loader
@@ -88,7 +88,7 @@ class DPDistiller(Distiller):
         check_private_objective(kd)
         if privacy.untie_embeddings:
             untie_embeddings(student)  # before the optimizer exists, so it trains the new output layer
-        register_rms_norm_samplers()
+        register_samplers()
         check_supported(student, privacy.grad_sample_mode)
         super().__init__(**kwargs)
         self.privacy, self.log, self.extra_caveats = privacy, log, list(caveats)
