@@ -285,11 +285,7 @@ def _problems(job: FederatedJob) -> list[str]:
     found.extend(_adversarial_problems(job))
     if job.teacher is not None and job.teacher.source == "teacher_layers":
         found.append("teacher.source cannot be 'teacher_layers'; that builds a student")
-    for index, student in enumerate([job.student, *job.students]):
-        if student.source == "teacher_layers":
-            found.append(
-                f"student {index}: 'teacher_layers' is not available in federated jobs; use tiny or a dir"
-            )
+    found.extend(_teacher_layers_problems(job))
     if job.train.privacy is not None:
         from secure_kd.dp.trainer import check_private_objective
 
@@ -297,6 +293,28 @@ def _problems(job: FederatedJob) -> list[str]:
             check_private_objective(job.kd)
         except ValueError as exc:
             found.append(str(exc))
+    return found
+
+
+def _teacher_layers_problems(job: FederatedJob) -> list[str]:
+    """`student.source: teacher_layers` copies layers of the job's `teacher`, with its vocabulary."""
+    found: list[str] = []
+    for name, student in [
+        ("student", job.student),
+        *((f"students.{i}", s) for i, s in enumerate(job.students)),
+    ]:
+        if student.source != "teacher_layers":
+            continue
+        if job.teacher is None:
+            found.append(
+                f"{name}.source: teacher_layers copies layers of the teacher, and this job has none: add a "
+                "`teacher` (e.g. source: smollm2) or use student.source: tiny or a model directory"
+            )
+        elif job.teacher.source != "tiny" and job.tokenizer not in ("teacher", job.teacher.source):
+            found.append(
+                f"{name}.source: teacher_layers keeps the teacher's vocabulary, but tokenizer is "
+                f"{job.tokenizer!r}: set tokenizer: teacher"
+            )
     return found
 
 

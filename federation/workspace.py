@@ -4,7 +4,8 @@ Everything a ClientApp must remember between messages lives on the organization'
 simulation `<out>/orgs/org-<i>/`, in deployment the SuperNode's `org-dir` node-config entry), never
 in the server's messages:
 
-    student.safetensors   the current student (weights only, loaded with safetensors)
+    student.safetensors   the current student: its weights with tied ones stored once, or a LoRA
+                          student's adapter only (`federation.student_store`)
     keys/                 the organization's Ed25519 identity and X25519 key-exchange keys (0600)
     ckks-secret.bin       the shared CKKS secret context, after the key ceremony (0600)
     state.json            small bookkeeping (calibrated DP noise, last losses, profile releases)
@@ -28,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from federation.config import FederatedJob
 from federation.identity import OrgKeys, TrustStore
 from federation.partition import FederatedSplit, OrganizationData, federated_split, split_own_records
 from federation.soft_labels import SoftLabelLayout, build_layout
+from federation.student_store import load_student_file, save_student_file
 from secure_kd.data import TokenizedExample, load_records, tokenize_records, train_tiny_tokenizer
 from secure_kd.dp.ledger import dataset_key
 from secure_kd.models import load_student, load_teacher, load_tokenizer, resolve_device
@@ -198,33 +199,27 @@ class OrgWorkspace:
 
     # -- models --------------------------------------------------------------------------------------
     def _build_student(self) -> nn.Module:
-        return build_student(self.job, self.index, self.public).to(self.device)
+        layers = self.job.student_for(self.index).source == "teacher_layers"
+        teacher = self.teacher if layers else None
+        return build_student(self.job, self.index, self.public, teacher=teacher).to(self.device)
 
     def student(self) -> nn.Module:
         """The organization's student: the saved one, or a fresh (seeded) one in the first round."""
         model = self._build_student()
         path = self.root / STUDENT_FILE
         if path.is_file():
-            model.load_state_dict(load_file(str(path), device=str(self.device)), strict=True)
+            load_student_file(model, path, device=self.device)
         model.train()
         return model
 
     def save_student(self, model: nn.Module) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        tmp = self.root / f".{STUDENT_FILE}.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, self.root / STUDENT_FILE)
+        """Keep `model` for the next message: tied weights once, a LoRA student as its adapter."""
+        save_student_file(model, self.root / STUDENT_FILE)
 
     @cached_property
     def teacher(self) -> nn.Module | None:
-        if self.job.teacher is None:
-            return None
-        return load_teacher(
-            self.job.teacher,
-            vocab_size=self.public.vocab_size,
-            seed=self.job.seed,
-            pad_token_id=self.public.pad_id,
-        ).to(self.device)
+        teacher = build_teacher(self.job, self.public)
+        return None if teacher is None else teacher.to(self.device)
 
     # -- keys and state --------------------------------------------------------------------------------
     @property
@@ -283,14 +278,33 @@ class OrgWorkspace:
         atomic_write_json(self.root / STATE_FILE, {**self.state(), **values}, mode=0o600)
 
 
-def build_student(job: FederatedJob, index: int, public: JobData) -> nn.Module:
+def build_teacher(job: FederatedJob, public: JobData) -> nn.Module | None:
+    """The job's teacher (frozen, on the CPU), or None when the job has none."""
+    if job.teacher is None:
+        return None
+    return load_teacher(job.teacher, vocab_size=public.vocab_size, seed=job.seed, pad_token_id=public.pad_id)
+
+
+def build_student(
+    job: FederatedJob, index: int, public: JobData, *, teacher: nn.Module | None = None
+) -> nn.Module:
     """Organization `index`'s initial student. In fedavg every organization (and the server) builds the
-    same one from the job's seed; heterogeneous students get a seed per organization."""
+    same one from the job's seed; heterogeneous students get a seed per organization.
+
+    `student.source: teacher_layers` copies layers of the job's teacher: `teacher` when given (an
+    organization passes the one it already holds), otherwise it is loaded here (the server of fedavg
+    and pate builds the initial student too)."""
     cfg = job.student_for(index)
     heterogeneous = bool(job.students) and job.mode != "fedavg"
     seed = job.seed + (1000 * index if heterogeneous else 0)
+    if cfg.source == "teacher_layers" and teacher is None:
+        teacher = build_teacher(job, public)
     return load_student(
-        cfg, teacher=None, vocab_size=public.vocab_size, seed=seed, pad_token_id=public.pad_id
+        cfg,
+        teacher=teacher if cfg.source == "teacher_layers" else None,
+        vocab_size=public.vocab_size,
+        seed=seed,
+        pad_token_id=public.pad_id,
     )
 
 
