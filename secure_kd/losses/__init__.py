@@ -8,6 +8,10 @@ lists the names. `loss_info(name)` (also `get_loss(name).loss_info`) says how to
   tail=None, chunk_size=None, **params) -> Tensor`.
   Names: forward_kl, reverse_kl, jsd (beta), tvd, skew_forward_kl / skew_reverse_kl (alpha),
   token_selective (ratio), ce (teacher ignored, labels required).
+- Teacher and student with different tokenizers (`loss_info(name).cross_tokenizer != "none"`): `uld`
+  (Universal Logit Distillation) and `span_aligned` (beta, matched_weight, unmatched_weight,
+  likelihood_weight), same call plus `alignment=`, `teacher_labels=`, `vocab=` (per-batch inputs
+  the trainer supplies, listed in `CROSS_TOKENIZER_ARGUMENTS`); see `cross_inputs.py`.
 - `stateful=True` (an `nn.Module` class): instantiate it once per run, keep it with the student
   (its `state_dict` goes into checkpoints, its parameters, if any, into the optimizer) and call the
   instance. `taid` -> `TAID(t_start=..., ...)`, same call as above, plus `update(loss, step,
@@ -24,6 +28,7 @@ the output layer so the student's logits are never materialized.
 
 from secure_kd.losses.catalog import LOSSES, LossInfo, loss_info
 from secure_kd.losses.ce import ce
+from secure_kd.losses.cross_inputs import CROSS_TOKENIZER_ARGUMENTS
 from secure_kd.losses.forward_kl import forward_kl
 from secure_kd.losses.fused import fused_linear_kd_loss
 from secure_kd.losses.hidden_mse import HiddenMSE
@@ -31,9 +36,11 @@ from secure_kd.losses.jsd import jsd
 from secure_kd.losses.reverse_kl import reverse_kl
 from secure_kd.losses.skew_forward_kl import skew_forward_kl
 from secure_kd.losses.skew_reverse_kl import skew_reverse_kl
+from secure_kd.losses.span_aligned import span_aligned
 from secure_kd.losses.taid import TAID
 from secure_kd.losses.token_selective import token_selective
 from secure_kd.losses.tvd import tvd
+from secure_kd.losses.uld import uld
 from secure_kd.topk import TopKLogits
 
 
@@ -52,6 +59,7 @@ def is_stateful(name: str) -> bool:
 
 
 __all__ = [
+    "CROSS_TOKENIZER_ARGUMENTS",
     "LOSSES",
     "LossInfo",
     "TopKLogits",
@@ -68,6 +76,8 @@ __all__ = [
     "skew_reverse_kl",
     "token_selective",
     "tvd",
+    "uld",
+    "span_aligned",
     "TAID",
     "HiddenMSE",
 ]

@@ -26,6 +26,10 @@ class LossInfo:
     sparse_teacher:  accepts a `TopKLogits` teacher (then `tail` must be given).
     kernel_factory:  builds the per-token kernel that `fused_linear_kd_loss` uses; None when the
                      objective cannot be fused (it needs state or batch-level token selection).
+    cross_tokenizer: "none" (one vocabulary: teacher and student logits have the same shape),
+                     "optional" (`uld`: takes `alignment=`, `teacher_labels=`, `vocab=` for a teacher
+                     with another tokenizer, pairs positions in order without them) or "required"
+                     (`span_aligned`). See `secure_kd/losses/cross_inputs.py`.
     """
 
     name: str
@@ -34,6 +38,7 @@ class LossInfo:
     needs_teacher: bool
     sparse_teacher: bool
     kernel_factory: Callable[..., Any] | None
+    cross_tokenizer: Literal["none", "optional", "required"] = "none"
 
 
 _INFO: dict[str, LossInfo] = {}
@@ -47,11 +52,14 @@ def register_loss(
     needs_teacher: bool = True,
     sparse_teacher: bool = True,
     kernel_factory: Callable[..., Any] | None = None,
+    cross_tokenizer: Literal["none", "optional", "required"] = "none",
 ) -> Callable[[Obj], Obj]:
     """Decorator: register an objective and attach its `LossInfo` as `obj.loss_info`."""
 
     def decorator(obj: Obj) -> Obj:
-        info = LossInfo(name, stateful, inputs, needs_teacher, sparse_teacher, kernel_factory)
+        info = LossInfo(
+            name, stateful, inputs, needs_teacher, sparse_teacher, kernel_factory, cross_tokenizer
+        )
         LOSSES.register(name, obj)
         _INFO[name] = info
         obj.loss_info = info  # type: ignore[attr-defined]
