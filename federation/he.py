@@ -65,7 +65,13 @@ from federation.codec import (
     read_payload_header,
     unpack_context,
 )
-from federation.he_params import SPECIAL_PRIME_BITS, CkksParameters, choose_parameters
+from federation.he_params import (
+    RELEASE_MARGIN_BITS,
+    SPECIAL_PRIME_BITS,
+    CkksParameters,
+    choose_parameters,
+    choose_release_parameters,
+)
 
 # Most values one payload may hold (200M float32 parameters is ~6 GB on the wire).
 MAX_VALUES = 200_000_000
@@ -78,11 +84,17 @@ __all__ = [
     "aggregate",
     "check_payload",
     "choose_parameters",
+    "DecryptedAggregate",
+    "check_ciphertext_parameters",
     "decrypt",
+    "decrypt_aggregate",
     "decrypt_mean",
     "decrypt_weight",
     "encrypt",
+    "choose_release_parameters",
     "load_public_context",
+    "mean_release_decimals",
+    "read_header",
     "release",
     "release_decimals",
 ]
@@ -304,6 +316,40 @@ def _expected_chunk_size(header: PayloadHeader, index: int) -> int:
     return min(header.slots, total - index * header.slots)
 
 
+def check_ciphertext_parameters(context: ts.Context, vector: ts.CKKSVector) -> None:
+    """Raise PayloadFormatError unless `vector` is one fresh-level ciphertext of `context`: its scale,
+    modulus level, ring, two polynomials, NTT form, and not transparent (a trivial ciphertext).
+
+    Adding a ciphertext at another scale or level fails inside SEAL at the *next* addition, which
+    would blame whichever payload came second; checking each one against the context first names the
+    payload that is wrong."""
+    parts = vector.ciphertext()
+    if len(parts) != 1:
+        raise PayloadFormatError(f"holds {len(parts)} SEAL ciphertexts, expected one")
+    ct = parts[0]
+    seal_context = context.seal_context().data
+    expected = seal_context.first_context_data().parms()
+    if ct.scale != context.global_scale:
+        raise PayloadFormatError(
+            f"scale 2**{math.log2(ct.scale):.4g} differs from the context's "
+            f"2**{math.log2(context.global_scale):.4g}"
+        )
+    if ct.parms_id() != seal_context.first_parms_id() or ct.coeff_modulus_size() != len(
+        expected.coeff_modulus()
+    ):
+        raise PayloadFormatError("made at another modulus level than the context's data level")
+    if ct.poly_modulus_degree() != expected.poly_modulus_degree():
+        raise PayloadFormatError(
+            f"ring degree {ct.poly_modulus_degree()}, the context has {expected.poly_modulus_degree()}"
+        )
+    if ct.size() != 2:
+        raise PayloadFormatError(f"has {ct.size()} polynomials; a fresh or summed ciphertext has 2")
+    if not ct.is_ntt_form():
+        raise PayloadFormatError("is not in NTT form")
+    if ct.is_transparent():
+        raise PayloadFormatError("is transparent (a trivial ciphertext anyone can make without the key)")
+
+
 def _load_chunk(context: ts.Context, data: bytes, header: PayloadHeader, index: int) -> ts.CKKSVector:
     vector = ts.ckks_vector_from(context, data)
     expected = _expected_chunk_size(header, index)
@@ -311,6 +357,10 @@ def _load_chunk(context: ts.Context, data: bytes, header: PayloadHeader, index: 
         raise PayloadFormatError(
             f"ciphertext {index} holds {vector.size()} values, the layout needs {expected}"
         )
+    try:
+        check_ciphertext_parameters(context, vector)
+    except PayloadFormatError as error:
+        raise PayloadFormatError(f"ciphertext {index} {error}") from None
     return vector
 
 
@@ -403,8 +453,22 @@ def decrypt_weight(keyring: Keyring, ciphertext: bytes) -> float:
     return float(values[header.n_values - last * header.slots])
 
 
-def decrypt_mean(keyring: Keyring, ciphertext: bytes, length: int) -> np.ndarray:
-    """decrypt(...) / decrypt_weight(...), decrypting each ciphertext once."""
+@dataclass(frozen=True)
+class DecryptedAggregate:
+    """A decrypted payload: the weighted mean, the total weight, and the header's contributor count.
+    Raw decryptions carry the CKKS noise: pass `mean` through `release` before anything derived
+    from it leaves the key holders."""
+
+    mean: np.ndarray
+    weight: float
+    n_contributors: int
+
+
+def decrypt_aggregate(keyring: Keyring, ciphertext: bytes, length: int) -> DecryptedAggregate:
+    """Decrypt each ciphertext once: sum_i(w_i v_i) / sum_i(w_i), sum_i(w_i) and the header's count.
+
+    Errors never carry decrypted values (an error that reaches the server would be a decryption
+    oracle): a non-positive or non-finite total weight is refused by name only."""
     header = _header_for(keyring, ciphertext, length)
     flat = np.concatenate(
         [
@@ -412,15 +476,24 @@ def decrypt_mean(keyring: Keyring, ciphertext: bytes, length: int) -> np.ndarray
             for index, chunk in enumerate(iter_chunks(ciphertext, header))
         ]
     )
-    weight = flat[length]
-    if not weight > 0:
+    weight = float(flat[length])
+    if not (math.isfinite(weight) and weight > 0):
         raise ValueError(
-            f"decrypted total weight is {weight}: the aggregate is corrupt or was built from other inputs"
+            "the decrypted total weight is not a positive number: the aggregate is corrupt or was built "
+            "from other inputs"
         )
-    return flat[:length] / weight
+    mean = flat[:length] / weight
+    if not np.all(np.isfinite(mean)):
+        raise ValueError("the decrypted aggregate holds non-finite values")
+    return DecryptedAggregate(mean, weight, header.n_contributors)
 
 
-def release_decimals(error_bound: float, *, margin_bits: int = 20) -> int:
+def decrypt_mean(keyring: Keyring, ciphertext: bytes, length: int) -> np.ndarray:
+    """decrypt(...) / decrypt_weight(...), decrypting each ciphertext once."""
+    return decrypt_aggregate(keyring, ciphertext, length).mean
+
+
+def release_decimals(error_bound: float, *, margin_bits: int = RELEASE_MARGIN_BITS) -> int:
     """Decimals for `release` that round at least 2**margin_bits above `error_bound` (for a
     mean: keyring.noise_bound(n_clients) / total_weight). A value then changes with the noise
     only when it lies within the noise of a rounding boundary, with probability ~2**-margin_bits
@@ -428,6 +501,27 @@ def release_decimals(error_bound: float, *, margin_bits: int = 20) -> int:
     if not (error_bound > 0 and math.isfinite(error_bound)):
         raise ValueError(f"error_bound must be a positive finite number, got {error_bound}")
     return math.floor(-math.log10(error_bound * 2.0**margin_bits))
+
+
+def mean_release_decimals(
+    parameters: CkksParameters,
+    total_weight: float,
+    *,
+    max_decimals: int,
+    margin_bits: int = RELEASE_MARGIN_BITS,
+) -> int:
+    """Decimals at which a decrypted mean of `total_weight` may leave a client: at most `max_decimals`,
+    and a grid at least 2**margin_bits above the noise of the mean, bounded by the noise of an aggregate
+    of `parameters.max_clients` fresh updates (the most an honest aggregate sums) over the weight."""
+    if not (total_weight > 0 and math.isfinite(total_weight)):
+        raise ValueError("total_weight must be a positive finite number")
+    bound = parameters.noise_bound(parameters.max_clients) / total_weight
+    return min(max_decimals, release_decimals(bound, margin_bits=margin_bits))
+
+
+def read_header(keyring: Keyring, ciphertext: bytes) -> PayloadHeader:
+    """The checked header of a payload made under `keyring` (no ciphertext is parsed)."""
+    return _header_for(keyring, ciphertext, None)
 
 
 def release(values, *, decimals: int, noise_std: float = 0.0, seed: int | None = None) -> np.ndarray:

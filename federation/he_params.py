@@ -133,3 +133,48 @@ def choose_parameters(
         f"no single 60-bit data prime holds sums up to {max_abs_sum:.3g} at error {abs_error:.3g}: "
         "relax abs_error, lower max_abs_update, or build CkksParameters by hand"
     )
+
+
+# Decrypted values leave a client rounded at least this far above the CKKS noise (see release_decimals).
+RELEASE_MARGIN_BITS = 20
+
+
+def release_abs_error(decimals: int, min_weight: float, margin_bits: int = RELEASE_MARGIN_BITS) -> float:
+    """The largest error of a decrypted *sum* that still lets a mean of total weight >= `min_weight`
+    be released at `decimals` decimals with `margin_bits` of margin: 10**-decimals * min_weight / 2**m."""
+    if min_weight <= 0 or margin_bits < 0:
+        raise ValueError(f"min_weight must be > 0 and margin_bits >= 0, got {min_weight}, {margin_bits}")
+    return 10.0**-decimals * min_weight * 2.0**-margin_bits
+
+
+def choose_release_parameters(
+    n_values: int,
+    *,
+    max_abs_update: float,
+    max_clients: int,
+    decimals: int,
+    min_weight: float,
+    margin_bits: int = RELEASE_MARGIN_BITS,
+    abs_error: float | None = None,
+) -> CkksParameters:
+    """`choose_parameters` for an error small enough that a mean of total weight >= `min_weight` can be
+    released at `decimals` decimals `margin_bits` above the noise bound (and at most `abs_error`).
+
+    When `max_abs_update` leaves no room for that (one 60-bit data prime and float64 encoding bound
+    range / error), the finest parameters that exist are returned instead: the release then rounds to
+    fewer decimals (`he.release_decimals` derives them from the real noise bound), never to a grid
+    closer to the noise."""
+    target = release_abs_error(decimals, min_weight, margin_bits)
+    if abs_error is not None:
+        target = min(target, abs_error)
+    error = max(target, max_abs_update * max_clients * 2.0**-45 * (1 + 1e-12))
+    for _ in range(200):  # relax by factors of 2 until one data prime holds it
+        try:
+            return choose_parameters(
+                n_values, max_abs_update=max_abs_update, abs_error=error, max_clients=max_clients
+            )
+        except ValueError:
+            error *= 2.0
+    return choose_parameters(
+        n_values, max_abs_update=max_abs_update, abs_error=error, max_clients=max_clients
+    )

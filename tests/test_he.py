@@ -288,3 +288,33 @@ def test_release_decimals_and_flooding_noise():
     np.testing.assert_array_equal(flooded, he.release(np.zeros(20000), decimals=6, noise_std=0.5, seed=1))
     with pytest.raises(ValueError, match="noise_std"):
         he.release(np.zeros(2), decimals=2, noise_std=-1.0)
+
+
+def _encrypt_at_scale(keyring: he.Keyring, vector: np.ndarray, weight: float, scale: float) -> bytes:
+    """What `he.encrypt` sends, but with each ciphertext encoded at `scale` (a deviating client)."""
+    flat = np.append(np.asarray(vector, dtype=np.float64) * weight, weight)
+    slots = keyring.slots
+    chunks = [
+        ts.ckks_vector(keyring._context, flat[i : i + slots].tolist(), scale=scale).serialize()
+        for i in range(0, flat.size, slots)
+    ]
+    return codec.pack_payload(codec.PayloadKind.UPDATE, keyring.key_id, len(vector), 1, slots, chunks)
+
+
+def test_a_first_client_at_another_scale_is_dropped_and_the_honest_ones_kept(small_keyring):
+    # before: the first payload became the running total and SEAL's "scale mismatch" fired when the
+    # second was added, so the honest second client was blamed, then the third, leaving the bad one
+    from federation.aggregation import aggregate_encrypted
+
+    vectors, weights = _clients(3, 50, seed=7)
+    bad = _encrypt_at_scale(small_keyring, vectors[0], weights[0], small_keyring.parameters.global_scale / 8)
+    honest = [he.encrypt(small_keyring, v, w) for v, w in zip(vectors[1:], weights[1:], strict=True)]
+    public = he.load_public_context(small_keyring.public_context())
+    with pytest.raises(he.InvalidCiphertextError, match="scale 2\\*\\*19 differs") as caught:
+        he.aggregate(public, [bad, *honest])
+    assert caught.value.client_index == 0
+    total, rejected = aggregate_encrypted(public, {"first": bad, "second": honest[0], "third": honest[1]})
+    assert set(rejected) == {"first"}
+    expected = _plain_weighted_sum(vectors[1:], weights[1:])
+    np.testing.assert_allclose(he.decrypt(small_keyring, total, 50), expected, atol=1e-3)
+    assert he.read_header(small_keyring, total).n_contributors == 2
