@@ -2,8 +2,11 @@
 
 Every job command takes `--config FILE` and dotted overrides (`--set train.lr=1e-4`), and writes
 `<out>/results.json`. A user error (bad config, missing file, mismatched cache) prints one
-paragraph naming the problem and the fix and exits with code 2, without a traceback
-(`SECURE_KD_DEBUG=1` shows it).
+paragraph naming the problem and the fix and exits with code 2, without a traceback. Any other
+error (a bug) prints one line naming the command and the error and exits with code 1;
+`SECURE_KD_DEBUG=1` prints its traceback instead, without local variables: the frames of a job hold
+training records, and a privacy tool must not print them (typer's rich tracebacks, which show
+locals, are off on every app).
 """
 
 from __future__ import annotations
@@ -13,28 +16,37 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from secure_kd.config import ConfigError, DistillJob, EvalJob, load_config
+from secure_kd.config import ConfigError, DistillJob, EvalJob, load_config, read_yaml
 
+# Never rich tracebacks: they print every frame's local variables, which hold training records.
+NO_LOCALS: dict[str, Any] = {"pretty_exceptions_enable": False, "pretty_exceptions_show_locals": False}
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Privacy- and security-focused knowledge distillation."
+    add_completion=False,
+    no_args_is_help=True,
+    help="Privacy- and security-focused knowledge distillation.",
+    **NO_LOCALS,
 )
-assets_app = typer.Typer(no_args_is_help=True, help="Fetch real models without a model hub.")
+assets_app = typer.Typer(no_args_is_help=True, help="Fetch real models without a model hub.", **NO_LOCALS)
 app.add_typer(assets_app, name="assets")
 console = Console(stderr=True)
 
 USER_ERROR_EXIT = 2
+BUG_EXIT = 1
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file")
 SET_OPTION = typer.Option(
     [], "--set", "-s", help="dotted override KEY=VALUE, repeatable (e.g. train.lr=1e-4)"
 )
 OUT_OPTION = typer.Option(None, "--out", "-o", help="output directory (overrides `out` in the config)")
 
-JOB_KINDS = {"distill": DistillJob, "eval": EvalJob, "federate": None}
+JOB_KINDS = ("distill", "eval", "federate", "audit")
 
 
 @app.callback()
@@ -55,11 +67,60 @@ def _process_options(
 
 
 def _job_model(kind: str):
+    """The config model of a job kind, or of one attack / defense (`attack:NAME`, `defense:NAME`)."""
+    if kind == "distill":
+        return DistillJob
+    if kind == "eval":
+        return EvalJob
     if kind == "federate":
         from federation.config import FederatedJob
 
         return FederatedJob
-    return JOB_KINDS[kind]
+    if kind == "audit":
+        from secure_kd.report.config import AuditConfig
+
+        return AuditConfig
+    plugin_kind, _, name = kind.partition(":")
+    if plugin_kind in ("attack", "defense") and name:
+        if plugin_kind == "attack":
+            from attacks import get_attack as get
+        else:
+            from defenses import get_defense as get
+        try:
+            return get(name).Config
+        except KeyError as exc:
+            raise ConfigError([("--kind", str(exc))]) from None
+    raise ConfigError(
+        [
+            (
+                "--kind",
+                f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}, attack:NAME, defense:NAME",
+            )
+        ]
+    )
+
+
+def infer_kind(data: dict[str, Any]) -> str:
+    """A config's job kind: its `kind:` field, else the keys only one kind of job has (default distill)."""
+    declared = data.get("kind")
+    if isinstance(declared, str) and declared in JOB_KINDS:
+        return declared
+    keys = set(data)
+    models = {kind: set(_job_model(kind).model_fields) for kind in JOB_KINDS}
+    matches = [
+        kind
+        for kind in JOB_KINDS
+        if keys & (models[kind] - set().union(*(fields for other, fields in models.items() if other != kind)))
+    ]
+    if len(matches) > 1:
+        raise ConfigError(
+            [("(top level)", f"keys of several job kinds ({', '.join(matches)}); give --kind or `kind:`")]
+        )
+    if matches:
+        return matches[0]
+    if "model" in keys:  # eval and audit both name a model; an audit's data is a file, eval's a section
+        return "audit" if isinstance(data.get("data"), str) else "eval"
+    return "distill"
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -76,7 +137,7 @@ def user_errors(fn):
         except _user_error_types() as exc:
             if os.environ.get("SECURE_KD_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(USER_ERROR_EXIT) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
@@ -89,17 +150,59 @@ def _with_out(overrides: list[str], out: Path | None) -> list[str]:
     return [*overrides, f"out={out}"] if out is not None else list(overrides)
 
 
+def _refuse_broken_entries(plans, source: str) -> None:
+    """ConfigError naming every suite entry that would fail before running (lookup or config)."""
+    problems = [
+        (f"suite[{i}] {p.entry.name}", f"{p.stage}: {p.error}") for i, p in enumerate(plans) if p.error
+    ]
+    if problems:
+        raise ConfigError(problems, source)
+
+
 @app.command()
 @user_errors
 def validate(
-    config: Path = typer.Argument(..., help="YAML config to check"),
-    kind: str = typer.Option("distill", help=f"job kind: {', '.join(JOB_KINDS)}"),
+    config: Path | None = typer.Argument(None, help="YAML config to check"),
+    kind: str | None = typer.Option(
+        None, help=f"job kind: {', '.join(JOB_KINDS)}, attack:NAME, defense:NAME (default: from the config)"
+    ),
     overrides: list[str] = SET_OPTION,
+    schema: bool = typer.Option(
+        False, "--schema", help="print the JSON schema of the config's kind (every kind's without one)"
+    ),
 ) -> None:
-    """Check a config: print `ok`, or every problem with its field path (exit code 2)."""
-    if kind not in JOB_KINDS:
-        raise ConfigError([("--kind", f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")])
-    load_config(config, overrides, _job_model(kind))
+    """Check a config: print `ok`, or every problem with its field path (exit code 2).
+
+    The kind (distill, eval, federate, audit) comes from `--kind`, the config's `kind:` field or its
+    keys. An audit config is checked down to each suite entry's attack config."""
+    if config is None and not schema:
+        raise ConfigError([("CONFIG", "give a config file to check, or --schema to print the schemas")])
+    inferred = config is not None and kind is None
+    if inferred:
+        kind = infer_kind(read_yaml(config))
+    if schema:
+        kinds = [kind] if kind is not None else list(JOB_KINDS)
+        schemas = {k: _job_model(k).model_json_schema() for k in kinds}
+        typer.echo(json.dumps(schemas[kinds[0]] if kind is not None else schemas, indent=2))
+        return
+    try:
+        job = load_config(config, overrides, _job_model(kind))
+    except ConfigError as exc:
+        how = "from its keys; give --kind if it is another kind" if inferred else "by --kind"
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ConfigError(exc.problems, f"{config} (read as {article} {kind} config, {how})") from None
+    if kind == "audit":
+        from secure_kd.report.plan import check_suite
+
+        plans = check_suite(job)
+        problems = [
+            (f"suite[{i}] {p.entry.name}", f"{p.stage}: {p.error}") for i, p in enumerate(plans) if p.error
+        ]
+        if problems:
+            raise ConfigError(problems, str(config))
+        for plan in plans:
+            if plan.skipped:
+                console.print(escape(f"{plan.entry.name}: will be skipped: {plan.skipped}"), highlight=False)
     typer.echo("ok")
 
 
@@ -248,38 +351,53 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="where ev
 @app.command("audit")
 @user_errors
 def audit_cmd(
-    config: Path | None = CONFIG_OPTION,
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="suite YAML; default: the causal-LM suite (configs/audit-lm.yaml)"
+    ),
     overrides: list[str] = SET_OPTION,
     out: Path | None = OUT_OPTION,
     model: str | None = typer.Option(None, "--model", help="model to audit: a local directory or 'smollm2'"),
     teacher: str | None = typer.Option(None, "--teacher", help="teacher (entries with target: teacher)"),
-    data: str | None = typer.Option(None, "--data", help="data file for attacks that read one"),
+    data: str | None = typer.Option(None, "--data", help="the records the model was trained on"),
+    secrets: str | None = typer.Option(
+        None, "--secrets", help="secrets to test for exposure: JSON lines of {prefix, secret} (docs/audit.md)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="skip suite runs already finished in --out"),
     fail_on: str | None = typer.Option(
-        None, "--fail-on", help="low|medium|high: exit 3 when a risk is at or above it (4: an attack failed)"
+        None, "--fail-on", help="low|medium|high: exit 3 when a risk is at or above it"
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Run an attack suite against a model; write results.json and a self-contained report.html."""
-    from pydantic import ValidationError
+    """Run an attack suite against a model; write results.json and a self-contained report.html.
 
-    from secure_kd.config import errors_from_validation
+    Exit codes: 0 done, 2 bad input (nothing run), 3 a risk at or above --fail-on, 4 an attack failed
+    (the audit is incomplete). An attack that cannot apply to the model is skipped with the reason."""
     from secure_kd.report.audit import gate, run_audit
     from secure_kd.report.config import AuditConfig
+    from secure_kd.report.plan import check_suite
 
-    job = load_config(config, [*_with_out(overrides, out), f"progress={str(progress).lower()}"], AuditConfig)
-    given = {"model": model, "teacher": teacher, "data": data, "fail_on": fail_on}
-    try:
-        for key, value in given.items():
-            if value is not None:
-                setattr(job, key, value)  # validated on assignment
-    except ValidationError as exc:
-        raise ConfigError(errors_from_validation(exc), "command line") from None
+    given = {"model": model, "teacher": teacher, "data": data, "secrets": secrets, "fail_on": fail_on}
+    values = {key: value for key, value in given.items() if value is not None}
+    if out is not None:
+        values["out"] = str(out)
+    values["progress"] = progress
+    job = load_config(config, overrides, AuditConfig, values=values)
+    plans = check_suite(job)
+    problems = [
+        (f"suite[{i}] {p.entry.name}", f"{p.stage}: {p.error}") for i, p in enumerate(plans) if p.error
+    ]
+    if problems:  # before anything runs: a typo in the last entry must not cost the first ones' time
+        raise ConfigError(problems, str(config or "audit"))
     result = run_audit(job, resume=resume, console=console)
+    for entry in result.entries:
+        if entry.status == "skipped":
+            console.print(f"[yellow]skipped:[/] {escape(f'{entry.id}: {entry.reason}')}", highlight=False)
+        elif entry.status == "ok":
+            console.print(escape(f"ran: {entry.id} on {entry.ran_on}"), highlight=False)
     for verdict in result.verdicts:
         console.print(f"{verdict.risk}: {verdict.level}")
-    for entry in result.failed:
-        console.print(f"[red]failed:[/] {entry}")
+    if job.model is not None and not result.verdicts:
+        console.print(f"no verdict: no attack of the suite measured {job.model}")
     console.print(f"results: {Path(job.out) / 'results.json'}  report: {Path(job.out) / 'report.html'}")
     code, lines = gate(result, job.fail_on)
     for line in lines:
@@ -337,8 +455,29 @@ from federation.deploy_cli import deploy_app  # noqa: E402
 app.add_typer(deploy_app, name="deploy")
 
 
+def _report_bug(exc: BaseException) -> None:
+    """One line for an unexpected error (a bug): the command, the error's type and message, where."""
+    command = " ".join(a for a in sys.argv[1:3] if not a.startswith("-")) or "secure-kd"
+    if os.environ.get("SECURE_KD_DEBUG"):
+        # Python's own traceback: code lines, never the frames' local variables.
+        traceback.print_exception(exc, file=sys.stderr)
+        return
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    message = " ".join(str(exc).split())[:300]
+    sys.stderr.write(
+        f"error: `secure-kd {command}` stopped on an unexpected {type(exc).__name__}{where}: {message}\n"
+        "This is a bug in secure-kd, not in your input; SECURE_KD_DEBUG=1 prints the traceback "
+        "(without local variables).\n"
+    )
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # everything typer/click did not turn into an exit code
+        _report_bug(exc)
+        sys.exit(BUG_EXIT)
 
 
 if __name__ == "__main__":

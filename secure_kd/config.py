@@ -167,6 +167,7 @@ class KDConfig(Strict):
                 if not ok:
                     bracket = "]" if closed_high else ")"
                     raise ValueError(f"params.{key}={value!r} must be a number in [{low}, {high}{bracket}")
+        _check_loss_params(self.loss, self.params)
         if self.teacher_targets == "cache" and self.top_k is None:
             raise ValueError(
                 "a cache stores the teacher's top-k: set top_k (e.g. 64) with teacher_targets: cache"
@@ -179,6 +180,48 @@ class KDConfig(Strict):
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train; set one of them > 0")
         return self
+
+
+# Arguments every objective takes from the trainer, never from `kd.params`.
+_TRAINER_ARGUMENTS = frozenset(
+    {"self", "student_logits", "teacher_logits", "labels", "temperature", "reduction", "tail", "chunk_size"}
+)
+
+
+def loss_parameters(name: str) -> dict[str, Any]:
+    """The `kd.params` an objective takes: name -> default (`inspect.Parameter.empty` when required)."""
+    import inspect
+
+    from secure_kd.losses import get_loss, loss_info
+
+    entry = get_loss(name)
+    signature = inspect.signature(entry.__init__ if loss_info(name).stateful else entry)
+    return {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.name not in _TRAINER_ARGUMENTS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def _check_loss_params(loss: str, params: dict[str, Any]) -> None:
+    """`kd.params` must be parameters of `kd.loss`: switching the loss (`--set kd.loss=reverse_kl` on a
+    config written for jsd) must not carry the old loss's parameters into a call that rejects them."""
+    import inspect
+
+    takes = loss_parameters(loss)
+    unknown = sorted(set(params) - set(takes))
+    if unknown:
+        listed = ", ".join(takes) if takes else "no parameters"
+        keep = {k: v for k, v in params.items() if k in takes}
+        fix = "--set kd.params={}" if not keep else f"--set 'kd.params={keep}'"
+        raise ValueError(
+            f"params {unknown} do not apply to loss {loss!r}, which takes {listed}; they belong to another "
+            f"objective. Remove them from kd.params (on the command line: {fix})"
+        )
+    required = [k for k, default in takes.items() if default is inspect.Parameter.empty]
+    missing = sorted(k for k in required if k not in params)
+    if missing:
+        raise ValueError(f"loss {loss!r} needs kd.params {missing}, e.g. params: {{{missing[0]}: ...}}")
 
 
 class TrainConfig(Strict):
@@ -319,12 +362,46 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# The job kind behind each config model: what a config's optional top-level `kind:` names and what
+# `secure-kd validate` infers. A model with a `kind` field of its own validates the key itself.
+JOB_KINDS_BY_MODEL = {
+    "DistillJob": "distill", "EvalJob": "eval", "FederatedJob": "federate", "AuditConfig": "audit",
+}  # fmt: skip
+
+
+def job_kind_of(model: type[BaseModel]) -> str | None:
+    return JOB_KINDS_BY_MODEL.get(model.__name__)
+
+
+def _check_declared_kind(data: dict, model: type[BaseModel], source: str) -> None:
+    """A top-level `kind: distill|eval|federate|audit` is allowed in every job config; it must match."""
+    if "kind" not in data or "kind" in model.model_fields:
+        return
+    expected = job_kind_of(model)
+    declared = data.pop("kind")
+    if expected is not None and declared != expected:
+        raise ConfigError(
+            [("kind", f"this file is a {declared!r} config but was given to a {expected!r} command; run "
+              f"`secure-kd {declared} --config {source}` (or fix `kind:`)")],
+            source,
+        )  # fmt: skip
+
+
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, model: type[BaseModel] = DistillJob
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    model: type[BaseModel] = DistillJob,
+    *,
+    values: dict[str, Any] | None = None,
 ):
-    """Read YAML (or start from defaults when `path` is None), apply `--set` overrides, validate."""
+    """Read YAML (or start from defaults when `path` is None), apply `--set` overrides, validate.
+
+    `values` are top-level values set last and taken as they are (not parsed as YAML), e.g. the paths
+    of command-line options such as `--model DIR`."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
+    data.update(values or {})
+    _check_declared_kind(data, model, str(path or "config"))
     try:
         return model.model_validate(data)
     except ValidationError as exc:

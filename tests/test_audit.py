@@ -331,6 +331,8 @@ def test_gate_exit_codes():
     assert gate(_result_with(["low"], []), "low")[0] == 3
     code, lines = gate(_result_with(["low"], ["clone"]), "high")
     assert code == 4 and "clone" in lines[0]
+    code, lines = gate(_result_with(["low"], ["clone"]), None)  # a failure fails the job without --fail-on
+    assert code == 4 and lines[0] == "audit incomplete: these attacks failed: clone"
 
 
 def test_config_errors_name_the_field():
@@ -342,18 +344,51 @@ def test_config_errors_name_the_field():
         AuditConfig.model_validate({"suite": [{"attack": "clone", "target": "teacher"}]})
 
 
+def _hf_dir(path: Path, architecture: str = "LlamaForCausalLM") -> Path:
+    """A directory that reads as a Hugging Face model (config.json only: nothing here loads weights)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": "llama"}))
+    return path
+
+
 def test_model_and_budget_go_into_each_attack_field(tmp_path):
+    records = tmp_path / "d.jsonl"
+    records.write_text('{"text": "a"}\n')
+    model = _hf_dir(tmp_path / "m")
     config = AuditConfig.model_validate(
         {
-            "model": str(tmp_path),
-            "data": "d.jsonl",
+            "model": str(model),
+            "data": str(records),
             "suite": [{"attack": "clone", "budget": 77}, {"attack": "membership"}],
         }
     )
     clone = attack_config(config, config.suite[0], 5, tmp_path / "o")
-    assert clone["victim"]["source"] == str(tmp_path) and clone["query_budget"] == 77 and clone["seed"] == 5
+    assert clone["victim"]["source"] == str(model) and clone["query_budget"] == 77 and clone["seed"] == 5
+    assert clone["victim_logit_scale"] == 1.0  # the sharpening of a random tiny victim is not for a real one
     membership = attack_config(config, config.suite[1], 0, tmp_path / "o")
-    assert membership["target"]["source"] == str(tmp_path) and "data" not in membership
+    assert membership["target"]["source"] == str(model) and membership["tokenizer"] is None
+    assert membership["data"] == {"source": "files", "members": str(records)}
+
+
+def test_an_audit_of_a_model_that_does_not_exist_is_refused(tmp_path):
+    """Issue 13: `--model` naming nothing used to run every attack on its own target and say 'low'."""
+    for name, expected in ((tmp_path / "nope", "does not exist"), (tmp_path, "holds no model")):
+        with pytest.raises(ValueError, match=expected):
+            AuditConfig.model_validate({"model": str(name), "suite": [{"attack": "clone"}]})
+    suite = str(ROOT / "configs/audit.yaml")
+    args = [
+        "audit",
+        "-c",
+        suite,
+        "--model",
+        str(tmp_path / "nope"),
+        "--no-progress",
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 2, done.output
+    assert "does not exist" in done.output and not (tmp_path / "o").exists()
 
 
 def test_default_suite_configs_validate(monkeypatch):
@@ -373,13 +408,38 @@ def test_default_suite_configs_validate(monkeypatch):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_audit_tiny_suite_fail_on_and_report(tmp_path, monkeypatch):
+def test_cli_audit_refuses_unknown_attacks_and_key_typos_before_running(tmp_path, monkeypatch):
+    """Issue 19: an unknown attack name or a key typo used to fail inside the run and exit 0."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "audit"
-    suite = "[{attack: logit_leak, config_file: configs/attacks/logit_leak.yaml}, {attack: no_such_attack}]"
+    suite = (
+        "[{attack: logit_leak, config_file: configs/attacks/logit_leak.yaml}, {attack: no_such_attack}, "
+        "{attack: logit_leak, id: typo, config_file: configs/attacks/logit_leak.yaml, config: {stpe: 4}}]"
+    )
+    args = ["audit", "-c", "configs/audit.yaml", "--set", f"suite={suite}", "-o", str(out), "--no-progress"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 2, done.output
+    text = " ".join(done.output.split())
+    assert "suite[1] no_such_attack: lookup: unknown attack 'no_such_attack'" in text
+    assert "suite[2] typo: config: invalid logit_leak config: stpe: Extra inputs are not permitted" in text
+    assert not out.exists()  # nothing ran, nothing half-written
+    checked = runner.invoke(app, ["validate", "configs/audit.yaml", "--set", f"suite={suite}"])
+    assert checked.exit_code == 2 and "no_such_attack" in checked.output and "stpe" in checked.output
+
+
+def test_cli_audit_fail_on_incomplete_and_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "audit"
+    members = tmp_path / "members.jsonl"
+    members.write_text('{"body": "no text field here"}\n')  # passes the config check, fails in the run
+    suite = (
+        "[{attack: logit_leak, config_file: configs/attacks/logit_leak.yaml}, {attack: membership, "
+        f"config: {{attacks: [loss], n_shadows: 0, data: {{source: files, members: {members}, "
+        f"nonmembers: {members}}}}}}}]"
+    )
     args = [
         "audit",
-        "--config",
+        "-c",
         "configs/audit.yaml",
         "--set",
         f"suite={suite}",
@@ -387,12 +447,21 @@ def test_cli_audit_tiny_suite_fail_on_and_report(tmp_path, monkeypatch):
         str(out),
         "--no-progress",
     ]
-    done = runner.invoke(app, [*args, "--fail-on", "high"])
+    done = runner.invoke(app, args)
+    assert done.exit_code == 4, done.output  # no --fail-on: an attack that failed still fails the job
+    text = " ".join(done.output.split())
+    assert "audit incomplete: these attacks failed: membership" in text
+    assert (
+        "failed: membership (entry membership, stage run): ValueError:" in text and "no field 'text'" in text
+    )
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["failed"] == ["membership"]
+    assert saved["entries"][1]["runs"][0]["stage"] == "run"
+    assert saved["entries"][0]["runs"][0]["result"]["correct"] is True
+    assert saved["entries"][0]["ran_on"] == "a tiny random Llama"  # no --model: each attack's own target
+    done = runner.invoke(app, [*args, "--resume", "--fail-on", "high"])
     assert done.exit_code == 3, done.output
     assert "risk model_extraction is high" in done.output  # a tiny RMSNorm Llama leaks its width
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["failed"] == ["no_such_attack"]
-    assert saved["entries"][0]["runs"][0]["result"]["correct"] is True
     (out / "report.html").unlink()
     rendered = runner.invoke(app, ["report", str(out)])
     assert rendered.exit_code == 0 and (out / "report.html").is_file()
@@ -404,6 +473,7 @@ def test_cli_audit_tiny_suite_fail_on_and_report(tmp_path, monkeypatch):
     ]
     done = runner.invoke(app, [*high_bar, "--fail-on", "medium"])
     assert done.exit_code == 4, done.output  # no risk at medium, but an attack failed
+    assert "no risk at or above --fail-on medium, but these attacks failed: membership" in done.output
     bad = runner.invoke(app, [*args, "--fail-on", "severe"])
     assert bad.exit_code == 2 and "fail_on" in bad.output
 

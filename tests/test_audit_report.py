@@ -59,6 +59,8 @@ def _memorization() -> dict:
     for repeats, canary_loss in ((1, 14.0), (16, 6.0)):
         counts, edges = np.histogram(rng.normal(14, 2, 1000), bins=30)
         canaries.append({
+            "prefix": f"The access code for Canary {repeats} is ", "secret": f"{repeats:03d}",
+            "n_candidates": 1000, "max_exposure": 9.966, "rank": 1 if repeats == 16 else 436,
             "repeats": repeats, "exposure": 9.9 if repeats == 16 else 1.2, "estimate": None,
             "histogram": {"edges": edges.tolist(), "counts": counts.tolist(), "canary_loss": canary_loss,
                           "sampled": False},
@@ -166,6 +168,10 @@ def test_report_content(report):
     ):
         assert needle in html, needle
     assert re.search(r'class="level high">high', html)
+    # Issue 19: the per-canary table and the headline read from it, with every secret masked.
+    assert "1 of 2 secrets rank first among their candidates (ranks 436, 1 of 1,000 candidates each)" in html
+    assert "The access code for Canary 16 is" in html and "<code>\u2022\u2022\u2022</code>" in html
+    assert "016" not in html and "001<" not in html
 
 
 # --------------------------------------------------------------------------- headless Chromium

@@ -1,9 +1,12 @@
 """`secure-kd attack memorization`: canary exposure and training-data extraction against a causal LM.
 
-The corpus is the project's synthetic corpus (records with PII spans and canaries inserted a known
-number of times) or a `.jsonl` written by `SyntheticCorpus.to_jsonl` with its `.canaries.json`
-sidecar. The model is either trained here on that corpus (`model.source: train`, a tiny Llama) or
-a local Hugging Face directory that was trained on it.
+The records are the project's synthetic corpus (PII spans and canaries inserted a known number of
+times), a `.jsonl` written by `SyntheticCorpus.to_jsonl` with its `.canaries.json` sidecar, or any
+file of the user's own records (PII found by pattern); the secrets to rank are the sidecar's
+canaries and/or a plain secrets file (`data.secrets`, see `attacks.memorization.secrets`). The model
+is either trained here on the records (`model.source: train`, a tiny Llama) or a local Hugging Face
+directory that was trained on them. What the result says about extracted PII is redacted
+(`extraction.redact`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from attacks.memorization.extraction import (
     summarize_extraction,
     targeted_canary_extraction,
 )
+from attacks.memorization.redaction import pii_findings, redact_report
+from attacks.memorization.secrets import AuditCorpus, from_synthetic, load_records_corpus, load_secrets
 from secure_kd.config import Strict, TinyModelConfig
-from secure_kd.data import SyntheticCorpus, generate_corpus, load_records
+from secure_kd.data import generate_corpus, load_records
 from secure_kd.data.synthetic import sidecar_path
 from secure_kd.models import load_pretrained, resolve_device
 from secure_kd.plugins import Plugin, write_result
@@ -64,21 +69,41 @@ class SyntheticCorpusSpec(Strict):
 
 
 class CorpusConfig(Strict):
-    source: str = Field("synthetic", description="'synthetic' or a .jsonl with its .canaries.json sidecar")
+    source: str = Field(
+        "synthetic",
+        description="'synthetic', a .jsonl with its .canaries.json sidecar, or any records file "
+        "(.jsonl/.json/.csv/.parquet/.txt) the model was trained on",
+    )
+    secrets: str | None = Field(
+        None, description="a JSON-lines file of {prefix, secret[, suffix, alphabet]} to rank (docs/audit.md)"
+    )
+    text_field: str = "text"
     synthetic: SyntheticCorpusSpec = SyntheticCorpusSpec()
     max_length: int = Field(128, ge=8)
 
     @field_validator("source")
     @classmethod
-    def _file_with_sidecar(cls, value: str) -> str:
-        if value == "synthetic":
-            return value
-        if not Path(value).is_file() or not sidecar_path(value).is_file():
+    def _records_file(cls, value: str) -> str:
+        if value != "synthetic" and not Path(value).is_file():
             raise ValueError(
-                f"data.source {value!r}: need the .jsonl and its sidecar {sidecar_path(value).name} "
-                "(SyntheticCorpus.to_jsonl writes both), or 'synthetic'"
+                f"data.source {value!r} is neither 'synthetic' nor an existing records file (.jsonl, .json, "
+                ".csv, .parquet, .txt; relative paths are from the current directory)"
             )
         return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"data.secrets file {value!r} does not exist")
+        return value
+
+    @property
+    def has_canaries(self) -> bool:
+        """Whether anything gives secrets to rank: the synthetic corpus, a sidecar, or a secrets file."""
+        if self.source == "synthetic" or self.secrets is not None:
+            return True
+        return Path(self.source).suffix == ".jsonl" and sidecar_path(self.source).is_file()
 
 
 class ModelSource(Strict):
@@ -123,6 +148,9 @@ class ExtractionSettings(Strict):
     min_pii_chars: int = Field(6, gt=0)
     canary_context_chars: int = Field(12, gt=0)
     canary_samples: int = Field(16, ge=0, description="sampled continuations of each canary prefix")
+    redact: bool = Field(
+        True, description="mask PII values and secrets in what the result keeps of the generations"
+    )
 
     @field_validator("prompts")
     @classmethod
@@ -159,6 +187,11 @@ class MemorizationConfig(Strict):
             )
         if not (self.exposure.enabled or self.extraction.enabled):
             raise ValueError("exposure and extraction are both disabled: nothing to measure")
+        if self.exposure.enabled and not self.extraction.enabled and not self.data.has_canaries:
+            raise ValueError(
+                "exposure needs secrets to rank: these records have no canary sidecar; give data.secrets "
+                "(a JSON-lines file of {prefix, secret}, docs/audit.md) or enable extraction"
+            )
         return self
 
 
@@ -166,7 +199,10 @@ class MemorizationResult(BaseModel):
     kind: str = "memorization"
     model_source: str
     n_records: int
-    secret_digits: int
+    secret_digits: int | None
+    secrets_file: str | None = None
+    pii_detected: bool = Field(False, description="PII spans found by pattern (records without pii_spans)")
+    notes: list[str] = []
     exposure_is_estimate: bool
     exposure: list[CanaryExposure]
     mean_exposure_by_repeats: dict[int, float]
@@ -175,18 +211,27 @@ class MemorizationResult(BaseModel):
     seconds: float
 
 
-def load_corpus(cfg: MemorizationConfig) -> SyntheticCorpus:
+def load_corpus(cfg: MemorizationConfig) -> AuditCorpus:
+    """The records and the canaries to rank (the synthetic corpus's, a sidecar's, a secrets file's)."""
     if cfg.data.source != "synthetic":
-        return SyntheticCorpus.from_jsonl(cfg.data.source)
-    spec = cfg.data.synthetic
-    return generate_corpus(
-        spec.n_records,
-        seed=cfg.seed if spec.seed is None else spec.seed,
-        n_canaries=spec.n_canaries,
-        canary_repeats=spec.canary_repeats,
-        secret_digits=spec.secret_digits,
-        canary_placement=spec.canary_placement,
-    )
+        corpus = load_records_corpus(cfg.data.source, cfg.data.text_field)
+    else:
+        spec = cfg.data.synthetic
+        corpus = from_synthetic(
+            generate_corpus(
+                spec.n_records,
+                seed=cfg.seed if spec.seed is None else spec.seed,
+                n_canaries=spec.n_canaries,
+                canary_repeats=spec.canary_repeats,
+                secret_digits=spec.secret_digits,
+                canary_placement=spec.canary_placement,
+            )
+        )
+    if cfg.data.secrets is not None:
+        canaries, spaces = load_secrets(cfg.data.secrets, corpus.records)
+        corpus.canaries += canaries
+        corpus.spaces += spaces
+    return corpus
 
 
 def public_corpus(cfg: MemorizationConfig, n_records: int) -> list[str]:
@@ -234,7 +279,7 @@ def run_extraction(
     model: nn.Module,
     reference: nn.Module | None,
     tokenizer: Any,
-    corpus: SyntheticCorpus,
+    corpus: AuditCorpus,
     device: torch.device,
 ) -> ExtractionReport:
     e = cfg.extraction
@@ -275,7 +320,11 @@ def run_extraction(
         seed=cfg.seed,
         device=device,
     )
-    return summarize_extraction(scored, index, canaries, top_n=e.top_n)
+    report = summarize_extraction(scored, index, canaries, top_n=e.top_n)
+    findings = pii_findings(scored, index, corpus.records)
+    if e.redact:
+        return redact_report(report, index, corpus.canaries, findings)
+    return report.model_copy(update={"pii_findings": findings})
 
 
 def run(config: MemorizationConfig) -> MemorizationResult:
@@ -283,8 +332,17 @@ def run(config: MemorizationConfig) -> MemorizationResult:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     corpus = load_corpus(config)
+    notes: list[str] = []
     if not corpus.canaries and config.exposure.enabled:
-        raise ValueError("the corpus has no canaries: exposure needs some (data.synthetic.n_canaries >= 1)")
+        notes.append(
+            "exposure not measured: no secrets to rank (these records have no canary sidecar; give "
+            "data.secrets, a JSON-lines file of {prefix, secret})"
+        )
+    if corpus.pii_detected:
+        notes.append(
+            "PII of the records found by pattern (emails, phones, IBANs, card numbers, SSNs, API keys); "
+            "names and addresses are not found that way"
+        )
     tokenizer_spec = config.tokenizer or (
         "tiny:512" if config.model.source == "train" else config.model.source
     )
@@ -299,17 +357,17 @@ def run(config: MemorizationConfig) -> MemorizationResult:
         model = load_pretrained(config.model.source).to(device).eval()
 
     reports: list[CanaryExposure] = []
-    space = corpus.secret_space()
-    enumerate_space = corpus.secret_digits <= config.exposure.max_enumerated_digits
+    limit = 10**config.exposure.max_enumerated_digits
+    enumerated = [len(space) <= limit for space in corpus.spaces]
     if config.exposure.enabled:
-        for index, canary in enumerate(corpus.canaries):
+        for index, (canary, space) in enumerate(zip(corpus.canaries, corpus.spaces, strict=True)):
             reports.append(
                 measure_canary(
                     model,
                     tokenizer,
                     canary,
                     space,
-                    enumerate_space=enumerate_space,
+                    enumerate_space=enumerated[index],
                     estimate_samples=config.exposure.estimate_samples,
                     seed=config.seed + index,
                     batch_size=config.exposure.batch_size,
@@ -331,7 +389,10 @@ def run(config: MemorizationConfig) -> MemorizationResult:
         model_source=config.model.source,
         n_records=len(corpus),
         secret_digits=corpus.secret_digits,
-        exposure_is_estimate=not enumerate_space,
+        secrets_file=config.data.secrets,
+        pii_detected=corpus.pii_detected,
+        notes=notes,
+        exposure_is_estimate=bool(reports) and not all(enumerated),
         exposure=reports,
         mean_exposure_by_repeats=mean_exposure_by_repeats(reports) if reports else {},
         extraction=extraction,

@@ -306,6 +306,16 @@ class ScoredGeneration(BaseModel):
     flags: GenerationFlags
 
 
+class PIIFinding(BaseModel):
+    """One PII value of the training records that came out in generations (shown redacted)."""
+
+    type: str
+    redacted: str
+    n_chars: int
+    n_generations: int
+    record_ids: list[int]
+
+
 class ExtractionReport(BaseModel):
     n_generations: int
     n_flagged: int
@@ -321,6 +331,8 @@ class ExtractionReport(BaseModel):
     canary_sampled_extraction_rate: float
     top_by_zlib: list[ScoredGeneration]
     log_perplexity_histogram: dict[str, list[float]]
+    pii_findings: list[PIIFinding] = []
+    redacted: bool = False
 
 
 def score_generations(

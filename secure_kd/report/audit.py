@@ -6,29 +6,33 @@ an audit runs). The engine proper never imports it.
 
 Each suite entry runs once per seed in `<out>/attacks/<id>/seed<k>/` (the attack writes its own
 results.json there); `audit_run.json` next to it records the status, the exact attack config and,
-for a failure, the error. A failed run is reported as failed and the suite goes on. `resume`
+for a failure, the stage (lookup, config, run) and the error. Before anything runs, every entry
+is planned (`secure_kd.report.plan`): an entry that cannot apply to the audited model (the backdoor
+on a causal LM, membership without non-members) is skipped with the reason, and is never a verdict
+about another model; each entry that runs records the model it attacked (`ran_on`). A run that
+crashes is reported as failed and the suite goes on. `resume`
 skips runs whose audit_run.json says `ok` for the same config. `<out>/results.json` (the
 `AuditResult`) is rewritten after every run, and `<out>/report.html` at the end.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from secure_kd.config import read_yaml
 from secure_kd.paths import atomic_write_json
 from secure_kd.plugins import Plugin, write_result
 from secure_kd.report import provenance
 from secure_kd.report.config import AuditConfig, Level, SuiteEntry
+from secure_kd.report.plan import EntryPlan, Stage, attack_config, check_suite, validation_message
+from secure_kd.report.targets import model_kind
 from secure_kd.report.verdict import (
     Measurement,
     RiskVerdict,
@@ -40,16 +44,6 @@ from secure_kd.report.verdict import (
     run_values,
 )
 
-# Where the audited model, data and budget go in each attack's config (dotted paths).
-BINDINGS: dict[str, dict[str, str]] = {
-    "memorization": {"model": "model.source", "data": "data.source"},
-    "membership": {"model": "target.source"},
-    "logit_leak": {"model": "victim.source", "budget": "max_queries"},
-    "clone": {"model": "victim.source", "budget": "query_budget"},
-    "adversarial": {"model": "model"},
-}
-# These fields take a directory, not the 'smollm2' asset name.
-_DIRECTORY_FIELDS = {"model.source", "target.source", "model"}
 FAIL_EXIT = 3
 INCOMPLETE_EXIT = 4
 
@@ -60,6 +54,7 @@ class SeedRun(BaseModel):
     dir: str
     seconds: float
     resumed: bool = False
+    stage: Stage | None = Field(None, description="where a failed run stopped: lookup, config or run")
     error: str | None = None
     result: dict[str, Any] | None = None
 
@@ -67,8 +62,19 @@ class SeedRun(BaseModel):
 class EntryResult(BaseModel):
     id: str
     attack: str
-    status: Literal["ok", "failed", "partial"]
+    status: Literal["ok", "failed", "partial", "skipped"]
     runs: list[SeedRun]
+    ran_on: str | None = Field(None, description="the model the attack actually attacked")
+    in_verdict: bool = Field(True, description="False: it attacked something other than the audited model")
+    reason: str | None = Field(None, description="why a skipped entry cannot apply to the audited model")
+
+    def failure_line(self) -> str | None:
+        """One line naming the attack, the stage and the cause of its first failed run."""
+        failed = next((r for r in self.runs if r.status == "failed"), None)
+        if failed is None:
+            return None
+        where = f"seed {failed.seed}, " if len(self.runs) > 1 else ""
+        return f"{self.attack} (entry {self.id}, {where}stage {failed.stage or 'run'}): {failed.error}"
 
 
 class AuditResult(BaseModel):
@@ -81,50 +87,13 @@ class AuditResult(BaseModel):
     verdicts: list[RiskVerdict]
     overall: Level | None
     failed: list[str]
+    skipped: list[str] = []
+    model_kind: str | None = None
+    secrets: str | None = None
     config: dict[str, Any]
     provenance: dict[str, Any]
     privacy_ledger: list[provenance.PrivacyEntry]
     seconds: float
-
-
-def _set_dotted(data: dict, path: str, value: Any) -> None:
-    keys = path.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = node[key] = {}
-        node = child
-    node[keys[-1]] = value
-
-
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def attack_config(config: AuditConfig, entry: SuiteEntry, seed: int, out: Path) -> dict[str, Any]:
-    """The attack's config dict: its file, the entry's overrides, the audited model/data/budget, seed, out."""
-    data = read_yaml(entry.config_file) if entry.config_file else {}
-    data = _merge(data, entry.config)
-    binding = BINDINGS.get(entry.attack, {})
-    model = {"model": config.model, "teacher": config.teacher, "none": None}[entry.target]
-    if model is not None and "model" in binding:
-        field = binding["model"]
-        if model == "smollm2" and field in _DIRECTORY_FIELDS:
-            model = str(provenance.model_directory("smollm2") or model)
-        _set_dotted(data, field, model)
-    if config.data is not None and "data" in binding:
-        _set_dotted(data, binding["data"], config.data)
-    if entry.budget is not None and "budget" in binding:
-        _set_dotted(data, binding["budget"], entry.budget)
-    data["seed"], data["out"] = seed, str(out)
-    return data
 
 
 def _previous(run_dir: Path, config_json: dict) -> SeedRun | None:
@@ -152,32 +121,36 @@ def _run_once(plugin: Plugin, config: AuditConfig, entry: SuiteEntry, seed: int,
     run_dir = Path(config.out) / "attacks" / entry.name / f"seed{seed}"
     started = time.perf_counter()
     record: dict[str, Any] = {"attack": entry.attack, "seed": seed}
+
+    def failed(stage: Stage, error: str) -> SeedRun:
+        return SeedRun(
+            seed=seed, status="failed", dir=str(run_dir), seconds=time.perf_counter() - started, stage=stage,
+            error=error,
+        )  # fmt: skip
+
     try:
         raw = attack_config(config, entry, seed, run_dir)
         cfg = plugin.Config.model_validate(raw)
+    except ValidationError as exc:
+        run = failed("config", validation_message(entry.attack, exc))
+    except ValueError as exc:  # ConfigError: the entry's config_file is missing or not YAML
+        run = failed("config", str(exc).replace("\n", " "))
+    else:
         record["config"] = cfg.model_dump(mode="json")
         if resume and (done := _previous(run_dir, record["config"])) is not None:
             return done
-        result = plugin.run(cfg).model_dump(mode="json")
-        if not (run_dir / "results.json").is_file():
-            write_result(run_dir, plugin.Result.model_validate(result))
-        run = SeedRun(
-            seed=seed, status="ok", dir=str(run_dir), seconds=time.perf_counter() - started, result=result
-        )
-    except ValidationError as exc:
-        error = f"invalid {entry.attack} config: " + "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()
-        )
-        run = SeedRun(
-            seed=seed, status="failed", dir=str(run_dir), seconds=time.perf_counter() - started, error=error
-        )
-    except Exception as exc:  # an attack's crash must not lose the rest of the suite
-        run = SeedRun(
-            seed=seed, status="failed", dir=str(run_dir), seconds=time.perf_counter() - started,
-            error=f"{type(exc).__name__}: {exc}",
-        )  # fmt: skip
-        record["traceback"] = traceback.format_exc(limit=8)
-    record.update(status=run.status, seconds=run.seconds, error=run.error)
+        try:
+            result = plugin.run(cfg).model_dump(mode="json")
+            if not (run_dir / "results.json").is_file():
+                write_result(run_dir, plugin.Result.model_validate(result))
+            run = SeedRun(
+                seed=seed, status="ok", dir=str(run_dir), seconds=time.perf_counter() - started, result=result
+            )
+        except Exception as exc:  # an attack's crash must not lose the rest of the suite
+            run = failed("run", f"{type(exc).__name__}: {exc}")
+            # The traceback names code lines only (no local variables, which may hold records).
+            record["traceback"] = traceback.format_exc(limit=8)
+    record.update(status=run.status, stage=run.stage, seconds=run.seconds, error=run.error)
     atomic_write_json(run_dir / "audit_run.json", record)
     return run
 
@@ -187,6 +160,8 @@ def measure(config: AuditConfig, entries: list[EntryResult]) -> list[Measurement
     by_name = {e.name: e for e in config.suite}
     measurements = []
     for entry in entries:
+        if not entry.in_verdict:
+            continue
         per_metric: dict[str, list[RunValue]] = {}
         for run in entry.runs:
             if run.status != "ok" or run.result is None:
@@ -224,8 +199,10 @@ def summarize(config: AuditConfig, entries: list[EntryResult], seconds: float, p
     return AuditResult(
         model=config.model, teacher=config.teacher, data=config.data, entries=entries,
         measurements=measurements, verdicts=verdicts, overall=overall,
-        failed=[e.id for e in entries if e.status != "ok"], config=config.model_dump(mode="json"),
-        provenance=prov, privacy_ledger=ledger, seconds=seconds,
+        failed=[e.id for e in entries if e.status in ("failed", "partial")],
+        skipped=[e.id for e in entries if e.status == "skipped"], model_kind=prov.get("model_kind"),
+        secrets=config.secrets, config=config.model_dump(mode="json"), provenance=prov,
+        privacy_ledger=ledger, seconds=seconds,
     )  # fmt: skip
 
 
@@ -244,6 +221,7 @@ def run_audit(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "audit_config.json", config.model_dump(mode="json"))
     started = time.perf_counter()
+    plans = check_suite(config, get_plugin)
     prov = {
         "versions": provenance.package_versions(),
         "git_commit": provenance.git_commit(),
@@ -252,28 +230,32 @@ def run_audit(
             for role, name in (("model", config.model), ("teacher", config.teacher))
             if name is not None
         },
+        "model_kind": model_kind(config.model) if config.model else None,
     }
     entries: list[EntryResult] = []
-    total = sum(len(e.seeds or [config.seed]) for e in config.suite)
+    total = sum(len(p.entry.seeds or [config.seed]) for p in plans if not p.skipped)
     with Progress(
         TextColumn("[bold]audit[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console or Console(stderr=True), disable=not config.progress,
     ) as bar:  # fmt: skip
         task = bar.add_task("", total=total)
-        for entry in config.suite:
+        for plan in plans:
+            entry = plan.entry
             runs = []
-            for seed in entry.seeds or [config.seed]:
-                bar.update(task, description=f"{entry.name} (seed {seed})")
-                try:
-                    plugin = get_plugin(entry.attack)
-                except KeyError as exc:
-                    runs.append(SeedRun(seed=seed, status="failed", dir="", seconds=0.0, error=str(exc)))
-                else:
-                    runs.append(_run_once(plugin, config, entry, seed, resume))
-                bar.advance(task)
-                partial = [*entries, _entry_result(entry, runs)]
-                write_result(out, summarize(config, partial, time.perf_counter() - started, prov))
-            entries.append(_entry_result(entry, runs))
+            if not plan.skipped:
+                for seed in entry.seeds or [config.seed]:
+                    bar.update(task, description=f"{entry.name} (seed {seed})")
+                    if plan.plugin is None:
+                        runs.append(
+                            SeedRun(seed=seed, status="failed", dir="", seconds=0.0, stage=plan.stage,
+                                    error=plan.error)
+                        )  # fmt: skip
+                    else:
+                        runs.append(_run_once(plan.plugin, config, entry, seed, resume))
+                    bar.advance(task)
+                    partial = [*entries, _entry_result(plan, runs)]
+                    write_result(out, summarize(config, partial, time.perf_counter() - started, prov))
+            entries.append(_entry_result(plan, runs))
     result = summarize(config, entries, time.perf_counter() - started, prov)
     write_result(out, result)
     if render:
@@ -283,24 +265,36 @@ def run_audit(
     return result
 
 
-def _entry_result(entry: SuiteEntry, runs: list[SeedRun]) -> EntryResult:
+def _entry_result(plan: EntryPlan, runs: list[SeedRun]) -> EntryResult:
+    entry = plan.entry
+    if plan.skipped:
+        return EntryResult(
+            id=entry.name, attack=entry.attack, status="skipped", runs=[], reason=plan.skipped,
+            in_verdict=False,
+        )  # fmt: skip
     ok = sum(r.status == "ok" for r in runs)
     status = "ok" if ok == len(runs) else "failed" if ok == 0 else "partial"
-    return EntryResult(id=entry.name, attack=entry.attack, status=status, runs=runs)
+    return EntryResult(
+        id=entry.name, attack=entry.attack, status=status, runs=runs, ran_on=plan.ran_on,
+        in_verdict=plan.in_verdict,
+    )  # fmt: skip
 
 
 def gate(result: AuditResult, fail_on: Level | None) -> tuple[int, list[str]]:
-    """Exit code and the lines that explain it: 3 when a risk is at or above `fail_on`, 4 when none
-    is but an attack failed (the gate cannot vouch for what did not run), else 0."""
-    if fail_on is None:
-        return 0, []
-    hits = [v for v in result.verdicts if level_at_least(v.level, fail_on)]
+    """Exit code and the lines that explain it: 3 when a risk is at or above `fail_on`; 4 when an attack
+    failed (with or without `fail_on`: the audit did not do what it was asked); else 0."""
+    hits = [v for v in result.verdicts if fail_on is not None and level_at_least(v.level, fail_on)]
     if hits:
         return FAIL_EXIT, [
             f"audit gate: risk {v.risk} is {v.level} (at or above --fail-on {fail_on})" for v in hits
         ]
-    if result.failed:
+    failures = [line for e in result.entries if (line := e.failure_line())]
+    listed = {e.id for e in result.entries}
+    failures += [f"{name}: failed" for name in result.failed if name not in listed]
+    if failures:
+        head = f"no risk at or above --fail-on {fail_on}, but " if fail_on else ""
         return INCOMPLETE_EXIT, [
-            f"audit gate: no risk at or above {fail_on}, but these attacks failed: {', '.join(result.failed)}"
+            f"audit incomplete: {head}these attacks failed: {', '.join(result.failed)}",
+            *(f"  failed: {line}" for line in failures),
         ]
     return 0, []

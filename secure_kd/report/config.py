@@ -14,6 +14,7 @@ config to match a policy.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -154,15 +155,28 @@ class SuiteEntry(Strict):
 
 
 class AuditConfig(Strict):
-    """`secure-kd audit`: run a suite of attacks against a model and write results.json + report.html."""
+    """`secure-kd audit`: run a suite of attacks against a model and write results.json + report.html.
 
+    Without `suite`, the default suite for a causal LM and its training records runs
+    (`secure_kd.report.suites.DEFAULT_LM_SUITE`, also written out as configs/audit-lm.yaml); it needs
+    `model`.
+    """
+
+    kind: Literal["audit"] = "audit"
     schema_version: int = SCHEMA_VERSION
     seed: int = 0
     out: str = "runs/audit"
     model: str | None = Field(None, description="a local model directory or 'smollm2'; null: attacks' own")
     teacher: str | None = Field(None, description="optional teacher (entries with target: teacher)")
-    data: str | None = Field(None, description="optional data file for attacks that read one")
-    suite: list[SuiteEntry] = Field(..., min_length=1)
+    data: str | None = Field(
+        None, description="the records the model was trained on (.jsonl/.json/.csv/.parquet/.txt, `text`)"
+    )
+    secrets: str | None = Field(
+        None, description="secrets to test for exposure: a .jsonl of {prefix, secret} (docs/audit.md)"
+    )
+    suite: list[SuiteEntry] = Field(
+        ..., min_length=1, description="default: the causal-LM suite (configs/audit-lm.yaml); needs `model`"
+    )
     thresholds: dict[str, Threshold] = Field(default_factory=dict, description="merged over the defaults")
     fail_on: Level | None = None
     runs: list[str] = Field(
@@ -174,6 +188,41 @@ class AuditConfig(Strict):
     bootstrap_samples: int = Field(1000, gt=0)
     confidence: float = Field(0.95, gt=0, lt=1)
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_suite(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("suite") is None:
+            if data.get("model") is None:
+                raise ValueError(
+                    "no suite and no model: give the model to audit (--model DIR, a Hugging Face causal LM "
+                    "directory, or 'smollm2') to run the default suite, or a suite (--config "
+                    "configs/audit.yaml runs each attack on a tiny target of its own)"
+                )
+            from secure_kd.report.suites import default_lm_suite
+
+            data = {**data, "suite": default_lm_suite()}
+        return data
+
+    @field_validator("model", "teacher")
+    @classmethod
+    def _model_exists(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from secure_kd.report.targets import model_kind
+
+        model_kind(value)  # raises NotAModelError (a ValueError) naming the path and the fix
+        return value
+
+    @field_validator("data", "secrets")
+    @classmethod
+    def _file_exists(cls, value: str | None, info) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(
+                f"{info.field_name} file {value!r} does not exist (relative paths are from the current "
+                "directory)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> AuditConfig:

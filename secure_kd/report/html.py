@@ -12,6 +12,7 @@ from secure_kd.paths import atomic_write_text
 from secure_kd.report.audit import AuditResult
 from secure_kd.report.config import DEFAULT_THRESHOLDS, Threshold
 from secure_kd.report.figures import FIGURES, privacy_utility_figure
+from secure_kd.report.verdict import canary_headline
 
 CSS = " ".join(
     (
@@ -99,13 +100,90 @@ def _summary(result: AuditResult) -> str:
 def _entries(result: AuditResult) -> str:
     rows = []
     for entry in result.entries:
+        if entry.status == "skipped":
+            rows.append(
+                [escape(entry.id), escape(entry.attack), "-", "<span class='note'>skipped</span>", "-", "-",
+                 escape(entry.reason or "")]
+            )  # fmt: skip
+            continue
+        ran_on = escape(entry.ran_on or "-")
+        if not entry.in_verdict:
+            ran_on += "<br><span class='note'>not the audited model: not part of the verdict</span>"
         for run in entry.runs:
             status = f"<span class='{'ok' if run.status == 'ok' else 'failed'}'>{escape(run.status)}</span>"
-            note = escape(run.error or "") + (" (resumed)" if run.resumed else "")
+            stage = f"at {run.stage}: " if run.status == "failed" and run.stage else ""
+            note = escape(stage + (run.error or "")) + (" (resumed)" if run.resumed else "")
             rows.append(
-                [escape(entry.id), escape(entry.attack), str(run.seed), status, f"{run.seconds:.1f}", note]
+                [
+                    escape(entry.id),
+                    escape(entry.attack),
+                    str(run.seed),
+                    status,
+                    f"{run.seconds:.1f}",
+                    ran_on,
+                    note,
+                ]
             )
-    return _table(["entry", "attack", "seed", "status", "seconds", "error / note"], rows)
+    return _table(["entry", "attack", "seed", "status", "seconds", "ran on", "error / note"], rows)
+
+
+def _mask(secret: str) -> str:
+    return "\u2022" * len(secret)
+
+
+def _memorization(result: AuditResult) -> str:
+    """Per canary: where its secret ranks and whether decoding gives it away; the PII that came out."""
+    parts = []
+    for entry in result.entries:
+        run = next((r for r in entry.runs if r.status == "ok" and r.result), None)
+        if entry.attack != "memorization" or run is None:
+            continue
+        res = run.result
+        canaries = res.get("exposure") or []
+        extraction = res.get("extraction") or {}
+        targeted = extraction.get("canary_extraction") or []
+        parts.append(f"<h3>{escape(entry.id)} (seed {run.seed})</h3>")
+        parts += [f"<p class='note'>{escape(note)}</p>" for note in res.get("notes") or []]
+        if canaries:
+            parts.append(f"<p>{escape(canary_headline(res))}</p>")
+            rows = []
+            for i, c in enumerate(canaries):
+                greedy = targeted[i] if i < len(targeted) else None
+                value = c.get("exposure")
+                exposure = _num(value) if value is not None else (
+                    f"~{_num(c['estimate']['value'])} (estimate)" if c.get("estimate") else "-"
+                )  # fmt: skip
+                size = c.get("n_candidates")
+                rows.append([
+                    escape(c.get("prefix", "-")), f"<code>{_mask(c.get('secret', ''))}</code>",
+                    str(c.get("repeats", "-")), "-" if size is None else f"{size:,}",
+                    "-" if c.get("rank") is None else f"{c['rank']:,}",
+                    f"{exposure} of {_num(c.get('max_exposure'))}",
+                    "-" if greedy is None else ("yes" if greedy["greedy_extracted"] else "no"),
+                    "-" if greedy is None else _num(greedy["sampled_rate"], 2),
+                ])  # fmt: skip
+            parts.append(
+                _table(["text before the secret", "secret", "times in the records", "candidates", "rank",
+                        "exposure (bits)", "greedy decoding gives it", "share of samples that give it"], rows)
+            )  # fmt: skip
+        if extraction:
+            findings = extraction.get("pii_findings") or []
+            x = extraction
+            parts.append(
+                f"<p>Extraction: {x['n_generations']} generations, {x['n_flagged']} flagged ({x['n_exact']} "
+                f"reproduce a PII value or secret, {x['n_near_duplicate']} near-duplicates of a record); "
+                f"{x['pii_values_extracted']} of {x['pii_values']} PII values of the records came out.</p>"
+            )
+            if findings:
+                rows = [
+                    [escape(f["type"]), f"<code>{escape(f['redacted'])}</code>", str(f["n_chars"]),
+                     str(f["n_generations"]), escape(", ".join(map(str, f["record_ids"][:5])))]
+                    for f in findings
+                ]  # fmt: skip
+                parts.append(
+                    _table(["PII type", "value (redacted)", "characters", "generations", "records"], rows)
+                )
+    return "".join(parts) or "<p class='note'>No memorization entry ran.</p>"
 
 
 def _figures(result: AuditResult) -> str:
@@ -170,12 +248,15 @@ def _provenance(result: AuditResult) -> str:
 
 def render_html(result: AuditResult) -> str:
     target = result.model or "each attack's own target"
+    if result.model and result.model_kind:
+        target += f" ({result.model_kind})"
     subtitle = f"model: {target}" + (f" | teacher: {result.teacher}" if result.teacher else "")
     subtitle += f" | data: {result.data}" if result.data else ""
     body = (
         f"<h1>secure-kd audit</h1><p class='note'>{escape(subtitle)} | {result.seconds:.0f} s</p>"
         f"<h2>Summary verdict</h2>{_summary(result)}"
         f"<h2>Attacks run</h2>{_entries(result)}"
+        f"<h2>Memorization: per canary, and the PII that came out</h2>{_memorization(result)}"
         f"<h2>Figures</h2>{_figures(result)}"
         f"<h2>Privacy ledger (DP runs)</h2>{_ledger(result)}"
         f"<h2>Reproduction</h2>{_provenance(result)}"

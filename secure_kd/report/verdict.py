@@ -310,3 +310,23 @@ def risk_verdicts(measurements: list[Measurement]) -> list[RiskVerdict]:
         RiskVerdict(risk=risk, level=max((m.level for m in ms), key=LEVELS.index), measurements=ms)
         for risk, ms in by_risk.items()
     ]
+
+
+def canary_headline(result: dict[str, Any]) -> str:
+    """A memorization result's headline from its per-canary figures (never from the maximum alone):
+    how many secrets rank first, every rank, and how many greedy decoding gives away."""
+    ranked = [c for c in result.get("exposure") or [] if c.get("rank") is not None]
+    targeted = (result.get("extraction") or {}).get("canary_extraction") or []
+    parts = []
+    if ranked:
+        first = sum(c["rank"] == 1 for c in ranked)
+        sizes = {c["n_candidates"] for c in ranked}
+        if len(sizes) == 1:
+            ranks = f"ranks {', '.join(str(c['rank']) for c in ranked)} of {sizes.pop():,} candidates each"
+        else:
+            ranks = "ranks " + ", ".join(f"{c['rank']} of {c['n_candidates']:,}" for c in ranked)
+        parts.append(f"{first} of {len(ranked)} secrets rank first among their candidates ({ranks})")
+    if targeted:
+        hits = sum(bool(c["greedy_extracted"]) for c in targeted)
+        parts.append(f"greedy decoding from the text before the secret gives {hits} of {len(targeted)} away")
+    return "; ".join(parts) + "." if parts else ""
