@@ -33,6 +33,7 @@ from attacks.logit_leak import (
     query_until_rank_found,
     random_prompts,
     recover_output_projection,
+    recovery_target,
     subspace_geometry,
     tiny_victim_default,
     true_hidden_size,
@@ -356,13 +357,16 @@ def recover_unembedding(cfg: CloneConfig, api: ModelAPI, true_weight: Tensor) ->
         api, prompts, step=r.step, margin=r.margin, min_gap_decades=r.min_gap_decades
     )
     recovered = recover_output_projection(logits, report["h"])
+    # the answers span W (full logits) or W - 1 w_ref^T (logit differences, ref_token 0): score against that
+    target = recovery_target(true_weight, api.view, ref_token=0)
     return recovered, {
         "estimated_hidden_size": report["h"],
         "prompts": report["n_queries"],
         "queries": api.queries,
         "gap_decades": report["gap_size"],
-        "projection_error": projection_error(recovered, true_weight),
-        "geometry": subspace_geometry(recovered, true_weight),
+        "projection_error": projection_error(recovered, target),
+        "geometry": subspace_geometry(recovered, target),
+        "scored_against": "W" if api.view == "full_logits" else "W - 1 w_ref^T (ref_token 0)",
     }
 
 

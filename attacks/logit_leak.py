@@ -19,6 +19,8 @@ Details that matter:
 - With top-k logprobs and a logit bias only, the full vector of differences to a reference token
   is recovered by biasing k-1 tokens at a time (plus the reference) into the top-k
   (`recover_logits_with_bias`, Carlini et al. Section 5): ceil((V-1)/(k-1)) queries per prompt.
+  Those differences span W - 1 w_ref^T, not W, so a recovery from them is scored against that
+  matrix (`recovery_target`); against W an exact recovery would read as a large angle.
 """
 
 from __future__ import annotations
@@ -143,6 +145,28 @@ def projection_error(recovered: Tensor, true_weight: Tensor) -> float:
     r, w = _pair(recovered, true_weight)
     g = torch.linalg.lstsq(r, w, driver="gelsd").solution
     return float(torch.linalg.matrix_norm(r @ g - w) / torch.linalg.matrix_norm(w))
+
+
+def recovery_target(true_weight: Tensor, view: str, ref_token: int = 0) -> Tensor:
+    """The [V, h] matrix whose column space the view's answers span: what a recovery is scored against.
+
+    Full logits are W x, so the target is W. Through `topk_logprobs_bias` the attacker sees the
+    differences logit[t] - logit[ref_token] = (w_t - w_ref) . x: the span of W - 1 w_ref^T, a
+    different subspace of R^V (it has a zero at `ref_token`). Scoring an exact recovery of the
+    differences against W itself would read as a large principal angle although nothing is wrong.
+    """
+    if not isinstance(true_weight, Tensor) or true_weight.dim() != 2:
+        raise ValueError("true_weight must be a 2-D tensor [vocab, hidden]")
+    if view == "full_logits":
+        return true_weight
+    if view == "topk_logprobs_bias":
+        vocab = true_weight.shape[0]
+        if isinstance(ref_token, bool) or not isinstance(ref_token, int) or not 0 <= ref_token < vocab:
+            raise ValueError(f"ref_token must be a token id in [0, {vocab}), got {ref_token!r}")
+        return true_weight - true_weight[ref_token : ref_token + 1]
+    raise ValueError(
+        f"view {view!r} gives no logit vectors to recover from; use full_logits or topk_logprobs_bias"
+    )
 
 
 def subspace_geometry(recovered: Tensor, true_weight: Tensor) -> dict:
@@ -367,6 +391,9 @@ class LogitLeakResult(BaseModel):
     projection_error: float | None
     random_projection_error: float | None
     geometry: dict | None
+    scored_against: str = Field(
+        "W", description="the target of projection_error/geometry: W, or W - 1 w_ref^T for logit differences"
+    )
     seconds: float
 
 
@@ -404,9 +431,10 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
         logits = query_logit_vectors(api, prompts, ref_token=config.ref_token)
         report = hidden_size_report(logits)
     h_true = true_hidden_size(victim)
-    true_weight = victim.get_output_embeddings().weight.detach()
+    # the span the answers lie in: W for full logits, W - 1 w_ref^T for logit differences
+    target = recovery_target(victim.get_output_embeddings().weight.detach(), api.view, config.ref_token)
     recovered = recover_output_projection(logits, report["h"])
-    random_matrix = torch.randn(true_weight.shape, generator=torch.Generator().manual_seed(config.seed))
+    random_matrix = torch.randn(target.shape, generator=torch.Generator().manual_seed(config.seed))
     per_prompt = 1 if api.view == "full_logits" else bias_queries_per_prompt(vocab, api.top_k)
     result = LogitLeakResult(
         view=config.view,
@@ -422,9 +450,10 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
         gap_index=report["gap_index"],
         gap_decades=report["gap_size"],
         singular_values=report["singular_values"],
-        projection_error=projection_error(recovered, true_weight),
-        random_projection_error=projection_error(random_matrix, true_weight),
-        geometry=subspace_geometry(recovered, true_weight),
+        projection_error=projection_error(recovered, target),
+        random_projection_error=projection_error(random_matrix, target),
+        geometry=subspace_geometry(recovered, target),
+        scored_against="W" if api.view == "full_logits" else f"W - 1 w_ref^T (ref_token {config.ref_token})",
         seconds=time.perf_counter() - started,
     )
     write_result(config.out, result)

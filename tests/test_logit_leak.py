@@ -188,3 +188,38 @@ def test_plugin_runs_from_the_example_config(tmp_path):
     result = plugin.run(plugin.Config.model_validate(data))
     assert result.estimated_hidden_size == 16
     assert result.queries_per_prompt == 17 and result.queries_used == 60 * 17
+
+
+def test_logit_bias_recovery_is_scored_against_the_span_of_logit_differences(tmp_path):
+    """The bias view returns logit[t] - logit[ref]: it spans W - 1 w_ref^T, and an exact recovery of it
+    scores ~0 degrees there (scored against W itself it read as a large-angle failure)."""
+    plugin = get_attack("logit_leak")
+    tiny = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "vocab_size": 96}
+    config = plugin.Config(
+        out=str(tmp_path),
+        device="cpu",
+        view="topk_logprobs_bias",
+        top_k=6,
+        n_queries=40,
+        ref_token=3,
+        victim={"source": "tiny", "tiny": tiny},
+    )
+    result = plugin.run(config)
+    assert result.estimated_hidden_size == 16
+    assert result.geometry["max_principal_angle_deg"] < 0.5
+    assert result.projection_error < 1e-3 < 0.5 < result.random_projection_error
+    assert "ref_token 3" in result.scored_against
+    # independent check of the target: rebuild the victim, form W - 1 w_ref^T by hand, and compare the
+    # recovered span of a fresh set of exact differences (the model's own logits) with it
+    from attacks.logit_leak import load_victim
+
+    model, _ = load_victim(config.victim, seed=0, device=torch.device("cpu"))
+    weight = model.lm_head.weight.detach().double()
+    by_hand = weight - weight[3]
+    with torch.no_grad():
+        logits = ModelAPI(model).full_logits_batch(random_prompts(40, 8, 96, seed=9)).double()
+    exact = recover_output_projection(logits - logits[:, 3:4], 16)
+    assert subspace_geometry(exact, by_hand)["max_principal_angle_deg"] < 1e-3
+    assert subspace_geometry(exact, weight)["max_principal_angle_deg"] > 30  # the wrong target
+    random_matrix = torch.randn(96, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert subspace_geometry(random_matrix, by_hand)["max_principal_angle_deg"] > 60
