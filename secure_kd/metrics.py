@@ -142,14 +142,24 @@ def _empirical_roc(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarra
     return fpr, tpr
 
 
-def roc_metrics(scores: Any, is_member: Any, fpr_levels: Sequence[float] = (0.001, 0.01)) -> dict[str, Any]:
+def roc_metrics(
+    scores: Any,
+    is_member: Any,
+    fpr_levels: Sequence[float] = (0.001, 0.01),
+    *,
+    fpr_rule: Literal["<=", "<"] = "<=",
+) -> dict[str, Any]:
     """ROC summary of a membership-inference score (higher score = more likely a member).
 
     Returns `auc`, `tpr_at_fpr` ({fpr_level: tpr}), the empirical curve `fpr` and `tpr` (lists,
     one point per distinct threshold), `n_members` and `n_nonmembers`.
 
-    TPR at FPR x is the highest TPR among the empirical ROC's operating points whose FPR is <= x,
-    without interpolation (the convention of the MIA literature, e.g. LiRA, Carlini et al. 2022).
+    TPR at FPR x is the highest TPR among the empirical ROC's operating points whose FPR is <= x
+    (`fpr_rule="<="`, the default: an operating point exactly at the requested FPR counts), without
+    interpolation. LiRA's reference code (Carlini et al. 2022, `tpr[np.where(fpr < .001)[0][-1]]`
+    over scikit-learn's `roc_curve`) uses a strict `<`; `fpr_rule="<"` reproduces it. The two
+    differ only when an operating point lies exactly at FPR x (possible when the number of
+    non-members is a multiple of 1/x), where `<` reports the point before it.
     With fewer than 1/x non-members the only point with FPR <= x is FPR = 0, so the number is not
     meaningful at that level; a warning says so.
     """
@@ -177,7 +187,10 @@ def roc_metrics(scores: Any, is_member: Any, fpr_levels: Sequence[float] = (0.00
 
     fpr, tpr = _empirical_roc(score_array, members)
     auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
-    tpr_at_fpr = {level: float(tpr[fpr <= level].max()) for level in levels}
+    if fpr_rule not in ("<=", "<"):
+        raise ValueError(f"fpr_rule must be '<=' or '<' (LiRA's code), got {fpr_rule!r}")
+    within = (lambda level: fpr <= level) if fpr_rule == "<=" else (lambda level: fpr < level)
+    tpr_at_fpr = {level: float(tpr[within(level)].max()) for level in levels}
     return {
         "auc": auc,
         "tpr_at_fpr": tpr_at_fpr,

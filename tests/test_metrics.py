@@ -142,6 +142,25 @@ def test_roc_metrics_hand_computed() -> None:
     assert result["tpr_at_fpr"] == {0.001: pytest.approx(0.5), 0.5: pytest.approx(1.0)}
 
 
+def test_roc_metrics_offers_lira_strict_fpr_rule() -> None:
+    # 100 members above 99 of the 100 non-members; the 100th non-member sits between the 10th and the
+    # 11th member, so the curve has (FPR 0, TPR .10) and then, after that one false positive, every
+    # remaining member at exactly FPR 0.01: TPR 1.0 there by `<=`, 0.10 by LiRA's strict `<`.
+    members = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    member_scores = np.linspace(200, 101, 100)
+    nonmember_scores = np.r_[member_scores[9] - 0.5, np.linspace(50, 1, 99)]
+    scores = np.r_[member_scores, nonmember_scores]
+    fpr, tpr, _ = roc_curve(members, scores)
+    lira = float(tpr[np.where(fpr < 0.01)[0][-1]])  # LiRA's plot.py, verbatim in form
+    inclusive = float(tpr[fpr <= 0.01].max())
+    assert (lira, inclusive) == (pytest.approx(0.10), pytest.approx(1.0))
+    assert roc_metrics(scores, members, fpr_levels=(0.01,))["tpr_at_fpr"][0.01] == pytest.approx(inclusive)
+    strict = roc_metrics(scores, members, fpr_levels=(0.01,), fpr_rule="<")
+    assert strict["tpr_at_fpr"][0.01] == pytest.approx(lira)
+    with pytest.raises(ValueError, match="fpr_rule"):
+        roc_metrics(scores, members, fpr_levels=(0.01,), fpr_rule="lt")
+
+
 def test_roc_metrics_perfectly_separable() -> None:
     scores = np.r_[np.linspace(10, 11, 1000), np.linspace(0, 1, 1000)]
     members = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
