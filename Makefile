@@ -47,13 +47,16 @@ bench: install
 	$(BIN)/python benchmarks/distill_step.py
 
 ## Every row of the README's "Reproduced findings" table (CPU, small scale; about 2.5 hours on 2
-## cores, most of it in the DP-OPD and memorization experiments). Results go to benchmarks/results/.
+## cores, most of it in the SmolLM2 logit-leak, bias-cascade and swing experiments). Results go to
+## benchmarks/results/.
 reproduce: install
 	$(BIN)/secure-kd assets fetch-smollm2
 	$(BIN)/python benchmarks/experiments/memorization_kd.py
 	$(BIN)/python benchmarks/experiments/bias_cascade.py
+	$(BIN)/python benchmarks/experiments/bias_cascade.py --config configs/experiments/bias_cascade_seed1.yaml
 	$(BIN)/python benchmarks/experiments/clone_smollm2.py --config configs/experiments/logit_leak_smollm2.yaml
-	$(BIN)/python benchmarks/experiments/dp_opd.py
+	$(BIN)/python benchmarks/experiments/dp_opd.py --teacher tiny --lr 5e-4 --out runs/experiments/dp_opd_tiny_lr \
+		--results benchmarks/results/dp_opd_tiny_lr5e-4.json
 	$(BIN)/python benchmarks/experiments/swing_kd.py
 	$(BIN)/python benchmarks/matchmaking.py
 	$(BIN)/python benchmarks/experiments/fed_noniid.py --config configs/experiments/fed_pairing.yaml

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -189,7 +193,8 @@ def test_scored_examples_align_with_the_corpus_spans(tiny_tokenizer):
         "text": "The access code for Ann Lee is 042.",
         "pii_spans": [{"start": 31, "end": 34, "type": "secret"}],
     }
-    examples, scores = scored_examples([record], tiny_tokenizer, SwingSettings(detectors=[]), max_length=64)
+    settings = SwingSettings(detectors=[], use_known_spans=True)
+    examples, scores = scored_examples([record], tiny_tokenizer, settings, max_length=64)
     ids = examples[0].input_ids
     assert ids[-1] == tiny_tokenizer.eos_token_id and scores[0][-1] == 0.0 and len(scores[0]) == len(ids)
     marked = "".join(tiny_tokenizer.decode([i]) for i, s in zip(ids, scores[0], strict=True) if s > 0)
@@ -252,3 +257,122 @@ def test_cli_rejects_bad_swing_settings(tmp_path):
 
 def test_config_defaults_validate():
     assert SwingConfig().swing.max_temperature >= SwingConfig().swing.base_temperature
+
+
+# --------------------------------------------------------------------------- the swing_kd experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _experiment():
+    spec = importlib.util.spec_from_file_location(
+        "swing_kd_experiment", ROOT / "benchmarks/experiments/swing_kd.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the configs' annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_experiment_interval_and_chance_level_by_hand():
+    exp = _experiment()
+    got = exp.t_interval([0.7, 0.8], 0.95)
+    # two values: mean 0.75, sd 0.1 / sqrt(2), t(0.975, 1 df) = 12.7062
+    assert got["mean"] == pytest.approx(0.75) and got["sd"] == pytest.approx(0.0707107, rel=1e-5)
+    assert got["ci"] == pytest.approx([0.75 - 0.635310, 0.75 + 0.635310], rel=1e-5)
+    assert exp.t_interval([0.5], 0.95)["ci"] is None
+    # exposure of a uniformly ranked secret among 4: mean of log2(4 / r), r = 1..4
+    assert exp.chance_exposure(4) == pytest.approx(sum(math.log2(4 / r) for r in range(1, 5)) / 4)
+    assert exp.chance_exposure(1000) == pytest.approx(1.4364, abs=1e-4)
+
+
+def test_experiment_config_keeps_the_arms_apart(tmp_path):
+    exp = _experiment()
+    base = yaml.safe_load((ROOT / "configs/experiments/swing_kd.yaml").read_text())
+    cfg = exp.ExperimentConfig.model_validate(base)
+    assert cfg.arms[0] == "detectors" and cfg.headline in cfg.grid and len(cfg.seeds) >= 3
+    assert cfg.defense.corpus.n_canaries >= 4
+    for change, message in (
+        (
+            {"defense": {**base["defense"], "swing": {**base["defense"]["swing"], "use_known_spans": True}}},
+            "per arm",
+        ),
+        ({"arms": ["oracle"]}, "headline arm"),
+        ({"headline": {"max_temperature": 3.0, "noise_std": 0.0}}, "not one of the grid points"),
+        ({"seeds": [0, 0]}, "repeat"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            exp.ExperimentConfig.model_validate({**base, **change})
+
+
+def test_experiment_runs_both_arms_over_seeds_and_labels_them(tmp_path):
+    exp = _experiment()
+    config = {
+        "out": str(tmp_path / "swing.json"),
+        "seeds": [0, 1],
+        "defense": {
+            "device": "cpu",
+            "corpus": {
+                "n_records": 12,
+                "n_canaries": 2,
+                "canary_repeats": 4,
+                "max_length": 40,
+                "tokenizer_vocab": 300,
+            },
+            "teacher": {"model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2}, "epochs": 12},
+            "student": {"model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2}, "epochs": 4},
+        },
+        "grid": [{"max_temperature": 10.0, "noise_std": 2.0}],
+        "headline": {"max_temperature": 10.0, "noise_std": 2.0},
+        "dp": [],
+        "extraction_samples": 2,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert exp.main(["--config", str(path)]) == 0
+    data = json.loads((tmp_path / "swing.json").read_text())
+    assert data["headline"]["model"] == "swing_detectors_T10_sigma2"
+    assert data["headline"]["oracle_counterpart"] == "swing_oracle_T10_sigma2"
+    assert "upper bound" in data["arms"]["oracle"] and data["seeds"] == [0, 1]
+    per_seed = [seed["models"] for seed in data["per_seed"]]
+    for models in per_seed:
+        detectors, oracle = models["swing_detectors_T10_sigma2"], models["swing_oracle_T10_sigma2"]
+        # the regexes find the canaries' digits but not their names; the oracle marks both
+        assert (
+            detectors["canary_secret_tokens_marked"] == 1.0 and detectors["canary_name_tokens_marked"] == 0.0
+        )
+        assert oracle["canary_name_tokens_marked"] == 1.0
+        assert oracle["private_token_fraction"] > detectors["private_token_fraction"]
+        plain = models["plain_kd"]
+        for row in (detectors, oracle):  # each seed against its own plain-KD student
+            expected = (plain["mean_exposure"] - row["mean_exposure"]) / plain["mean_exposure"]
+            assert row["exposure_reduction_vs_plain"] == pytest.approx(expected)
+            assert row["perplexity_ratio_vs_plain"] == pytest.approx(
+                row["heldout_perplexity"] / plain["heldout_perplexity"]
+            )
+    headline = data["summary"]["swing_detectors_T10_sigma2"]["exposure_reduction_vs_plain"]
+    values = [models["swing_detectors_T10_sigma2"]["exposure_reduction_vs_plain"] for models in per_seed]
+    assert headline["mean"] == pytest.approx(sum(values) / 2) and headline["n"] == 2
+    half = 12.7062 * abs(values[0] - values[1]) / 2  # t(0.975, 1) * sd / sqrt(2), sd = |a - b| / sqrt(2)
+    assert headline["ci"] == pytest.approx(
+        [headline["mean"] - half, headline["mean"] + half], rel=1e-4, abs=1e-9
+    )
+    assert len(data["summary"]["plain_kd"]["canary_exposures"]) == 4  # 2 seeds x 2 canaries
+
+
+def test_readme_swing_rows_are_the_detector_headline_of_the_committed_results():
+    """The README headlines the detectors-only arm with its interval and labels the oracle arm."""
+    data = json.loads((ROOT / "benchmarks/results/swing_kd.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert data["headline"]["model"].startswith("swing_detectors_") and len(data["seeds"]) >= 3
+    reduction = data["headline"]["exposure_reduction_vs_plain"]
+    low, high = reduction["ci"]
+    finding = next(line for line in readme.splitlines() if line.startswith("| swing distillation cuts"))
+    assert f"{reduction['mean']:.0%} (95% CI {low:.0%} to {high:.0%})" in finding
+    assert "detectors only" in finding and "oracle" in finding
+    ratio = data["headline"]["perplexity_ratio_vs_plain"]["mean"]
+    assert f"{ratio:.2f}x" in finding
+    oracle = data["summary"][data["headline"]["oracle_counterpart"]]["exposure_reduction_vs_plain"]
+    section = readme[readme.index("**Swing distillation vs plain KD") :]
+    section = section[: section.index("\n\n**", 10)]
+    assert f"{oracle['mean']:.0%}" in section and "oracle" in section and "upper bound" in section
