@@ -129,8 +129,10 @@ def register_org_cmd(
     """Register an organization: `flwr supernode register` its node key, trust its identity bundle."""
     from federation.deploy import Registration, SuperLinkFiles, add_org, remove_org, set_node_id
     from federation.deploy_launch import register_node, unregister_node
+    from secure_kd.config import require_file
 
-    registration = Registration.load(bundle)
+    expected = "the organization's <org>.registration.json file (made by `secure-kd deploy init-org`)"
+    registration = Registration.load(require_file(bundle, "--bundle", expected))
     files = SuperLinkFiles(superlink_dir)
     old = files.read_registry().get(registration.org, {})
     if old and force:

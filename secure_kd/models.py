@@ -8,6 +8,8 @@ it by name.
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +23,59 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(ValueError):
     """A model could not be loaded; the message says which path and what to do."""
+
+
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
+RESAVE_HINT = (
+    "copy the file again (an interrupted copy or download leaves it short), or re-save the model with "
+    "`model.save_pretrained(dir, safe_serialization=True)`"
+)
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file before transformers reads it.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte
+    range, then the data: the file must be exactly 8 + header + the end of the last range.
+    """
+    size = path.stat().st_size
+    what = f"weights file {str(path)!r}"
+    if size < 8:
+        raise ModelLoadError(f"{what} is {size} bytes, too short to be safetensors; {RESAVE_HINT}")
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        if header_len > min(size - 8, MAX_SAFETENSORS_HEADER_BYTES):
+            raise ModelLoadError(
+                f"{what} is not a complete safetensors file (its header claims {header_len} bytes, the file "
+                f"has {size}); {RESAVE_HINT}"
+            )
+        try:
+            header = json.loads(fh.read(header_len))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ModelLoadError(f"{what} has a corrupt safetensors header; {RESAVE_HINT}") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header describes"
+        raise ModelLoadError(
+            f"{what} is {state}: {size} bytes where its header describes {expected}; {RESAVE_HINT}"
+        )
+
+
+def _machine_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def tiny_parameter_count(cfg: TinyModelConfig, vocab_size: int) -> int:
+    """Parameters of the Llama `build_tiny` makes (untied input and output embeddings)."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    inner = cfg.intermediate_size or 4 * h
+    kv = (cfg.num_kv_heads or cfg.num_heads) * (h // cfg.num_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inner + 2 * h
+    return layers * per_layer + 2 * vocab_size * h + h
 
 
 def resolve_device(device: str) -> torch.device:
@@ -63,20 +118,31 @@ def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False):
 def load_pretrained(
     source: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False
 ) -> nn.Module:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve_source(str(source))
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise ModelLoadError(
             f"{str(path)!r} has no .safetensors weights; secure-kd does not unpickle .bin checkpoints. "
             "Convert them once with `model.save_pretrained(dir, safe_serialization=True)` "
             "in a trusted session."
         )
+    for file in weights:
+        try:
+            check_safetensors_file(file)
+        except ModelLoadError as exc:
+            if str(source) != "smollm2":
+                raise
+            raise ModelLoadError(
+                f"{exc}. For the SmolLM2 asset: `secure-kd assets fetch-smollm2 --force` converts it again"
+            ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {exc}") from None
     return model
 
@@ -84,11 +150,25 @@ def load_pretrained(
 def build_tiny(
     cfg: TinyModelConfig, vocab_size: int, *, seed: int, pad_token_id: int | None = None
 ) -> nn.Module:
-    """A random Llama (RMSNorm, untied output layer) of the given width and depth."""
+    """A random Llama (RMSNorm, untied output layer) of the given width and depth.
+
+    Refuses, before allocating anything, a model whose float32 weights would take more than half of
+    the machine's memory (an absurd width or depth would otherwise exhaust it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    vocab = cfg.vocab_size or vocab_size
+    n_params = tiny_parameter_count(cfg, vocab)
+    memory = _machine_memory_bytes()
+    if memory is not None and 4 * n_params > memory // 2:
+        raise ModelLoadError(
+            f"a tiny model with hidden_size {cfg.hidden_size}, {cfg.num_layers} layers, intermediate size "
+            f"{cfg.intermediate_size or 4 * cfg.hidden_size} and vocabulary {vocab} has {n_params:.3g} "
+            f"parameters ({4 * n_params / 1e9:.3g} GB in float32), more than half of this machine's "
+            f"{memory / 1e9:.3g} GB; lower its `tiny.hidden_size` / `tiny.num_layers` (tiny models are for "
+            "tests and small experiments; load a real model from a directory instead)"
+        )
     config = LlamaConfig(
-        vocab_size=cfg.vocab_size or vocab_size,
+        vocab_size=vocab,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
