@@ -22,14 +22,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.client.mod import secaggplus_mod
+from flwr.client.mod import make_ffn, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from federation import client_p2p, client_rounds
+from federation.client_decrypt import new_keyring
+from federation.client_guard import current_workspace, guarded, org_root
 from federation.config import FederatedJob
 from federation.faults import before_handling
 from federation.he import Keyring
@@ -50,7 +51,7 @@ _WORKSPACES: dict[tuple[str, int, str], OrgWorkspace] = {}
 def workspace(job: FederatedJob, context: Context) -> OrgWorkspace:
     config = context.node_config
     index = node_org_index(job, config)
-    root = config.get("org-dir") or Path(job.out) / "orgs" / job.org_name(index)
+    root = org_root(job, config, index)
     data_path = config.get("data-path") or None
     key = (job_digest(job), index, str(root), data_path)
     if key not in _WORKSPACES:
@@ -88,12 +89,7 @@ def keygen(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
             f"the server asks for a key for {n_values} values; this job's payload has {_expected_payload(ws)}"
         )
     job, trust, keys = ws.job, _trust(ws, context), ws.keys()
-    ring = Keyring.for_payload(
-        n_values,
-        max_abs_update=job.ckks.max_abs_update,
-        abs_error=job.ckks.abs_error,
-        max_clients=job.n_organizations,
-    )
+    ring = new_keyring(job, n_values)  # sized for the payload and the release margin (client_decrypt)
     secret = ring.secret_context()
     recipients = read_config(message.content, "recipients", list)
     sealed = [
@@ -136,7 +132,10 @@ def secagg_when_asked(message: Message, context: Context, call_next):
 
 
 def build_client_app(job: FederatedJob | None = None) -> ClientApp:
-    """The ClientApp for `job` (or, when None, for the job named in each run's run-config)."""
+    """The ClientApp for `job` (or, when None, for the job named in each run's run-config).
+
+    Every handler runs behind `federation.client_guard.guarded`: the organization's policy is checked
+    first, and a failure reaches the server as a generic code only (`federation.client_errors`)."""
     from federation.server_app import job_from_run_config
 
     app = ClientApp()
@@ -145,17 +144,18 @@ def build_client_app(job: FederatedJob | None = None) -> ClientApp:
         category, action = name.split(".")
 
         def handle(message: Message, context: Context) -> Message:
-            resolved = job if job is not None else job_from_run_config(context.run_config)
             started = time.perf_counter()
-            ws = workspace(resolved, context)
+            ws = current_workspace()
             before_handling(ws, name)
             content = handler(ws, message, context)
             if METRICS in content.metric_records:  # time spent in the ClientApp, for the round-time breakdown
                 content[METRICS]["handler-seconds"] = round(time.perf_counter() - started, 4)
             return Message(content, reply_to=message)
 
-        mods = [secagg_when_asked] if name == "train.default" else None
-        getattr(app, category)(action, mods=mods)(handle)
+        inner = make_ffn(handle, [secagg_when_asked] if name == "train.default" else [])
+        getattr(app, category)(action)(
+            guarded(name, inner, bound_job=job, resolve=job_from_run_config, workspace=workspace)
+        )
 
     for name, handler in HANDLERS.items():
         register(name, handler)

@@ -15,10 +15,11 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from federation.adversary import install_backdoor_data, malicious_weights, poisoned_soft_labels
+from federation.client_decrypt import open_aggregate
 from federation.client_filtering import ensemble_from_weighted_sum, transfer_weights
 from federation.client_training import LocalFit, distill_from, evaluate, train_locally
 from federation.faults import sabotaged
-from federation.he import Keyring, decrypt_mean, encrypt, release
+from federation.he import Keyring, encrypt
 from federation.messages import (
     ARRAYS,
     CONFIG,
@@ -46,19 +47,22 @@ def keyring(ws: OrgWorkspace) -> Keyring:
     return Keyring.from_secret_context(ws.secret_context())
 
 
-def _decrypted_mean(ws: OrgWorkspace, message: Message, n_values: int) -> np.ndarray | None:
-    """The previous round's encrypted aggregate, decrypted and rounded (None in the first round)."""
+def _decrypted_mean(
+    ws: OrgWorkspace, message: Message, context: Context, n_values: int, check=None, check_name: str = ""
+) -> np.ndarray | None:
+    """The previous round's encrypted aggregate, checked, decrypted and released (None in the first
+    round); `federation.client_decrypt.open_aggregate` says what is checked and how it is rounded."""
     if "aggregate" not in message.content[CONFIG]:
         return None
-    mean = decrypt_mean(keyring(ws), read_config(message.content, "aggregate", bytes), n_values)
-    return release(mean, decimals=ws.job.ckks.release_decimals)
+    blob = read_config(message.content, "aggregate", bytes)
+    return open_aggregate(ws, context.run_id, blob, n_values, check=check, check_name=check_name)
 
 
-def install_global(ws: OrgWorkspace, model, message: Message) -> None:
+def install_global(ws: OrgWorkspace, model, message: Message, context: Context) -> None:
     """fedavg: load the global model the message carries (plaintext arrays, or the CKKS aggregate)."""
     names, tensors = flat_parameters(model)
     if ws.job.protection == "ckks":
-        flat = _decrypted_mean(ws, message, sum(t.numel() for t in tensors))
+        flat = _decrypted_mean(ws, message, context, sum(t.numel() for t in tensors))
         if flat is not None:
             arrays, offset = {}, 0
             for name, tensor in zip(names, tensors, strict=True):
@@ -70,18 +74,21 @@ def install_global(ws: OrgWorkspace, model, message: Message) -> None:
         load_parameters(model, read_arrays(message.content, spec))
 
 
-def received_ensemble(ws: OrgWorkspace, message: Message) -> np.ndarray | None:
+def received_ensemble(ws: OrgWorkspace, message: Message, context: Context) -> np.ndarray | None:
     """fed_distill: the ensemble teacher of the previous round, if the message carries one."""
     layout = ws.public.layout
     check_layout(message.content, layout.fingerprint)
     if ws.job.protection == "ckks":
         filtered = ws.job.transfer.filtering is not None
         n_values = layout.n_positions * (layout.width + (1 if filtered else 0))
-        flat = _decrypted_mean(ws, message, n_values)
-        if flat is None:
-            return None
-        soft = ensemble_from_weighted_sum(flat, layout) if filtered else flat.reshape(layout.shape)
-        return check_soft_labels(soft, layout)
+
+        def ensemble(flat: np.ndarray) -> np.ndarray:
+            soft = ensemble_from_weighted_sum(flat, layout) if filtered else flat.reshape(layout.shape)
+            return check_soft_labels(soft, layout)
+
+        return _decrypted_mean(
+            ws, message, context, n_values, ensemble, "the soft-label check (rows are distributions)"
+        )
     if ARRAYS in message.content:
         return read_soft_labels(message.content, layout)
     return None
@@ -94,8 +101,8 @@ def _upload(ws: OrgWorkspace, arrays: dict[str, np.ndarray], weight: int) -> Rec
     return RecordDict({ARRAYS: to_array_record(arrays)})
 
 
-def _digest(ws: OrgWorkspace, model, message: Message, r: int) -> dict[str, float]:
-    ensemble = received_ensemble(ws, message)
+def _digest(ws: OrgWorkspace, model, message: Message, context: Context, r: int) -> dict[str, float]:
+    ensemble = received_ensemble(ws, message, context)
     if ensemble is None:
         return {}
     return {"digest-loss": distill_from(ws, model, ensemble, r, steps=ws.job.transfer.digest_steps)}
@@ -160,10 +167,10 @@ def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
     r = read_round(message.content)
     model = ws.student()
     if ws.job.mode == "fedavg":
-        install_global(ws, model, message)
+        install_global(ws, model, message, context)
         extra: dict[str, float] = {}
     else:
-        extra = _digest(ws, model, message, r)
+        extra = _digest(ws, model, message, context, r)
     adversary = ws.job.adversaries.get(ws.index)
     if adversary is not None and adversary.kind == "backdoor":
         install_backdoor_data(ws, adversary)
@@ -176,7 +183,7 @@ def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
         weight = len(ws.train_examples)
     else:
         payload, kept = _soft_label_payload(ws, model, adversary)
-        if kept is not None:
+        if kept is not None and ws.job.protection == "plaintext":  # under CKKS the weights stay hidden
             extra["kept-fraction"] = kept
         weight = 1
     metrics = {**before, **fit_metrics(fit), **extra}
@@ -189,10 +196,10 @@ def final_evaluate(ws: OrgWorkspace, message: Message, context: Context) -> Reco
     """After the last round: install the global model (fedavg) or distil from the last ensemble."""
     model = ws.student()
     if ws.job.mode == "fedavg":
-        install_global(ws, model, message)
+        install_global(ws, model, message, context)
         extra: dict[str, float] = {}
     else:
-        extra = _digest(ws, model, message, read_round(message.content))
+        extra = _digest(ws, model, message, context, read_round(message.content))
     ws.save_student(model)
     return reply(None, {**evaluate(ws, model), **extra})
 

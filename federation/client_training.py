@@ -74,7 +74,7 @@ def _private_train_config(ws: OrgWorkspace) -> TrainConfig:
         n = len(ws.train_examples)
         sample_rate = min(1.0, train.batch_size * train.grad_accum / n)
         steps = _steps_per_round(ws) * ws.job.rounds
-        ledger = Ledger.open(ws.ledger_key, privacy.ledger_dir or ws.ledger_dir)
+        ledger = Ledger.open(ws.ledger_key, ws.ledger_dir or privacy.ledger_dir)
         noise = noise_multiplier_for_budget(
             target_epsilon=privacy.target_epsilon,
             delta=resolve_delta(privacy.delta, n),
@@ -87,7 +87,7 @@ def _private_train_config(ws: OrgWorkspace) -> TrainConfig:
     update = {
         "noise_multiplier": noise,
         "ledger_key": ws.ledger_key,
-        "ledger_dir": privacy.ledger_dir or ws.ledger_dir,
+        "ledger_dir": ws.ledger_dir or privacy.ledger_dir,
         "max_noise_multiplier": max(privacy.max_noise_multiplier, noise),
     }
     return train.model_copy(update={"privacy": privacy.model_copy(update=update)})

@@ -28,7 +28,7 @@ from secure_kd.config import (
 
 Mode = Literal["fedavg", "fed_distill", "pate", "p2p"]
 Protection = Literal["plaintext", "ckks", "secagg+"]
-FaultKind = Literal["crash", "slow", "nan", "oversized", "wrong_shape"]
+FaultKind = Literal["crash", "crash_final", "slow", "nan", "oversized", "wrong_shape"]
 
 
 class PartitionConfig(Strict):
@@ -83,17 +83,31 @@ class TransferConfig(Strict):
 
 
 class CkksConfig(Strict):
-    """CKKS parameters are chosen per payload (`federation.he.Keyring.for_payload`) from these bounds."""
+    """CKKS parameters are chosen per payload from these bounds (`federation.client_decrypt`).
+
+    A decrypted mean is rounded before anything derived from it leaves a client, on a grid at least
+    2**release_margin_bits above its noise bound; the keyring is chosen so that the grid is
+    `release_decimals` decimals fine when the range allows it, and fewer decimals are released when not.
+    """
 
     max_abs_update: float = Field(
-        1.0e5, gt=0, description="bound on |weight * value| of one client (weight = number of examples)"
+        1.0e5,
+        gt=0,
+        description="bound on |weight * value| of one client (weight = number of examples); fed_distill "
+        "payloads are probabilities, so it uses at most 1",
     )
-    abs_error: float = Field(1.0e-6, gt=0, description="target absolute error of a decrypted sum")
+    abs_error: float = Field(
+        1.0e-6, gt=0, description="largest absolute error of a decrypted sum (the release may ask less)"
+    )
     release_decimals: int = Field(
         6,
         ge=0,
         le=12,
-        description="decrypted values are rounded to this many decimals before they leave a client",
+        description="at most this many decimals of a decrypted value leave a client (fewer when the "
+        "CKKS noise needs a coarser grid for the margin)",
+    )
+    release_margin_bits: int = Field(
+        20, ge=20, le=40, description="the release grid is at least 2**this above the decryption noise"
     )
 
 
@@ -193,7 +207,8 @@ class FederatedJob(Strict):
     )
     simulate_faults: dict[int, FaultKind] = Field(
         default_factory=dict,
-        description="tests only: organization index -> crash | slow | nan | oversized | wrong_shape",
+        description="tests only: organization index -> crash | crash_final | slow | nan | oversized "
+        "| wrong_shape",
     )
     adversaries: dict[int, AdversaryConfig] = Field(
         default_factory=dict,
@@ -258,6 +273,12 @@ def _problems(job: FederatedJob) -> list[str]:
     if job.transfer.filtering is not None and job.mode != "fed_distill":
         found.append("transfer.filtering weights soft labels in the ensemble: use it with mode fed_distill")
     filtering = job.transfer.filtering
+    if filtering is not None and job.train.privacy is not None:
+        found.append(
+            "transfer.filtering with train.privacy: the filter weights come from KMeans on each "
+            "organization's private records and are released every round, which the DP-SGD epsilon does "
+            "not cover (the filter is not differentially private); drop transfer.filtering or train.privacy"
+        )
     if filtering is not None and job.protection == "ckks" and filtering.floor_weight == 0:
         found.append(
             "transfer.filtering.floor_weight must be > 0 under ckks (the encrypted weights of a record no"

@@ -4,7 +4,9 @@ An organization listed there misbehaves on purpose in every payload-bearing exch
 `query.votes`, `train.p2p_send`): `crash` raises, `slow` answers after the round timeout, and a
 malicious one corrupts what it was about to send: `nan` (a non-finite value, or a ciphertext that is
 not one), `oversized` (a reply over `max_message_mb`), `wrong_shape` (an array or ciphertext of the
-wrong length). The server must drop it with a logged reason and go on with the others.
+wrong length). The server must drop it with a logged reason and go on with the others. `crash_final`
+raises in the final stage only (`evaluate`, `train.digest`): a run whose final stage fewer than
+`min_clients` complete must fail, with the cause.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from federation.messages import ARRAYS, CONFIG, to_array_record
 from federation.workspace import OrgWorkspace
 
 PAYLOAD_MESSAGES = frozenset({"train.default", "query.votes", "train.p2p_send"})
+FINAL_MESSAGES = frozenset({"evaluate.default", "train.digest"})
 
 
 def before_handling(ws: OrgWorkspace, message_type: str) -> None:
     fault = ws.job.simulate_faults.get(ws.index)
+    if fault == "crash_final" and message_type in FINAL_MESSAGES:
+        raise RuntimeError(f"{ws.name}: simulated crash in the final stage (simulate_faults)")
     if message_type not in PAYLOAD_MESSAGES:
         return
     if fault == "crash":

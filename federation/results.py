@@ -39,6 +39,7 @@ class RoundRecord(BaseModel):
 class FederatedResult(BaseModel):
     schema_version: int = SCHEMA_VERSION
     kind: str = "federate"
+    run_id: int | None = Field(None, description="Flower's run id (organizations' error logs name it)")
     config: dict[str, Any]
     organizations: list[str]
     setup: dict[str, Any] = Field(default_factory=dict)

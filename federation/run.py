@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from federation.client_app import build_client_app
+from federation.client_errors import read_failures
 from federation.config import FederatedJob
 from federation.identity import OrgKeys
 from federation.results import FederatedResult
@@ -90,8 +91,33 @@ def write_flwr_config(
     return path
 
 
+def failure_causes(job: FederatedJob, run_id: int | None) -> list[str]:
+    """Simulation only (every organization's directory is on this machine): for each organization that
+    failed in run `run_id`, `"<org>, stage <stage>: <cause>"` from its own error log, its first failure
+    (later ones are often consequences, e.g. `decryption-stopped` after `malformed-aggregate`)."""
+    if run_id is None:
+        return []
+    lines = []
+    for index in range(job.n_organizations):
+        name = job.org_name(index)
+        entries = read_failures(Path(job.out) / "orgs" / name, run_id)
+        if entries:
+            first = entries[0]
+            lines.append(f"{first.get('org') or name}, stage {first['stage']}: {first['cause']}")
+    return lines
+
+
+def failure_summary(job: FederatedJob, result: FederatedResult | None, error: str) -> str:
+    """One line: who failed, at which stage, why (from the organizations' logs), then the run's error."""
+    causes = failure_causes(job, result.run_id if result is not None else None)
+    return "; ".join(causes) + f" [{error}]" if causes else error
+
+
 def run_federation(job: FederatedJob, *, progress: bool = True) -> FederatedResult:
-    """Run `job` in Flower's simulation engine; raises FederationFailed when a round had too few clients."""
+    """Run `job` in Flower's simulation engine. Raises FederationFailed, with one line naming each failed
+    organization, its stage and the cause from its own error log, whenever the run did not complete:
+    a round or the final stage with fewer than `min_clients` answers, a ServerApp that failed, or no
+    results.json."""
     from flwr.simulation import run_simulation
 
     out = Path(job.out)
@@ -102,6 +128,7 @@ def run_federation(job: FederatedJob, *, progress: bool = True) -> FederatedResu
     _importable_by_workers()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    error: str | None = None
     try:
         run_simulation(
             server_app=build_server_app(job, progress=progress),
@@ -109,14 +136,16 @@ def run_federation(job: FederatedJob, *, progress: bool = True) -> FederatedResu
             num_supernodes=job.n_organizations,
             backend_config=_backend_config(job),
         )
-    except FederationFailed:
-        raise
-    except Exception as exc:
-        raise FederationFailed(f"the simulation stopped: {exc}") from exc
+    except FederationFailed as exc:
+        error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported with the organizations' causes below
+        error = f"the simulation stopped: {exc}"
     path = out / "results.json"
-    if not path.is_file():
-        raise FederationFailed(f"the ServerApp wrote no {path}: see the log above")
-    result = FederatedResult.model_validate_json(path.read_text())
-    if not result.completed:
-        raise FederationFailed(result.error or "the federation did not complete")
+    result = FederatedResult.model_validate_json(path.read_text()) if path.is_file() else None
+    if error is None and result is None:
+        error = f"the ServerApp wrote no {path}: see the log above"
+    elif error is None and not result.completed:
+        error = result.error or "the federation did not complete"
+    if error is not None:
+        raise FederationFailed(failure_summary(job, result, error))
     return result

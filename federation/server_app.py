@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from federation.client_errors import parse_reason
 from federation.config import FederatedJob, load_federated_job
 from federation.he import PublicContext, load_public_context
 from federation.identity import PublicBundle
@@ -32,6 +33,7 @@ from federation.messages import CONFIG, MessageRejected, check_size, content_byt
 from federation.results import ClientRound, Dropped, FederatedResult, RoundRecord, summarize
 from federation.strategies import STRATEGIES, Strategy
 from federation.workspace import JobData, job_data
+from secure_kd.config import ConfigError
 from secure_kd.paths import atomic_write_json
 
 logger = logging.getLogger("secure_kd.federation")
@@ -51,12 +53,19 @@ class Org:
     bundle: str
 
 
-def short_reason(reason: str, limit: int = 300) -> str:
-    """The client's own exception message, without the simulation engine's traceback around it."""
-    marker = "occurred. Message: "
-    if marker in reason:
-        reason = reason[reason.rindex(marker) + len(marker) :]
-        reason = reason.split("\n", 1)[0].rstrip("'>")
+def short_reason(reason: str | None, limit: int = 300) -> str:
+    """What a failed client said: secure-kd's code, stage (and a policy refusal's text) as they are;
+    for anything else Flower made (a ClientApp process that died, an unreachable node), its first
+    non-empty line without the engine's wrapping, never an empty string."""
+    if parse_reason(reason) is not None:
+        reason = str(reason)
+    else:
+        reason = str(reason or "")
+        marker = "occurred. Message: "
+        if marker in reason:
+            reason = reason[reason.rindex(marker) + len(marker) :]
+        lines = [line.strip(" '<>") for line in reason.splitlines() if line.strip(" '<>")]
+        reason = lines[0] if lines else "no reason given"
     reason = " ".join(reason.split())
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
@@ -80,9 +89,13 @@ class Session:
     def name(self, node: int) -> str:
         return self.orgs[node].name if node in self.orgs else f"node-{node}"
 
-    def drop(self, node: int, stage: str, reason: str) -> None:
-        logger.warning("dropped %s from %s: %s", self.name(node), stage, reason)
-        self._drops.append(Dropped(org=self.name(node), stage=stage, reason=reason))
+    def drop(self, node: int, stage: str, reason: str, client_reason: str | None = None) -> None:
+        name = self.name(node)
+        claimed = parse_reason(client_reason)
+        if node not in self.orgs and claimed is not None and claimed[2]:
+            name = claimed[2]  # before hello is accepted, the organization the client says it is
+        logger.warning("dropped %s from %s: %s", name, stage, reason)
+        self._drops.append(Dropped(org=name, stage=stage, reason=reason))
 
     def exchange(
         self,
@@ -115,7 +128,9 @@ class Session:
                 continue
             answered.add(node)
             if reply.has_error():
-                self.drop(node, stage, f"client failed: {short_reason(reply.error.reason)}")
+                self.drop(
+                    node, stage, f"client failed: {short_reason(reply.error.reason)}", reply.error.reason
+                )
                 continue
             try:
                 self._bytes_up += check_size(reply.content, self.job.max_message_bytes)
@@ -290,7 +305,7 @@ class FederationServer:
     ) -> None:
         self.grid, self.job, self.run_id, self.progress = grid, job, run_id, progress
         self.make_strategy = strategy or strategy_for(job)
-        self.result = FederatedResult(config=job.model_dump(mode="json"), organizations=[])
+        self.result = FederatedResult(run_id=run_id, config=job.model_dump(mode="json"), organizations=[])
         self.out = Path(job.out)
 
     def _write(self) -> None:
@@ -313,7 +328,9 @@ class FederationServer:
                 setup["key_ceremony"] = key_ceremony(self.session, self.strategy.payload_values())
             self.result.organizations = [self.session.orgs[n].name for n in self.session.nodes]
             self.result.setup = setup
-            self.session.record(0, {}, {})  # the setup's traffic is not a round's
+            setup_record = self.session.record(0, {}, {})  # the setup's traffic is not a round's
+            if setup_record.dropped:  # but who was dropped, and why, is on record
+                setup["dropped"] = [d.model_dump(mode="json") for d in setup_record.dropped]
             self._rounds()
             self.result.completed = True
         except Exception as exc:
@@ -351,21 +368,45 @@ class FederationServer:
                 self._note_epsilon(final)
 
 
+APP_ROOT = Path(__file__).resolve().parent.parent
+
+
 def job_from_run_config(run_config: Mapping[str, Any]) -> FederatedJob:
     """`flwr run`: the job is the YAML file named by run-config `config`, with `overrides` applied
     (`key=value` entries separated by ';', as `secure-kd federate --set`). A relative path that does not
     exist in the working directory is read from the app itself (the FAB ships `configs/`), so
-    `config='configs/deploy-tiny.yaml'` names the same file on every machine."""
+    `config='configs/deploy-tiny.yaml'` names the same file on every machine.
+
+    Whoever submits the run chooses the path, and errors travel back to them (`flwr log`): for a file
+    outside the app, a job that does not load is reported without its reasons, which quote the file
+    (a YAML excerpt, keys, values); validate such a file where it was written (`secure-kd validate`)."""
     path = run_config.get("config")
     if not path:
         raise ValueError(
             "run-config needs `config`, the path of a federated job YAML (configs/federated-*.yaml)"
         )
-    shipped = Path(__file__).resolve().parent.parent / str(path)
-    if not Path(str(path)).is_absolute() and not Path(str(path)).exists() and shipped.is_file():
+    given = Path(str(path))
+    shipped = (APP_ROOT / given).resolve()
+    if not given.is_absolute() and not given.exists() and shipped.is_file():
         path = shipped
+    inside_app = Path(str(path)).resolve().is_relative_to(APP_ROOT)
     overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
-    return load_federated_job(str(path), overrides)
+    try:
+        return load_federated_job(str(path), overrides)
+    except ConfigError as exc:
+        if inside_app:
+            raise
+        raise ConfigError(
+            [
+                (
+                    "config",
+                    f"{len(exc.problems)} problem(s) loading a job from outside the app; the reasons are "
+                    "withheld because they quote the file: run `secure-kd validate --config PATH` where the "
+                    "file was written, or ship it in the app's configs/",
+                )
+            ],
+            "run-config",
+        ) from None
 
 
 def build_server_app(

@@ -147,9 +147,9 @@ class _AggregatingStrategy(Strategy):
         replies = s.exchange(self.stage, "train", {node: self._content(r) for node in s.nodes}, r, self._read)
         s.require(replies, self.stage, r)
         if self.encrypted:
-            blob, rejected = aggregate_encrypted(
-                s.public, {node: payload for node, (payload, _) in replies.items()}
-            )
+            # in the organizations' order: the same sum, and the same blame, whoever answers first
+            in_order = sorted(replies, key=lambda node: s.orgs[node].index)
+            blob, rejected = aggregate_encrypted(s.public, {node: replies[node][0] for node in in_order})
             for node, reason in rejected.items():
                 s.drop(node, "aggregate", reason)
                 replies.pop(node)
@@ -172,6 +172,7 @@ class _AggregatingStrategy(Strategy):
             r,
             lambda org, content: self._metrics(content),
         )
+        s.require(replies, "final", r)  # a final stage nobody completed is a failed run, not a finished one
         return s.record(self.job.rounds, replies, {"stage": "after the last aggregation"})
 
 

@@ -299,13 +299,21 @@ def build_student(
     seed = job.seed + (1000 * index if heterogeneous else 0)
     if cfg.source == "teacher_layers" and teacher is None:
         teacher = build_teacher(job, public)
-    return load_student(
+    student = load_student(
         cfg,
         teacher=teacher if cfg.source == "teacher_layers" else None,
         vocab_size=public.vocab_size,
         seed=seed,
         pad_token_id=public.pad_id,
     )
+    privacy = job.train.privacy
+    if privacy is not None and privacy.untie_embeddings:
+        # DP-SGD trains an untied output layer; every stage and the fedavg server must build that same
+        # architecture, or the saved student does not fit the next one built (it failed the final stage)
+        from secure_kd.dp.engine import untie_embeddings
+
+        untie_embeddings(student)
+    return student
 
 
 def flat_parameters(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:

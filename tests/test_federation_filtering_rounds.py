@@ -76,6 +76,10 @@ def test_ckks_ensemble_matches_the_plaintext_weighted_mean(tmp_path):
     ensemble = ensemble_from_weighted_sum(decrypt_mean(keyring, aggregate, n * width + n), layout)
     np.testing.assert_allclose(ensemble, expected, atol=1e-5)
     assert result.final is not None and all("digest-loss" in c.metrics for c in result.final.clients)
+    # the share of transfer records an organization keeps is a function of its weights: it stays
+    # encrypted with them (before, `kept-fraction` went out in clear beside the ciphertext)
+    for _, reply in grid.sent("train"):
+        assert set(reply.content["metrics"].keys()).isdisjoint({"kept-fraction", "num-examples"})
 
 
 def test_a_poisoning_organization_poisons_the_encrypted_filtered_payload_too(tmp_path):
@@ -130,3 +134,20 @@ def test_filtering_outside_fed_distill_or_with_zero_floor_under_ckks_is_refused(
             protection="ckks",
             transfer={"filtering": {**FILTERING, "floor_weight": 0.0}},
         )
+
+
+def test_filtering_with_dp_training_is_refused(tmp_path):
+    # the filter (KMeans on private records) would release per-record weights every round that the
+    # DP-SGD epsilon does not cover; before, such a job ran and reported that epsilon
+    privacy = {"noise_multiplier": 1.0, "delta": 1e-3}
+    for protection in ("plaintext", "ckks"):
+        with pytest.raises(
+            ValidationError, match="transfer.filtering with train.privacy.*epsilon does not cover"
+        ):
+            tiny_job(
+                tmp_path,
+                mode="fed_distill",
+                protection=protection,
+                transfer={"n_records": 6, "index_k": 16, "digest_steps": 1, "filtering": FILTERING},
+                train={"max_steps": 2, "batch_size": 4, "privacy": privacy},
+            )
