@@ -70,7 +70,9 @@ def hello(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
     removed = ws.start_run()
     if removed:
         logger.info("%s: a new run starts; removed the previous run's %s", ws.name, ", ".join(removed))
-    bundle = ws.keys().public_bundle().to_json()
+    own = ws.keys().public_bundle()
+    own.check_not_expired()  # peers would refuse it: say so here, where the fix is (rotate-keys)
+    bundle = own.to_json()
     return RecordDict({CONFIG: ConfigRecord({"org": ws.name, "index": ws.index, "bundle": bundle})})
 
 
@@ -81,21 +83,47 @@ def _expected_payload(ws: OrgWorkspace) -> int:
     return layout.n_positions * (layout.width + (1 if ws.job.transfer.filtering is not None else 0))
 
 
+def _job_organizations(ws: OrgWorkspace) -> list[str]:
+    return [ws.job.org_name(i) for i in range(ws.job.n_organizations)]
+
+
+def _job_recipients(ws: OrgWorkspace, recipients: list) -> list[PublicBundle]:
+    """The server's list of whom to seal the CKKS secret to: other organizations of this job only, each
+    once. Being in the trust store is not enough: it may hold organizations outside this job."""
+    members = set(_job_organizations(ws)) - {ws.name}
+    bundles, seen = [], set()
+    for item in recipients:
+        if not isinstance(item, str):
+            raise MessageRejected("recipients must be key bundles (JSON strings)")
+        try:
+            bundle = PublicBundle.from_json(item)
+        except ValueError as exc:
+            raise MessageRejected(f"a recipient's key bundle is malformed: {exc}") from None
+        if bundle.org not in members:
+            raise MessageRejected(
+                f"the server asks to seal the CKKS key to {bundle.org!r}, which is not another organization "
+                f"of this job ({', '.join(sorted(members)) or 'none'}): refused"
+            )
+        if bundle.org in seen:
+            raise MessageRejected(f"the server lists {bundle.org!r} twice as a recipient")
+        seen.add(bundle.org)
+        bundles.append(bundle)
+    return bundles
+
+
 def keygen(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
-    """The dealer: a keyring sized for the payload, its secret sealed to each other organization."""
+    """The dealer: a keyring sized for the payload, its secret sealed to each other organization of the
+    job (checked against the job and, per bundle, the trust store: epoch, expiry, identity)."""
     n_values = read_config(message.content, "n-values", int)
     if n_values != _expected_payload(ws):
         raise MessageRejected(
             f"the server asks for a key for {n_values} values; this job's payload has {_expected_payload(ws)}"
         )
     job, trust, keys = ws.job, _trust(ws, context), ws.keys()
+    recipients = _job_recipients(ws, read_config(message.content, "recipients", list))
     ring = new_keyring(job, n_values)  # sized for the payload and the release margin (client_decrypt)
     secret = ring.secret_context()
-    recipients = read_config(message.content, "recipients", list)
-    sealed = [
-        seal_for(PublicBundle.from_json(b), keys, str(context.run_id), secret, trust=trust)
-        for b in recipients
-    ]
+    sealed = [seal_for(b, keys, str(context.run_id), secret, trust=trust) for b in recipients]
     ws.save_secret_context(secret)
     return RecordDict({CONFIG: ConfigRecord({"public-context": ring.public_context(), "sealed": sealed})})
 
@@ -103,6 +131,8 @@ def keygen(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
 def keyshare(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
     """A recipient: open the dealer's sealed secret (signed, bound to this run and to us) and keep it."""
     dealer = PublicBundle.from_json(read_config(message.content, "dealer-bundle", str))
+    if dealer.org not in _job_organizations(ws) or dealer.org == ws.name:
+        raise MessageRejected(f"the CKKS key comes from {dealer.org!r}, not another organization of this job")
     sealed = read_config(message.content, "sealed", bytes)
     secret = open_from(dealer, ws.keys(), str(context.run_id), sealed, trust=_trust(ws, context))
     ring = Keyring.from_secret_context(secret)

@@ -8,7 +8,9 @@ and `flwr` (Flower 1.41); this module makes their keys and certificates and buil
 Files (private keys are written 0600 in 0700 directories, and never replaced without `force`):
 
     operator: <dir>/ca.pem ca.key          a private CA (P-384 ECDSA, self-signed)
-              <dir>/server.pem server.key  the SuperLink's TLS certificate, SANs = the given addresses
+              <dir>/server.pem server.key  the SuperLink's TLS certificate, SANs = the given addresses and
+                                           127.0.0.1 (the SuperLink itself listens on loopback only; the
+                                           fleet gateway, federation.fleet_gateway, faces the network)
               <dir>/trust/<org>.json       registered organizations' identity bundles (HE key ceremony)
               <dir>/nodes/<org>.pub        registered organizations' SuperNode public keys
               <dir>/registry.json          org -> Flower node id, key fingerprints
@@ -18,6 +20,11 @@ Files (private keys are written 0600 in 0700 directories, and never replaced wit
                                              `flwr supernode register` accept: a NIST curve, SSH format)
               <dir>/node-auth/supernode.pub
               <dir>/<org>.registration.json  the public bundle for the operator: public keys only
+              <dir>/approved-apps.json       the FAB hashes this organization approved (federation.app_gate)
+
+Key rotation (`rotate_keys`): a new key-exchange key under the same identity, one epoch later, with a
+new expiry (federation.identity); once the operator has registered the new bundle and every organization
+holds the new trust/, a bundle of an older epoch is refused.
 
 Removing an organization (`remove_org`) deletes its SuperNode key from the SuperLink (`flwr supernode
 unregister`, done by the launcher) and its identity from the trust directory. The CKKS key is not
@@ -32,7 +39,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +47,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation.identity import OrgKeys, PublicBundle, check_org
+from federation.identity import DEFAULT_VALID_DAYS, OrgKeys, check_org
 from secure_kd.paths import atomic_write_text
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 TRUST_DIR, NODES_DIR, REGISTRY = "trust", "nodes", "registry.json"
 NODE_AUTH_DIR, NODE_KEY, NODE_PUB = "node-auth", "supernode.key", "supernode.pub"
+LOOPBACK = "127.0.0.1"
 REGISTRATION_FORMAT = "secure-kd/org-registration"
 REGISTRATION_VERSION = 1
 MAX_REGISTRATION_BYTES = 32 << 10
@@ -67,7 +74,7 @@ def _refuse_overwrite(paths: list[Path], force: bool, what: str) -> None:
         )
 
 
-def _write(path: Path, data: bytes, *, private: bool) -> None:
+def write_file(path: Path, data: bytes, *, private: bool) -> None:
     """Atomic write; private files are created 0600 (never readable by others, even briefly)."""
     path.parent.mkdir(mode=0o700 if private else 0o755, parents=True, exist_ok=True)
     mode = 0o600 if private else 0o644
@@ -149,7 +156,7 @@ def init_superlink(
     if days < 1:
         raise ValueError(f"--days must be >= 1, got {days}")
     names: list[x509.GeneralName] = []
-    for address in addresses:
+    for address in [*addresses, LOOPBACK]:  # loopback: the local SuperLink behind the fleet gateway
         name = _san(address)
         if name not in names:
             names.append(name)
@@ -203,10 +210,10 @@ def init_superlink(
         )
         .sign(ca_key, hashes.SHA384())
     )
-    _write(files.ca_key, _private_pem(ca_key), private=True)
-    _write(files.server_key, _private_pem(server_key), private=True)
-    _write(files.ca_cert, ca.public_bytes(serialization.Encoding.PEM), private=False)
-    _write(files.server_cert, server.public_bytes(serialization.Encoding.PEM), private=False)
+    write_file(files.ca_key, _private_pem(ca_key), private=True)
+    write_file(files.server_key, _private_pem(server_key), private=True)
+    write_file(files.ca_cert, ca.public_bytes(serialization.Encoding.PEM), private=False)
+    write_file(files.server_cert, server.public_bytes(serialization.Encoding.PEM), private=False)
     files.trust_dir.mkdir(mode=0o755, exist_ok=True)
     files.nodes_dir.mkdir(mode=0o755, exist_ok=True)
     return files
@@ -243,8 +250,21 @@ def node_key_fingerprint(ssh_public_key: str) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
-def init_org(org: str, out: str | Path, *, force: bool = False) -> OrgFiles:
-    """The organization's SuperNode key pair and HE identity keys; returns where they are."""
+def _write_registration(files: OrgFiles, ssh_public: str, keys: OrgKeys) -> None:
+    registration = {
+        "format": REGISTRATION_FORMAT,
+        "version": REGISTRATION_VERSION,
+        "org": keys.org,
+        "node_public_key": ssh_public,
+        "identity_bundle": json.loads(keys.public_bundle().to_json()),
+    }
+    write_file(files.registration, (json.dumps(registration, indent=2) + "\n").encode(), private=False)
+
+
+def init_org(
+    org: str, out: str | Path, *, force: bool = False, valid_days: float = DEFAULT_VALID_DAYS
+) -> OrgFiles:
+    """The organization's SuperNode key pair and HE identity keys (epoch 1, valid `valid_days`)."""
     check_org(org)
     files = OrgFiles(Path(out), org)
     _refuse_overwrite(
@@ -260,129 +280,31 @@ def init_org(org: str, out: str | Path, *, force: bool = False) -> OrgFiles:
     ssh_public = node_key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    _write(files.node_key, ssh_private, private=True)
-    _write(files.node_pub, ssh_public + f" secure-kd:{org}\n".encode(), private=False)
-    keys = OrgKeys.generate(org)
+    write_file(files.node_key, ssh_private, private=True)
+    write_file(files.node_pub, ssh_public + f" secure-kd:{org}\n".encode(), private=False)
+    keys = OrgKeys.generate(org, valid_days=valid_days)
     keys.save(files.keys_dir, overwrite=force)
-    registration = {
-        "format": REGISTRATION_FORMAT,
-        "version": REGISTRATION_VERSION,
-        "org": org,
-        "node_public_key": ssh_public.decode(),
-        "identity_bundle": json.loads(keys.public_bundle().to_json()),
-    }
-    _write(files.registration, (json.dumps(registration, indent=2) + "\n").encode(), private=False)
+    _write_registration(files, ssh_public.decode(), keys)
     return files
 
 
-@dataclass(frozen=True)
-class Registration:
-    """An organization's public registration bundle, parsed and checked."""
-
-    org: str
-    node_public_key: str  # one OpenSSH line, ecdsa-sha2-nistp384
-    bundle: PublicBundle
-
-    @classmethod
-    def load(cls, path: str | Path) -> Registration:
-        path = Path(path)
-        data = path.read_bytes()
-        if len(data) > MAX_REGISTRATION_BYTES:
-            raise ValueError(f"{path} is {len(data)} bytes: not a registration bundle")
-        try:
-            fields = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not JSON: {error}") from error
-        expected = {"format", "version", "org", "node_public_key", "identity_bundle"}
-        if not isinstance(fields, dict) or set(fields) != expected:
-            raise ValueError(
-                f"{path} must have exactly the fields {sorted(expected)} "
-                "(it is made by `secure-kd deploy init-org`)"
-            )
-        if (fields["format"], fields["version"]) != (REGISTRATION_FORMAT, REGISTRATION_VERSION):
-            raise ValueError(f"{path}: format {fields['format']!r} v{fields['version']} is not supported")
-        org = check_org(fields["org"])
-        line = fields["node_public_key"]
-        try:
-            key = serialization.load_ssh_public_key(str(line).encode())
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"{path}: node_public_key is not an OpenSSH public key: {error}") from error
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in (
-            "secp256r1",
-            "secp384r1",
-            "secp521r1",
-        ):
-            raise ValueError(f"{path}: node_public_key must be an ECDSA key on a NIST curve (Flower's rule)")
-        bundle = PublicBundle.from_json(json.dumps(fields["identity_bundle"]))
-        if bundle.org != org:
-            raise ValueError(f"{path}: the identity bundle names {bundle.org!r}, the registration {org!r}")
-        bundle.verify_signature(bundle.identity_pub)
-        return cls(org, line.strip(), bundle)
-
-
-def add_org(superlink_dir: str | Path, registration: Registration, *, force: bool = False) -> SuperLinkFiles:
-    """Operator: store an organization's public keys (the Flower registration is `flwr supernode
-    register nodes/<org>.pub`, run by the launcher); the identity bundle goes to the trust directory
-    that every organization copies."""
-    files = SuperLinkFiles(Path(superlink_dir))
-    registry = files.read_registry()
-    if registration.org in registry and not force:
-        raise FileExistsError(
-            f"{registration.org} is already registered; remove it first (`secure-kd deploy remove-org`) or "
-            "pass --force to replace its keys (key rotation)"
+def rotate_keys(org_dir: str | Path, *, valid_days: float = DEFAULT_VALID_DAYS) -> tuple[OrgFiles, OrgKeys]:
+    """A new key-exchange key (epoch + 1, new expiry) under the organization's identity; the SuperNode
+    key stays. Rewrites `<org>.registration.json`, which the operator registers again."""
+    directory = Path(org_dir)
+    keys_dir = directory / "keys"
+    if not (keys_dir / "bundle.json").is_file():
+        raise DeployError(
+            f"{keys_dir} holds no keys: run `secure-kd deploy init-org --out {directory}` first"
         )
-    _write(
-        files.trust_dir / f"{registration.org}.json", registration.bundle.to_json().encode(), private=False
-    )
-    _write(
-        files.nodes_dir / f"{registration.org}.pub",
-        (registration.node_public_key + "\n").encode(),
-        private=False,
-    )
-    registry[registration.org] = {
-        "node_key_fingerprint": node_key_fingerprint(registration.node_public_key),
-        "identity_fingerprint": hashlib.sha256(registration.bundle.identity_pub).hexdigest(),
-        "node_id": registry.get(registration.org, {}).get("node_id"),
-    }
-    files.write_registry(registry)
-    return files
-
-
-def set_node_id(superlink_dir: str | Path, org: str, node_id: int | None) -> None:
-    files = SuperLinkFiles(Path(superlink_dir))
-    registry = files.read_registry()
-    registry.setdefault(org, {})["node_id"] = node_id
-    files.write_registry(registry)
-
-
-def remove_org(superlink_dir: str | Path, org: str) -> dict:
-    """Operator: forget `org`'s public keys; returns its registry entry (with the Flower node id to
-    unregister). Organizations must also delete `<trust-dir>/<org>.json` from their own trust dirs."""
-    check_org(org)
-    files = SuperLinkFiles(Path(superlink_dir))
-    registry = files.read_registry()
-    if org not in registry:
-        known = ", ".join(sorted(registry)) or "none"
-        raise DeployError(f"{org} is not registered in {files.registry} (registered: {known})")
-    entry = registry.pop(org)
-    (files.trust_dir / f"{org}.json").unlink(missing_ok=True)
-    (files.nodes_dir / f"{org}.pub").unlink(missing_ok=True)
-    files.write_registry(registry)
-    return entry
-
-
-def copy_trust(superlink_dir: str | Path, destination: str | Path) -> Path:
-    """The operator's trust directory, mirrored (stale bundles removed) into an organization's."""
-    source = SuperLinkFiles(Path(superlink_dir)).trust_dir
-    destination = Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    wanted = {p.name for p in source.glob("*.json")}
-    for stale in destination.glob("*.json"):
-        if stale.name not in wanted:
-            stale.unlink()
-    for name in wanted:
-        shutil.copyfile(source / name, destination / name)
-    return destination
+    rotated = OrgKeys.load(keys_dir).rotated(valid_days=valid_days)
+    files = OrgFiles(directory, rotated.org)
+    if not files.node_pub.is_file():
+        raise DeployError(f"{files.node_pub} is missing: this is not a directory made by `init-org`")
+    ssh_public = " ".join(files.node_pub.read_text().split()[:2])
+    rotated.save(keys_dir, overwrite=True)
+    _write_registration(files, ssh_public, rotated)
+    return files, rotated
 
 
 def write_demo_data(job, out: str | Path) -> dict[str, Path]:
@@ -396,6 +318,6 @@ def write_demo_data(job, out: str | Path) -> dict[str, Path]:
     for index, own in enumerate(federated_split(job).organizations):
         path = out / f"{job.org_name(index)}.jsonl"
         lines = [json.dumps(record, sort_keys=True) for record in own.train + own.heldout]
-        _write(path, ("\n".join(lines) + "\n").encode(), private=True)
+        write_file(path, ("\n".join(lines) + "\n").encode(), private=True)
         paths[job.org_name(index)] = path
     return paths

@@ -29,12 +29,14 @@ def _errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from federation.deploy import DeployError
+        from federation.identity import CeremonyError
         from secure_kd.config import ConfigError
 
         try:
             return fn(*args, **kwargs)
         except (
             DeployError,
+            CeremonyError,
             ConfigError,
             FileNotFoundError,
             FileExistsError,
@@ -77,7 +79,8 @@ def init_superlink_cmd(
     days: int = typer.Option(365, help="certificate validity"),
     force: bool = typer.Option(False, "--force", help="replace existing keys"),
 ) -> None:
-    """Create a private CA and the SuperLink's TLS certificate (SANs = the addresses); keys 0600."""
+    """Create a private CA and the SuperLink's TLS certificate (SANs = the addresses, and 127.0.0.1 where
+    the SuperLink itself listens); keys 0600."""
     from federation.deploy import init_superlink
 
     hosts = [h.strip() for item in address for h in item.split(",") if h.strip()]
@@ -91,14 +94,77 @@ def init_superlink_cmd(
 def init_org_cmd(
     org: str = typer.Option(..., "--org", help="the organization's name, as in the job's `organizations`"),
     out: Path = typer.Option(..., "--out", help="the organization's directory (its SuperNode's org-dir)"),
-    force: bool = typer.Option(False, "--force", help="replace existing keys (key rotation)"),
+    force: bool = typer.Option(False, "--force", help="replace all existing keys (new identity)"),
+    valid_days: float = typer.Option(90, help="validity of the signed key-exchange bundle"),
 ) -> None:
     """Create the SuperNode authentication key and the HE identity/key-exchange keys of one organization."""
     from federation.deploy import init_org
 
-    files = init_org(org, out, force=force)
+    files = init_org(org, out, force=force, valid_days=valid_days)
     console.print(f"send to the operator (public keys only): {files.registration}")
     console.print(f"keep secret: {files.node_key}, {files.keys_dir}/identity.pem, {files.keys_dir}/kex.pem")
+
+
+@deploy_app.command("rotate-keys")
+@_errors
+def rotate_keys_cmd(
+    org_dir: Path = typer.Option(..., "--org-dir", help="the organization's directory (init-org --out)"),
+    valid_days: float = typer.Option(90, help="validity of the new signed key-exchange bundle"),
+) -> None:
+    """New key-exchange key, next key epoch, new expiry (same identity and SuperNode key). Send the new
+    registration bundle to the operator: once it is registered and trust/ redistributed, bundles of older
+    epochs are refused."""
+    import datetime as dt
+
+    from federation.deploy import rotate_keys
+
+    files, keys = rotate_keys(org_dir, valid_days=valid_days)
+    until = dt.datetime.fromtimestamp(keys.not_after, dt.UTC).strftime("%Y-%m-%d")
+    console.print(f"{keys.org}: key epoch {keys.epoch}, valid until {until}")
+    console.print(f"send to the operator (public keys only): {files.registration}")
+
+
+@deploy_app.command("approve-app")
+@_errors
+def approve_app_cmd(
+    org_dir: Path = typer.Option(..., "--org-dir", help="the organization's directory (init-org --out)"),
+    app_dir: Path | None = typer.Option(
+        None, "--app", help="the app directory you reviewed (builds its FAB)"
+    ),
+    fab: Path | None = typer.Option(None, "--fab", help="or a .fab file you reviewed (`flwr build`)"),
+    sha256: str | None = typer.Option(None, "--sha256", help="or the FAB's SHA-256, checked out of band"),
+    revoke: bool = typer.Option(False, "--revoke", help="remove the app from the approved list"),
+    note: str = typer.Option("", help="a note kept next to the hash (who reviewed it, which commit)"),
+) -> None:
+    """Approve (or revoke) an app for this organization's SuperNode: it runs only FABs whose SHA-256 is
+    in <org-dir>/approved-apps.json, checked before any of the app's code is installed or imported."""
+    import hashlib
+
+    from federation.app_gate import APPROVED_FILE, approve, check_hash, fab_bytes_of_app, fab_id_of
+    from federation.app_gate import revoke as revoke_app
+
+    given = [x for x in (app_dir, fab, sha256) if x is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of --app DIR, --fab FILE or --sha256 HEX")
+    fab_id = ""
+    if app_dir is not None:
+        if not (app_dir / "pyproject.toml").is_file():
+            raise FileNotFoundError(f"--app {app_dir} has no pyproject.toml: give the app's directory")
+        content = fab_bytes_of_app(app_dir)
+        digest, fab_id = hashlib.sha256(content).hexdigest(), fab_id_of(content)
+    elif fab is not None:
+        content = fab.read_bytes()
+        digest, fab_id = hashlib.sha256(content).hexdigest(), fab_id_of(content)
+    else:
+        digest = check_hash(sha256)
+    approved = org_dir / APPROVED_FILE
+    if revoke:
+        found = revoke_app(approved, digest)
+        console.print(f"sha256:{digest} " + ("revoked" if found else "was not approved"))
+        return
+    approve(approved, digest, fab_id=fab_id, note=note)
+    console.print(f"approved sha256:{digest} {fab_id} in {approved}")
+    typer.echo(digest)
 
 
 @deploy_app.command("connection")
@@ -124,17 +190,27 @@ def register_org_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="the organization's <org>.registration.json"),
     connection: str = CONNECTION_OPTION,
     flwr_home: Path | None = HOME_OPTION,
-    force: bool = typer.Option(False, "--force", help="replace the organization's keys (key rotation)"),
+    force: bool = typer.Option(False, "--force", help="replace the organization's keys (new identity)"),
 ) -> None:
-    """Register an organization: `flwr supernode register` its node key, trust its identity bundle."""
-    from federation.deploy import Registration, SuperLinkFiles, add_org, remove_org, set_node_id
+    """Register an organization: `flwr supernode register` its node key, trust its identity bundle. A
+    bundle from `rotate-keys` (same SuperNode key and identity, newer key epoch) replaces the trusted one."""
+    from federation.deploy import SuperLinkFiles
     from federation.deploy_launch import register_node, unregister_node
+    from federation.deploy_registry import Registration, add_org, is_rotation, remove_org, set_node_id
     from secure_kd.config import require_file
 
     expected = "the organization's <org>.registration.json file (made by `secure-kd deploy init-org`)"
     registration = Registration.load(require_file(bundle, "--bundle", expected))
     files = SuperLinkFiles(superlink_dir)
     old = files.read_registry().get(registration.org, {})
+    same_node = bool(old) and old.get("node_key_fingerprint") == registration.node_key_fingerprint
+    if old and same_node and (force or is_rotation(old, registration)):
+        add_org(superlink_dir, registration, force=True)  # the Flower node and its id stay
+        console.print(
+            f"{registration.org}: key epoch {registration.bundle.epoch} registered (SuperNode "
+            f"{old.get('node_id')} unchanged); give every organization {files.trust_dir}/"
+        )
+        return
     if old and force:
         if old.get("node_id") is not None:
             unregister_node(old["node_id"], connection, env=_env(flwr_home))
@@ -161,8 +237,9 @@ def remove_org_cmd(
 ) -> None:
     """Revoke an organization's node key and drop it from the trust store (the next run's CKKS key
     ceremony excludes it)."""
-    from federation.deploy import SuperLinkFiles, remove_org
+    from federation.deploy import SuperLinkFiles
     from federation.deploy_launch import unregister_node
+    from federation.deploy_registry import remove_org
 
     entry = SuperLinkFiles(superlink_dir).read_registry().get(org, {})
     if entry.get("node_id") is not None:
@@ -179,27 +256,40 @@ def remove_org_cmd(
 @_errors
 def superlink_cmd(
     directory: Path = typer.Option(..., "--dir", help="the operator's directory (init-superlink --out)"),
-    host: str = typer.Option("0.0.0.0", help="interface to listen on"),
-    port: int = typer.Option(9093, help="the one HTTPS port (Fleet, Control and Runtime APIs)"),
-    address: str | None = typer.Option(
-        None, "--address", help="HOST:PORT for this machine's flwr connection (default 127.0.0.1:PORT)"
+    port: int = typer.Option(9093, help="the SuperLink's port on 127.0.0.1 (Fleet, Control, Runtime APIs)"),
+    fleet_address: str | None = typer.Option(
+        None,
+        "--fleet-address",
+        help="HOST:PORT where SuperNodes on other machines dial in (e.g. 0.0.0.0:9092): a gateway that "
+        "serves only the Fleet API (default: none, SuperNodes on this machine only)",
     ),
     database: Path | None = typer.Option(None, help="state database (default: in memory)"),
     connection: str = CONNECTION_OPTION,
     flwr_home: Path | None = HOME_OPTION,
     log: Path | None = typer.Option(None, help="also write the log here"),
 ) -> None:
-    """Start Flower's SuperLink with TLS and SuperNode authentication (runs until interrupted)."""
+    """Start Flower's SuperLink on 127.0.0.1 with TLS and SuperNode authentication (its Control API has no
+    authentication, so it never listens elsewhere), and the Fleet-only gateway (runs until interrupted)."""
     from federation.deploy import SuperLinkFiles
-    from federation.deploy_launch import launch, superlink_command, write_connection
+    from federation.deploy_launch import gateway_command, launch, superlink_command, write_connection
 
-    command = superlink_command(directory, host=host, port=port, database=database)
-    dial = address or f"127.0.0.1:{port}"
+    command = superlink_command(directory, port=port, database=database)
+    companions = []
+    if fleet_address:
+        companions.append(
+            ("fleet-gateway", gateway_command(directory, listen=fleet_address, upstream_port=port))
+        )
+    dial = f"127.0.0.1:{port}"
     path = write_connection(
         _flwr_home(flwr_home), name=connection, address=dial, ca_cert=SuperLinkFiles(directory).ca_cert
     )
     console.print(f"flwr connection {connection!r} -> {dial} written to {path}")
-    launch(command, log_path=log)
+    console.print(
+        f"SuperNodes dial {fleet_address} (Fleet API only)"
+        if fleet_address
+        else "no --fleet-address: only SuperNodes on this machine can connect"
+    )
+    launch(command, log_path=log, companions=companions)
 
 
 @deploy_app.command("supernode")
@@ -208,16 +298,27 @@ def supernode_cmd(
     org: str = typer.Option(..., "--org"),
     org_dir: Path = typer.Option(..., "--org-dir", help="the organization's directory (init-org --out)"),
     data: Path = typer.Option(..., "--data", help="the organization's private data file (stays here)"),
-    superlink: str = typer.Option(..., "--superlink", help="the SuperLink's HOST:PORT"),
+    superlink: str = typer.Option(..., "--superlink", help="the SuperLink's fleet HOST:PORT"),
     ca: Path = typer.Option(..., "--ca", help="the operator's ca.pem"),
     trust_dir: Path = typer.Option(..., "--trust-dir", help="copy of the operator's trust/ directory"),
     port: int = typer.Option(9094, help="local ClientAppIo port (one per SuperNode on a machine)"),
     ledger_dir: Path | None = typer.Option(None, help="DP ledgers (default $SECURE_KD_HOME/privacy-ledgers)"),
+    node_key: str | None = typer.Option(
+        None, "--node-key", help="the SuperNode key file, or - to read it from stdin (default: in org-dir)"
+    ),
+    node_config: list[str] = typer.Option([], "--node-config", help="extra node config KEY=VALUE"),
     log: Path | None = typer.Option(None, help="also write the log here"),
 ) -> None:
-    """Start Flower's SuperNode for one organization: TLS, its auth key, its data path as node config."""
+    """Start Flower's SuperNode for one organization: TLS, its auth key, its data path as node config,
+    and the app gate (only apps in <org-dir>/approved-apps.json run)."""
     from federation.deploy_launch import launch, supernode_command
 
+    extra = {}
+    for item in node_config:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--node-config {item!r} must be KEY=VALUE")
+        extra[key.strip()] = value
     command = supernode_command(
         org_dir,
         org=org,
@@ -227,6 +328,8 @@ def supernode_cmd(
         trust_dir=trust_dir,
         clientappio_port=port,
         ledger_dir=ledger_dir,
+        node_key=node_key,
+        extra_node_config=extra,
     )
     launch(command, log_path=log)
 
@@ -249,24 +352,32 @@ def demo_data_cmd(
 @_errors
 def run_cmd(
     config: Path = typer.Option(..., "--config", help="the federated job YAML"),
+    superlink_dir: Path = typer.Option(
+        ..., "--superlink-dir", help="the operator's directory: registry.json binds each org to its node"
+    ),
     overrides: list[str] = typer.Option([], "--set", "-s", help="KEY=VALUE, repeatable"),
     connection: str = CONNECTION_OPTION,
     flwr_home: Path | None = HOME_OPTION,
 ) -> None:
-    """`flwr run` this app on the deployed federation (absolute job path; streams the log)."""
-    for item in overrides:
-        if ";" in item or "'" in item:
-            raise ValueError(f"--set {item!r}: values cannot contain ';' or a single quote")
+    """`flwr run` this app on the deployed federation (absolute job path; streams the log). The ServerApp
+    accepts each organization only from the Flower node registered for it."""
+    from federation.deploy import SuperLinkFiles
+    from federation.deploy_launch import flower_env, run_config
+    from federation.node_binding import format_node_ids
+
     if not config.is_file():
         raise FileNotFoundError(f"--config {config} does not exist")
+    registry = SuperLinkFiles(superlink_dir).read_registry()
+    if not registry:
+        raise FileNotFoundError(
+            f"{SuperLinkFiles(superlink_dir).registry} lists no organization: register them first"
+        )
     resolved = config.resolve()
     # a job inside this app's configs/ travels in the FAB: name it relative, the same on every machine
     shipped = resolved.is_relative_to(PROJECT_ROOT / "configs")
     path = resolved.relative_to(PROJECT_ROOT) if shipped else resolved
-    run_config = f"config='{path}' overrides='{';'.join(overrides)}'"
-    command = [_flwr_executable(), "run", ".", connection, "--stream", "--run-config", run_config]
-    from federation.deploy_launch import flower_env
-
+    text = run_config(path, overrides, format_node_ids(registry))
+    command = [_flwr_executable(), "run", ".", connection, "--stream", "--run-config", text]
     raise typer.Exit(subprocess.call(command, cwd=PROJECT_ROOT, env=flower_env(_env(flwr_home))))
 
 

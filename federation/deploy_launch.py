@@ -1,123 +1,102 @@
 """Command lines for Flower's own executables, and the thin launchers of `secure-kd deploy`.
 
-    superlink_command(superlink_dir, host=..., port=...)     flower-superlink with TLS + node auth
-    supernode_command(org_dir, org=..., superlink=..., ...)  flower-supernode with TLS + its auth key
+    superlink_command(superlink_dir, port=...)               flower-superlink on 127.0.0.1, TLS + node auth
+    gateway_command(superlink_dir, listen=..., upstream_port=...)  the Fleet-only gateway (public)
+    supernode_command(org_dir, org=..., superlink=..., ...)  flower-supernode with TLS, its auth key, its
+                                                             node config and the app gate on its PATH
     write_connection(...)                                    the `flwr` CLI's connection (config.toml)
     register_node(...) / unregister_node(...)                `flwr supernode register|unregister`
-    launch(command, log_path)                                run one, stream its log, explain a refusal
+    run_config(config, overrides, node_ids)                  the run-config string of `flwr run`
+    launch(command, log_path, companions=...)                run them, stream the log, explain a refusal
 
 Flower 1.41 serves the Fleet, Control and Runtime APIs of the SuperLink on ONE HTTPS port (`--host`,
-`--port`, default 127.0.0.1:8000); SuperNodes dial it, and so does `flwr`. Node authentication: the
+`--port`), and the open-source Control API has no authentication. So the SuperLink always listens on
+127.0.0.1 (the operator's `flwr` runs there, or through an SSH tunnel), and SuperNodes on other machines
+dial `federation.fleet_gateway`, which forwards the Fleet API's paths only. Node authentication: the
 SuperLink runs with `--enable-supernode-auth` (which Flower only accepts with TLS) and admits a
-SuperNode only if its ECDSA public key was registered with `flwr supernode register`.
+SuperNode only if its ECDSA public key was registered with `flwr supernode register`. Each SuperNode
+runs only the apps its organization approved (`federation.app_gate`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import tomli_w
 
-from federation.deploy import DeployError, OrgFiles, SuperLinkFiles
+from federation.deploy import LOOPBACK, DeployError, OrgFiles, SuperLinkFiles
+from federation.deploy_process import explain_refusal, flower_env, flower_executable, launch
 from secure_kd.paths import atomic_write_text
 
-DEFAULT_PORT = 9093
-# Lines of a launched process's log kept for explaining its exit: the SuperNode's own reason can be
-# followed by a long traceback of the flower-superexec it started, so a short tail can miss it.
-LOG_LINES_KEPT = 2000
-NODE_CONFIG_FILE = "node-config.toml"
-
-# Flower's log lines for a refused SuperNode, and what they mean here.
-REFUSALS: list[tuple[re.Pattern[str], str]] = [
-    (
-        re.compile(
-            r"Failed to activate SuperNode|ApiError:2004|No SuperNode found with the given public key"
-        ),
-        "the SuperLink refused this SuperNode's authentication key: it is not registered (send "
-        "<org>.registration.json to the operator, who runs `secure-kd deploy register-org`), or the "
-        "organization was removed (`secure-kd deploy remove-org`)",
-    ),
-    (
-        re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|SSLCertVerificationError"),
-        "the SuperLink's TLS certificate does not verify against --ca (wrong ca.pem, or the address "
-        "dialled is not one of the certificate's names: re-run init-superlink with that --address)",
-    ),
-    (
-        re.compile(
-            r"Server disconnected without sending a response|WRONG_VERSION_NUMBER|wrong version number"
-        ),
-        "the TLS handshake did not happen: one side speaks plain HTTP (a SuperNode started with "
-        "--insecure against a TLS SuperLink, or the reverse); secure-kd deploy always uses TLS",
-    ),
-    (
-        re.compile(r"Connection refused|ConnectError|Name or service not known"),
-        "nothing answers at the SuperLink address: is the SuperLink running, and is its port open?",
-    ),
-    (
-        re.compile(r"Unable to parse the private key file"),
-        "the SuperNode key is not an OpenSSH ECDSA private key: make it with `secure-kd deploy init-org`",
-    ),
+__all__ = [
+    "explain_refusal",
+    "flower_env",
+    "flower_executable",
+    "gateway_command",
+    "launch",
+    "register_node",
+    "run_config",
+    "superlink_command",
+    "supernode_command",
+    "unregister_node",
+    "write_connection",
 ]
 
-
-def explain_refusal(log_text: str) -> str | None:
-    """What a Flower log says went wrong with a connection, in words; None if nothing known matched."""
-    for pattern, meaning in REFUSALS:
-        if pattern.search(log_text):
-            return meaning
-    return None
+DEFAULT_PORT = 9093
+DEFAULT_FLEET_PORT = 9092
+GATE_DIR = "app-gate"
+NODE_CONFIG_FILE = "node-config.toml"
 
 
-def flower_executable(name: str) -> str:
-    """Flower's executables installed next to this Python (the project's virtualenv), else on PATH."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise DeployError(
-            f"{name} not found next to {sys.executable} or on PATH: install flwr (pip install flwr)"
-        )
-    return found
+def _loopback_sans(cert_path: Path) -> bool:
+    import ipaddress
+
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return ipaddress.ip_address(LOOPBACK) in sans.get_values_for_type(x509.IPAddress)
 
 
-def flower_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for Flower's processes: they start each other by name (flower-superexec,
-    flwr-serverapp, flwr-clientapp), so the directory of this Python's executables goes first on PATH."""
-    env = dict(os.environ if base is None else base)
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in env.get("PATH", "").split(os.pathsep):
-        env["PATH"] = os.pathsep.join([bin_dir, *filter(None, [env.get("PATH")])])
-    return env
-
-
-def superlink_command(
-    superlink_dir: str | Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = DEFAULT_PORT,
-    database: str | Path | None = None,
-) -> list[str]:
-    """flower-superlink with TLS (the CA and server certificate of init-superlink) and node auth.
-
-    `--disable-runtime-dependency-installation`: without it the SuperLink runs `uv sync` on the app's
-    dependencies before each run (a multi-GB CUDA build of torch for this project)."""
+def _operator_files(superlink_dir: str | Path) -> SuperLinkFiles:
     files = SuperLinkFiles(Path(superlink_dir))
     for path in (files.ca_cert, files.server_cert, files.server_key):
         if not path.is_file():
             raise DeployError(
                 f"{path} is missing: run `secure-kd deploy init-superlink --out {superlink_dir}`"
             )
+    if not _loopback_sans(files.server_cert):
+        raise DeployError(
+            f"{files.server_cert} does not name {LOOPBACK}, where the SuperLink now listens: make a new one "
+            f"with `secure-kd deploy init-superlink --out {superlink_dir} --address ... --force` (every "
+            "organization then needs the new ca.pem)"
+        )
+    return files
+
+
+def superlink_command(
+    superlink_dir: str | Path,
+    *,
+    port: int = DEFAULT_PORT,
+    database: str | Path | None = None,
+) -> list[str]:
+    """flower-superlink on 127.0.0.1 only, with TLS (the CA and server certificate of init-superlink) and
+    node auth. Its one port carries the Control API, which has no authentication in open-source Flower:
+    it never listens on another interface (SuperNodes elsewhere dial `gateway_command`'s gateway).
+
+    `--disable-runtime-dependency-installation`: without it the SuperLink runs `uv sync` on the app's
+    dependencies before each run (a multi-GB CUDA build of torch for this project)."""
+    files = _operator_files(superlink_dir)
     command = [
         flower_executable("flower-superlink"),
         "--ssl-ca-certfile", str(files.ca_cert),
@@ -125,12 +104,33 @@ def superlink_command(
         "--ssl-keyfile", str(files.server_key),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
-        "--host", host,
+        "--host", LOOPBACK,
         "--port", str(port),
     ]  # fmt: skip
     if database is not None:
         command += ["--database", str(database)]
     return command
+
+
+def gateway_command(
+    superlink_dir: str | Path, *, listen: str, upstream_port: int = DEFAULT_PORT
+) -> list[str]:
+    """The Fleet-only TLS gateway (`federation.fleet_gateway`) on `listen` (HOST:PORT, e.g. 0.0.0.0:9092),
+    in front of the SuperLink on 127.0.0.1:`upstream_port`."""
+    files = _operator_files(superlink_dir)
+    host, sep, listen_port = listen.rpartition(":")
+    if not sep or not host or not listen_port.isdigit():
+        raise DeployError(f"--fleet-address {listen!r} must be HOST:PORT, e.g. 0.0.0.0:{DEFAULT_FLEET_PORT}")
+    if host.strip("[]") in (LOOPBACK, "localhost") and int(listen_port) == upstream_port:
+        raise DeployError(f"--fleet-address {listen} is the SuperLink's own port: pick another port")
+    return [
+        sys.executable, "-m", "federation.fleet_gateway",
+        "--listen", listen,
+        "--upstream", f"{LOOPBACK}:{upstream_port}",
+        "--ca", str(files.ca_cert),
+        "--cert", str(files.server_cert),
+        "--key", str(files.server_key),
+    ]  # fmt: skip
 
 
 def write_node_config(org_dir: str | Path, values: Mapping[str, str]) -> Path:
@@ -139,6 +139,12 @@ def write_node_config(org_dir: str | Path, values: Mapping[str, str]) -> Path:
     path = Path(org_dir) / NODE_CONFIG_FILE
     atomic_write_text(path, tomli_w.dumps({k: str(v) for k, v in values.items()}))
     return path
+
+
+def approved_apps_file(org_dir: str | Path) -> Path:
+    from federation.app_gate import APPROVED_FILE
+
+    return Path(org_dir).resolve() / APPROVED_FILE
 
 
 def supernode_command(
@@ -152,21 +158,41 @@ def supernode_command(
     clientappio_port: int = 9094,
     ledger_dir: str | Path | None = None,
     max_wait_s: float | None = None,
+    node_key: str | Path | None = None,
+    extra_node_config: Mapping[str, str] | None = None,
 ) -> list[str]:
     """flower-supernode for one organization: TLS to `superlink` verified with `ca_cert`, its node
-    authentication key, and its node config (org-name, org-dir, data-path, trust-dir, ledger-dir)."""
+    authentication key, its node config (org-name, org-dir, data-path, trust-dir, ledger-dir, and
+    `extra_node_config`), and `<org-dir>/app-gate` first on its PATH, so that it runs only the apps in
+    `<org-dir>/approved-apps.json` (federation.app_gate).
+
+    `node_key`: the SuperNode key's path (default `<org-dir>/node-auth/supernode.key`), or "-" to read it
+    from standard input once at startup (then the key file need not be readable by the account that runs
+    the SuperNode and its apps)."""
+    from federation.app_gate import load_approved, write_gate
+
     files = OrgFiles(Path(org_dir).resolve(), org)
     data, trust_dir, ca_cert = Path(data).resolve(), Path(trust_dir).resolve(), Path(ca_cert).resolve()
-    for path, fix in (
-        (files.node_key, f"run `secure-kd deploy init-org --org {org} --out {org_dir}`"),
+    key_path = files.node_key if node_key is None else Path(node_key)
+    checks = [
         (ca_cert, "copy the operator's ca.pem (public) to this machine"),
         (data, "give the organization's own data file (.jsonl, .json, .csv, .parquet or .txt)"),
-    ):
+    ]
+    if str(node_key) != "-":
+        checks.insert(0, (key_path, f"run `secure-kd deploy init-org --org {org} --out {org_dir}`"))
+    for path, fix in checks:
         if not path.is_file():
             raise DeployError(f"{path} is missing: {fix}")
     if not any(trust_dir.glob("*.json")):
         raise DeployError(
             f"{trust_dir} holds no identity bundles: copy the operator's trust/ directory there"
+        )
+    approved = approved_apps_file(files.directory)
+    if not load_approved(approved):
+        raise DeployError(
+            f"{org} has approved no app ({approved} is missing or empty), and its SuperNode runs only "
+            "approved apps: review the app, then "
+            f"`secure-kd deploy approve-app --org-dir {org_dir} --app DIR`"
         )
     values = {
         "org-name": org,
@@ -176,12 +202,19 @@ def supernode_command(
     }
     if ledger_dir is not None:
         values["ledger-dir"] = str(Path(ledger_dir).resolve())
+    for key, value in (extra_node_config or {}).items():
+        if key in values:
+            raise DeployError(f"node config {key!r} is set by the launcher itself; drop it")
+        values[key] = str(value)
     node_config = write_node_config(files.directory, values)
+    gate = write_gate(files.directory / GATE_DIR, approved)
+    path = os.pathsep.join([str(gate), flower_env()["PATH"]])
     command = [
+        shutil.which("env") or "/usr/bin/env", f"PATH={path}",
         flower_executable("flower-supernode"),
         "--superlink", superlink,
         "--root-certificates", str(ca_cert),
-        "--auth-supernode-private-key", str(files.node_key),
+        "--auth-supernode-private-key", "/dev/stdin" if str(node_key) == "-" else str(key_path.resolve()),
         "--node-config", str(node_config),
         "--port", str(clientappio_port),
     ]  # fmt: skip
@@ -243,67 +276,14 @@ def unregister_node(
     _flwr(["supernode", "unregister", str(node_id), connection], env=env, timeout=timeout)
 
 
-def _stop_helpers(helpers: list) -> None:
-    """Flower's own helpers (flower-superexec) run detached from the launched process; when it exits
-    they would linger for a minute retrying it, holding its log pipe open. End them by pid."""
-    import psutil
+def run_config(config: str | Path, overrides: list[str], node_ids: str = "") -> str:
+    """`flwr run --run-config` for a job: its path, its `--set` overrides, and the operator's org -> node
+    id map (federation.node_binding), which binds each organization's name to its registered node."""
+    from federation.node_binding import NODE_IDS_KEY, parse_node_ids
 
-    for helper in helpers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            helper.terminate()
-    _, alive = psutil.wait_procs(helpers, timeout=5)
-    for helper in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            helper.kill()
-
-
-def launch(command: list[str], *, log_path: str | Path | None = None, timeout_s: float | None = None) -> int:
-    """Run a Flower executable in the foreground, echoing its log (and saving it), for at most
-    `timeout_s` seconds. When it exits with an error, raise DeployError with the reason read from its log."""
-    import psutil
-
-    log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
-    tail: list[str] = []
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flower_env()
-    )
-
-    def relay() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            sys.stdout.write(line)
-            if log:
-                log.write(line)
-                log.flush()
-            tail.append(line)
-            del tail[:-LOG_LINES_KEPT]
-
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    helpers: list = []
-    try:
-        while process.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                process.kill()
-                break
-            with contextlib.suppress(psutil.NoSuchProcess):
-                helpers = psutil.Process(process.pid).children(recursive=True)
-            time.sleep(0.5)
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        code = process.wait(timeout=30)
-    finally:
-        _stop_helpers(helpers)
-        reader.join(timeout=10)
-        if log:
-            log.close()
-    if code not in (0, -2, 130):
-        text = "".join(tail)
-        hint = explain_refusal(text)  # the whole kept log: helpers' tracebacks can follow the reason
-        raise DeployError(
-            f"{Path(command[0]).name} exited with code {code}"
-            + (f": {hint}" if hint else f"; its last lines:\n{text[-2000:]}")
-        )
-    return code
+    for item in [*overrides, str(config)]:
+        if ";" in item or "'" in item:
+            raise ValueError(f"{item!r}: paths and --set values cannot contain ';' or a single quote")
+    parse_node_ids(node_ids)
+    text = f"config='{config}' overrides='{';'.join(overrides)}'"
+    return text + (f" {NODE_IDS_KEY}='{node_ids}'" if node_ids else "")

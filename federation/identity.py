@@ -5,17 +5,22 @@ Each organization owns two key pairs, generated on its own machine:
 - an Ed25519 identity key, registered out of band (like its Flower SuperNode key) in every
   peer's `TrustStore`;
 - an X25519 key-exchange key, whose public half is signed by the identity key over
-  (domain tag, org, kex public key) and published as a `PublicBundle`.
+  (domain tag, org, kex public key, epoch, expiry) and published as a `PublicBundle`.
 
-A bundle is trusted only if its identity key is the registered one and its kex signature
-verifies under it; anything else is a `KeySubstitutionError`. federation/keys.py uses these
-to seal the CKKS secret context from one client to another.
+The epoch counts key rotations (`OrgKeys.rotated()`: a new kex key, epoch + 1, a new expiry,
+the same identity) and the expiry (`not_after`, Unix seconds) bounds how long a bundle is
+good for. A bundle is trusted only if its identity key is the registered one, its signature
+verifies under it, its epoch is not older than the registered bundle's (a bundle from before
+a rotation is a `StaleBundleError`), and it has not expired (`ExpiredBundleError`); anything
+else is a `KeySubstitutionError`. federation/keys.py uses these to seal the CKKS secret
+context from one client to another.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -23,6 +28,7 @@ import os
 import re
 import secrets
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +36,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-KEX_SIGNATURE_DOMAIN = b"secure-kd/kex-key-signature/v1"
+KEX_SIGNATURE_DOMAIN = b"secure-kd/kex-key-signature/v2"
 BUNDLE_FORMAT = "secure-kd/public-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DEFAULT_VALID_DAYS = 90
+MAX_VALID_DAYS = 3650
 MAX_BUNDLE_BYTES = 16 << 10
 IDENTITY_FILE = "identity.pem"
 KEX_FILE = "kex.pem"
@@ -49,6 +57,14 @@ class CeremonyError(Exception):
 
 class KeySubstitutionError(CeremonyError):
     """A public bundle that does not verify under the organization's registered identity key."""
+
+
+class StaleBundleError(KeySubstitutionError):
+    """A correctly signed bundle from before the organization's last key rotation (older epoch)."""
+
+
+class ExpiredBundleError(KeySubstitutionError):
+    """A correctly signed bundle whose validity (`not_after`) has passed."""
 
 
 def check_org(org: str) -> str:
@@ -80,8 +96,14 @@ def _unb64(text: object, name: str, length: int) -> bytes:
     return data
 
 
-def _kex_signed_message(org: str, kex_pub: bytes) -> bytes:
-    return KEX_SIGNATURE_DOMAIN + length_prefixed(org.encode(), kex_pub)
+def _kex_signed_message(org: str, kex_pub: bytes, epoch: int, not_after: int) -> bytes:
+    return (
+        KEX_SIGNATURE_DOMAIN + length_prefixed(org.encode(), kex_pub) + struct.pack("<QQ", epoch, not_after)
+    )
+
+
+def _utc(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def key_fingerprint(public_key: bytes) -> str:
@@ -96,10 +118,15 @@ class PublicBundle:
     org: str
     identity_pub: bytes
     kex_pub: bytes
+    epoch: int
+    not_after: int  # Unix seconds (UTC) after which the bundle is refused
     kex_sig: bytes
 
     def __post_init__(self) -> None:
         check_org(self.org)
+        for name, value in (("epoch", self.epoch), ("not_after", self.not_after)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+                raise ValueError(f"bundle field {name!r} must be a positive integer, got {value!r}")
         for name, value, length in (
             ("identity_pub", self.identity_pub, KEY_BYTES),
             ("kex_pub", self.kex_pub, KEY_BYTES),
@@ -108,11 +135,26 @@ class PublicBundle:
             if not isinstance(value, bytes) or len(value) != length:
                 raise ValueError(f"{name} must be {length} raw bytes")
 
+    def signed_message(self) -> bytes:
+        return _kex_signed_message(self.org, self.kex_pub, self.epoch, self.not_after)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.not_after
+
+    def check_not_expired(self, now: float | None = None) -> None:
+        if self.expired(now):
+            raise ExpiredBundleError(
+                f"{self.org!r}'s key bundle (epoch {self.epoch}) expired on {_utc(self.not_after)}: the "
+                "organization must rotate its keys (`secure-kd deploy rotate-keys`) and re-register the "
+                "new bundle with the operator"
+            )
+
     def verify_signature(self, identity_pub: bytes) -> None:
-        """Check kex_sig under `identity_pub` (the registered key, not the bundle's own claim)."""
+        """Check kex_sig under `identity_pub` (the registered key, not the bundle's own claim); the
+        signature covers the org, the kex key, the epoch and the expiry."""
         try:
             ed25519.Ed25519PublicKey.from_public_bytes(identity_pub).verify(
-                self.kex_sig, _kex_signed_message(self.org, self.kex_pub)
+                self.kex_sig, self.signed_message()
             )
         except InvalidSignature as error:
             raise KeySubstitutionError(
@@ -128,6 +170,8 @@ class PublicBundle:
                 "org": self.org,
                 "identity_pub": _b64(self.identity_pub),
                 "kex_pub": _b64(self.kex_pub),
+                "epoch": self.epoch,
+                "not_after": self.not_after,
                 "kex_sig": _b64(self.kex_sig),
             },
             indent=2,
@@ -141,7 +185,12 @@ class PublicBundle:
             fields = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"bundle is not valid JSON: {error}") from error
-        expected = {"format", "version", "org", "identity_pub", "kex_pub", "kex_sig"}
+        if isinstance(fields, dict) and fields.get("format") == BUNDLE_FORMAT and fields.get("version") == 1:
+            raise ValueError(
+                "bundle format v1 carries no epoch or expiry, so it stays valid after a key rotation: "
+                "make new keys (`secure-kd deploy init-org --force`) and register the new bundle"
+            )
+        expected = {"format", "version", "org", "identity_pub", "kex_pub", "epoch", "not_after", "kex_sig"}
         if not isinstance(fields, dict) or set(fields) != expected:
             got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
             raise ValueError(f"bundle must have exactly the fields {sorted(expected)}, got {got}")
@@ -154,6 +203,8 @@ class PublicBundle:
             org=fields["org"],
             identity_pub=_unb64(fields["identity_pub"], "identity_pub", KEY_BYTES),
             kex_pub=_unb64(fields["kex_pub"], "kex_pub", KEY_BYTES),
+            epoch=fields["epoch"],
+            not_after=fields["not_after"],
             kex_sig=_unb64(fields["kex_sig"], "kex_sig", SIGNATURE_BYTES),
         )
 
@@ -184,17 +235,54 @@ def _read_private(path: Path) -> bytes:
     return path.read_bytes()
 
 
-class OrgKeys:
-    """One organization's private keys. They never leave it; only `public_bundle()` does."""
+def _expiry(valid_days: float, now: float | None) -> int:
+    if not 0 < valid_days <= MAX_VALID_DAYS:
+        raise ValueError(f"key validity must be between 0 and {MAX_VALID_DAYS} days, got {valid_days}")
+    return int((time.time() if now is None else now) + valid_days * 86400)
 
-    def __init__(self, org: str, identity: ed25519.Ed25519PrivateKey, kex: x25519.X25519PrivateKey) -> None:
+
+class OrgKeys:
+    """One organization's private keys. They never leave it; only `public_bundle()` does.
+
+    `epoch` and `not_after` are signed into the bundle: `rotated()` makes the next epoch."""
+
+    def __init__(
+        self,
+        org: str,
+        identity: ed25519.Ed25519PrivateKey,
+        kex: x25519.X25519PrivateKey,
+        *,
+        epoch: int = 1,
+        not_after: int | None = None,
+    ) -> None:
         self.org = check_org(org)
         self.identity = identity
         self.kex = kex
+        self.epoch = epoch
+        self.not_after = _expiry(DEFAULT_VALID_DAYS, None) if not_after is None else not_after
 
     @classmethod
-    def generate(cls, org: str) -> OrgKeys:
-        return cls(org, ed25519.Ed25519PrivateKey.generate(), x25519.X25519PrivateKey.generate())
+    def generate(
+        cls, org: str, *, valid_days: float = DEFAULT_VALID_DAYS, now: float | None = None
+    ) -> OrgKeys:
+        return cls(
+            org,
+            ed25519.Ed25519PrivateKey.generate(),
+            x25519.X25519PrivateKey.generate(),
+            epoch=1,
+            not_after=_expiry(valid_days, now),
+        )
+
+    def rotated(self, *, valid_days: float = DEFAULT_VALID_DAYS, now: float | None = None) -> OrgKeys:
+        """A new key-exchange key under the same identity, one epoch later, with a fresh expiry: once
+        peers hold the new bundle, every bundle of an older epoch is refused."""
+        return OrgKeys(
+            self.org,
+            self.identity,
+            x25519.X25519PrivateKey.generate(),
+            epoch=self.epoch + 1,
+            not_after=_expiry(valid_days, now),
+        )
 
     @property
     def identity_pub(self) -> bytes:
@@ -205,8 +293,10 @@ class OrgKeys:
         return self.kex.public_key().public_bytes_raw()
 
     def public_bundle(self) -> PublicBundle:
-        signature = self.identity.sign(_kex_signed_message(self.org, self.kex_pub))
-        return PublicBundle(self.org, self.identity_pub, self.kex_pub, signature)
+        message = _kex_signed_message(self.org, self.kex_pub, self.epoch, self.not_after)
+        return PublicBundle(
+            self.org, self.identity_pub, self.kex_pub, self.epoch, self.not_after, self.identity.sign(message)
+        )
 
     def sign(self, message: bytes) -> bytes:
         return self.identity.sign(message)
@@ -253,17 +343,19 @@ class OrgKeys:
                     f"{directory / name} holds a {type(key).__name__}, expected {key_type.__name__}"
                 )
             keys.append(key)
-        loaded = cls(bundle.org, *keys)
-        if (loaded.identity_pub, loaded.kex_pub) != (bundle.identity_pub, bundle.kex_pub):
+        loaded = cls(bundle.org, *keys, epoch=bundle.epoch, not_after=bundle.not_after)
+        if loaded.public_bundle() != bundle:
             raise ValueError(f"{directory / BUNDLE_FILE} does not match the private keys next to it")
         return loaded
 
 
 class TrustStore:
-    """Registered identity keys, org -> Ed25519 public key, obtained out of band."""
+    """Registered identity keys, org -> Ed25519 public key, obtained out of band; with a registered
+    bundle (`from_bundles`, `from_directory`) also its epoch and kex key: older epochs are refused."""
 
     def __init__(self, identities: dict[str, bytes] | None = None) -> None:
         self._identities: dict[str, bytes] = {}
+        self._registered: dict[str, PublicBundle] = {}
         for org, identity_pub in (identities or {}).items():
             self.register(org, identity_pub)
 
@@ -276,12 +368,23 @@ class TrustStore:
             raise KeySubstitutionError(f"{org!r} is already registered with a different identity key")
         self._identities[org] = bytes(identity_pub)
 
+    def register_bundle(self, bundle: PublicBundle) -> None:
+        """Register `bundle`'s identity and its epoch (a self-signed bundle; an expired one is kept, so
+        that an organization that rotated since is still recognized)."""
+        bundle.verify_signature(bundle.identity_pub)
+        self.register(bundle.org, bundle.identity_pub)
+        known = self._registered.get(bundle.org)
+        if known is not None and known.epoch > bundle.epoch:
+            return
+        if known is not None and known.epoch == bundle.epoch and known != bundle:
+            raise KeySubstitutionError(f"{bundle.org!r} has two different bundles for epoch {bundle.epoch}")
+        self._registered[bundle.org] = bundle
+
     @classmethod
     def from_bundles(cls, bundles: list[PublicBundle]) -> TrustStore:
         store = cls()
         for bundle in bundles:
-            bundle.verify_signature(bundle.identity_pub)
-            store.register(bundle.org, bundle.identity_pub)
+            store.register_bundle(bundle)
         return store
 
     @classmethod
@@ -314,8 +417,13 @@ class TrustStore:
             )
         return self._identities[org]
 
-    def verify(self, bundle: PublicBundle) -> PublicBundle:
-        """Return `bundle` if it carries the registered identity key and a valid kex signature."""
+    def registered_epoch(self, org: str) -> int | None:
+        known = self._registered.get(org)
+        return None if known is None else known.epoch
+
+    def verify(self, bundle: PublicBundle, *, now: float | None = None) -> PublicBundle:
+        """Return `bundle` if it carries the registered identity key, a valid signature, an epoch no
+        older than the registered bundle's (the same kex key at the same epoch) and has not expired."""
         registered = self.identity_pub(bundle.org)
         if not hmac.compare_digest(registered, bundle.identity_pub):
             raise KeySubstitutionError(
@@ -323,4 +431,21 @@ class TrustStore:
                 f"but the registered one is {key_fingerprint(registered)[:16]}: a relay substituted the keys"
             )
         bundle.verify_signature(registered)
+        known = self._registered.get(bundle.org)
+        if known is not None and bundle.epoch < known.epoch:
+            raise StaleBundleError(
+                f"{bundle.org!r}'s bundle is from key epoch {bundle.epoch}, but the registered one is epoch "
+                f"{known.epoch}: a bundle from before a key rotation (replayed, or the sender's keys are out "
+                "of date)"
+            )
+        if (
+            known is not None
+            and bundle.epoch == known.epoch
+            and not hmac.compare_digest(bundle.kex_pub, known.kex_pub)
+        ):
+            raise KeySubstitutionError(
+                f"{bundle.org!r}'s bundle for epoch {bundle.epoch} carries another kex key than the "
+                "registered one: a key rotation must raise the epoch"
+            )
+        bundle.check_not_expired(now)
         return bundle

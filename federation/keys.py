@@ -12,7 +12,9 @@ AES-256-GCM key, the associated data binds the same fields, and the sender's ide
 signs the whole message. So a relaying server cannot:
 
 - substitute a recipient's kex key (the bundle must verify under the registered identity;
-  re-signing with another identity is a `KeySubstitutionError`);
+  re-signing with another identity is a `KeySubstitutionError`), nor hand over a bundle from
+  before the recipient's last key rotation (`StaleBundleError`) or an expired one
+  (`ExpiredBundleError`): both ends check the other's bundle against their trust store;
 - forge or alter a message (the Ed25519 signature and the GCM tag both fail);
 - replay a message into another run or to another recipient (the names are in the signed
   header and in the GCM associated data; `open_from` checks them against its own).
@@ -34,9 +36,11 @@ from federation.identity import (
     KEY_BYTES,
     SIGNATURE_BYTES,
     CeremonyError,
+    ExpiredBundleError,
     KeySubstitutionError,
     OrgKeys,
     PublicBundle,
+    StaleBundleError,
     TrustStore,
     key_fingerprint,
     length_prefixed,
@@ -44,10 +48,12 @@ from federation.identity import (
 
 __all__ = [
     "CeremonyError",
+    "ExpiredBundleError",
     "KeySubstitutionError",
     "OrgKeys",
     "PublicBundle",
     "SealedMessage",
+    "StaleBundleError",
     "TrustStore",
     "key_fingerprint",
     "open_from",

@@ -36,16 +36,25 @@ logger = logging.getLogger("secure_kd.federation")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _current_keys(keys_dir: Path) -> bool:
+    """Keys that a simulation can keep: present, loadable (this bundle format) and not expired."""
+    try:
+        return not OrgKeys.load(keys_dir).public_bundle().expired()
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def prepare_organizations(job: FederatedJob) -> Path:
-    """Keys per organization (kept if present) and the trust directory of their public bundles."""
+    """Keys per organization (kept if present and not expired) and the trust directory of their public
+    bundles."""
     out = Path(job.out)
     trust = out / "trust"
     trust.mkdir(parents=True, exist_ok=True)
     for index in range(job.n_organizations):
         name = job.org_name(index)
         keys_dir = out / "orgs" / name / "keys"
-        if not (keys_dir / "bundle.json").is_file():
-            OrgKeys.generate(name).save(keys_dir)
+        if not _current_keys(keys_dir):
+            OrgKeys.generate(name).save(keys_dir, overwrite=True)
         shutil.copyfile(keys_dir / "bundle.json", trust / f"{name}.json")
     return trust
 

@@ -30,6 +30,7 @@ from federation.config import FederatedJob, load_federated_job
 from federation.he import PublicContext, load_public_context
 from federation.identity import PublicBundle
 from federation.messages import CONFIG, MessageRejected, check_size, content_bytes, read_config
+from federation.node_binding import NODE_IDS_KEY, claim_refusal, parse_node_ids
 from federation.results import ClientRound, Dropped, FederatedResult, RoundRecord, summarize
 from federation.strategies import STRATEGIES, Strategy
 from federation.workspace import JobData, job_data
@@ -77,6 +78,8 @@ class Session:
         self.grid, self.job, self.run_id = grid, job, run_id
         self.data = data if data is not None else job_data(job)
         self.orgs: dict[int, Org] = {}
+        # org -> registered Flower node id (federation.node_binding); None: names are not bound to nodes
+        self.expected_nodes: dict[str, int] | None = None
         self.public: PublicContext | None = None
         self._drops: list[Dropped] = []
         self._bytes_up = self._bytes_down = 0
@@ -206,20 +209,27 @@ def _read_hello(job: FederatedJob) -> Callable[[Org | None, RecordDict], tuple[i
 
 
 def introduce(session: Session) -> dict[str, Any]:
-    """Discover the nodes and who they are; duplicates of an organization are refused."""
+    """Discover the nodes and who they are. With the operator's registry (`session.expected_nodes`) an
+    organization is accepted only from its registered node; without it, duplicates of an organization
+    are refused (the first node keeps the name)."""
     job = session.job
     nodes = wait_for_nodes(session.grid, job.n_organizations, job.join_timeout_s)
     hello = RecordDict({CONFIG: ConfigRecord({"round": 0})})
     replies = session.exchange("hello", "query.hello", {node: hello for node in nodes}, 0, _read_hello(job))
     seen: dict[int, int] = {}
     for node, (index, bundle) in sorted(replies.items()):
+        refused = claim_refusal(session.expected_nodes, node, job.org_name(index))
+        if refused:
+            session.drop(node, "hello", refused)
+            continue
         if index in seen:
             session.drop(node, "hello", f"{job.org_name(index)} already answered from node {seen[index]}")
             continue
         seen[index] = node
         session.orgs[node] = Org(index, job.org_name(index), node, bundle)
     session.require(session.orgs, "hello", 0)
-    return {"nodes": len(nodes), "organizations": len(session.orgs)}
+    binding = "registry" if session.expected_nodes is not None else "none"
+    return {"nodes": len(nodes), "organizations": len(session.orgs), "node_binding": binding}
 
 
 def key_ceremony(session: Session, n_values: int) -> dict[str, Any]:
@@ -302,8 +312,10 @@ class FederationServer:
         *,
         progress: bool = False,
         strategy: Callable[[Session], Strategy] | None = None,
+        node_ids: dict[str, int] | None = None,
     ) -> None:
         self.grid, self.job, self.run_id, self.progress = grid, job, run_id, progress
+        self.node_ids = node_ids
         self.make_strategy = strategy or strategy_for(job)
         self.result = FederatedResult(run_id=run_id, config=job.model_dump(mode="json"), organizations=[])
         self.out = Path(job.out)
@@ -321,6 +333,7 @@ class FederationServer:
         started = time.perf_counter()
         try:
             self.session = Session(self.grid, self.job, self.run_id)
+            self.session.expected_nodes = self.node_ids
             self.strategy = self.make_strategy(self.session)
             setup = introduce(self.session)
             setup.update(self.strategy.setup())
@@ -421,7 +434,11 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         resolved = job if job is not None else job_from_run_config(context.run_config)
         show = progress or bool(context.run_config.get("progress", False))
-        FederationServer(grid, resolved, context.run_id, progress=show, strategy=strategy).run()
+        registry = context.run_config.get(NODE_IDS_KEY)
+        node_ids = parse_node_ids(registry) if registry else None
+        FederationServer(
+            grid, resolved, context.run_id, progress=show, strategy=strategy, node_ids=node_ids
+        ).run()
 
     return app
 

@@ -21,7 +21,6 @@ organization computes the same ones; `job_data` caches them per process.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,7 +38,7 @@ from federation.student_store import load_student_file, save_student_file
 from secure_kd.data import TokenizedExample, load_records, tokenize_records, train_tiny_tokenizer
 from secure_kd.dp.ledger import dataset_key
 from secure_kd.models import load_student, load_teacher, load_tokenizer, resolve_device
-from secure_kd.paths import atomic_write_json
+from secure_kd.paths import atomic_write_bytes, atomic_write_json
 from secure_kd.trainer import config_hash
 
 STUDENT_FILE = "student.safetensors"
@@ -237,12 +236,9 @@ class OrgWorkspace:
         return TrustStore.from_directory(trust_dir or Path(self.job.out) / "trust")
 
     def save_secret_context(self, data: bytes) -> None:
-        path = self.root / SECRET_CONTEXT_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        """The run's CKKS secret, 0600, through a fresh temp name (never a fixed one a planted link
+        could redirect)."""
+        atomic_write_bytes(self.root / SECRET_CONTEXT_FILE, data, mode=0o600)
 
     def secret_context(self) -> bytes:
         path = self.root / SECRET_CONTEXT_FILE

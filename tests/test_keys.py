@@ -1,10 +1,12 @@
-"""The authenticated key ceremony: round trip, tampering, key substitution, replay, key files."""
+"""The authenticated key ceremony: round trip, tampering, key substitution, replay, stale (pre-rotation)
+and expired bundles, key files."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,12 @@ from federation import he
 from federation.keys import (
     SEAL_SIGNATURE_DOMAIN,
     CeremonyError,
+    ExpiredBundleError,
     KeySubstitutionError,
     OrgKeys,
     PublicBundle,
     SealedMessage,
+    StaleBundleError,
     TrustStore,
     open_from,
     seal_for,
@@ -72,14 +76,102 @@ def test_bundle_signature_verifies_with_plain_ed25519_over_the_documented_messag
     bundle = orgs["bank-c"].public_bundle()
     org = bundle.org.encode()
     message = (
-        b"secure-kd/kex-key-signature/v1"
+        b"secure-kd/kex-key-signature/v2"
         + struct.pack("<H", len(org))
         + org
         + struct.pack("<H", 32)
         + bundle.kex_pub
+        + struct.pack("<QQ", bundle.epoch, bundle.not_after)
     )
     ed25519.Ed25519PublicKey.from_public_bytes(bundle.identity_pub).verify(bundle.kex_sig, message)
     assert PublicBundle.from_json(bundle.to_json()) == bundle
+    assert bundle.epoch == 1 and 89 * 86400 < bundle.not_after - time.time() <= 90 * 86400
+
+
+def _trust_dir(directory: Path, *keys: OrgKeys) -> TrustStore:
+    """The operator's trust/ as an organization holds it: one registered bundle per organization."""
+    directory.mkdir(exist_ok=True)
+    for k in keys:
+        (directory / f"{k.org}.json").write_text(k.public_bundle().to_json())
+    return TrustStore.from_directory(directory)
+
+
+def test_a_stale_bundle_after_rotation_is_refused(tmp_path: Path):
+    dealer, hospital = OrgKeys.generate("dealer"), OrgKeys.generate("hospital-b")
+    before = _trust_dir(tmp_path / "trust", dealer, hospital)
+    old = hospital.public_bundle()
+    seal_for(old, dealer, RUN, b"ckks secret", trust=before)  # epoch 1 is current: fine
+
+    # hospital-b rotates its key-exchange key (its old kex.pem may have leaked) and re-registers
+    rotated = hospital.rotated()
+    assert (rotated.epoch, rotated.identity_pub) == (
+        2,
+        hospital.identity_pub,
+    ) and rotated.kex_pub != old.kex_pub
+    after = _trust_dir(tmp_path / "trust", dealer, rotated)
+    assert after.registered_epoch("hospital-b") == 2
+    # a relay hands the dealer the old bundle: validly signed by the same identity, but stale
+    with pytest.raises(StaleBundleError, match="epoch 1, but the registered one is epoch 2"):
+        seal_for(old, dealer, RUN, b"ckks secret", trust=after)
+    # relabelling the old bundle as epoch 3 (or 2) breaks its signature: the epoch is signed
+    for epoch in (2, 3):
+        with pytest.raises(KeySubstitutionError, match="not signed by its registered"):
+            seal_for(dataclasses.replace(old, epoch=epoch), dealer, RUN, b"ckks secret", trust=after)
+    blob = seal_for(rotated.public_bundle(), dealer, RUN, b"ckks secret", trust=after)
+    assert open_from(dealer.public_bundle(), rotated, RUN, blob, trust=after) == b"ckks secret"
+    with pytest.raises(CeremonyError, match="AES-GCM"):  # the old kex key opens nothing sealed since
+        open_from(dealer.public_bundle(), hospital, RUN, blob, trust=after)
+    # the same holds for the sender: a dealer bundle from before its rotation is refused by recipients
+    new_dealer = dealer.rotated()
+    both = _trust_dir(tmp_path / "trust", new_dealer, rotated)
+    stale_blob = seal_for(rotated.public_bundle(), dealer, RUN, b"ckks secret", trust=after)
+    with pytest.raises(StaleBundleError):
+        open_from(dealer.public_bundle(), rotated, RUN, stale_blob, trust=both)
+    # a second kex key signed for an epoch already registered is refused too
+    forked = OrgKeys(
+        "hospital-b", hospital.identity, OrgKeys.generate("x").kex, epoch=2, not_after=rotated.not_after
+    )
+    with pytest.raises(KeySubstitutionError, match="must raise the epoch"):
+        seal_for(forked.public_bundle(), dealer, RUN, b"ckks secret", trust=after)
+
+
+def test_an_expired_bundle_is_refused(tmp_path: Path):
+    now = time.time()
+    dealer = OrgKeys.generate("dealer")
+    bank = OrgKeys.generate("bank-c", valid_days=1, now=now - 2 * 86400)  # expired a day ago
+    trust = _trust_dir(tmp_path / "trust", dealer, bank)
+    with pytest.raises(ExpiredBundleError, match="expired on .* rotate its keys"):
+        seal_for(bank.public_bundle(), dealer, RUN, b"ckks secret", trust=trust)
+    assert trust.verify(bank.public_bundle(), now=bank.not_after - 1)  # valid until not_after
+    with pytest.raises(ExpiredBundleError):
+        trust.verify(bank.public_bundle(), now=bank.not_after)
+    # extending the expiry without the identity key breaks the signature
+    extended = dataclasses.replace(bank.public_bundle(), not_after=int(now) + 86400)
+    with pytest.raises(KeySubstitutionError, match="not signed"):
+        trust.verify(extended)
+    # after rotating, the organization is trusted again (newer epoch, fresh expiry)
+    fresh_bank = bank.rotated()
+    assert trust.verify(fresh_bank.public_bundle()).epoch == 2
+    # an expired dealer is refused by the recipient as well
+    old_dealer = OrgKeys.generate("dealer", valid_days=1, now=now - 2 * 86400)
+    trust = _trust_dir(tmp_path / "trust2", old_dealer, fresh_bank)
+    blob = seal_for(fresh_bank.public_bundle(), old_dealer, RUN, b"x", trust=trust)
+    with pytest.raises(ExpiredBundleError, match="'dealer'"):
+        open_from(old_dealer.public_bundle(), fresh_bank, RUN, blob, trust=trust)
+
+
+def test_rotated_keys_round_trip_on_disk_and_old_format_bundles_are_refused(tmp_path: Path):
+    keys = OrgKeys.generate("org-a")
+    keys.save(tmp_path / "k")
+    rotated = OrgKeys.load(tmp_path / "k").rotated()
+    rotated.save(tmp_path / "k", overwrite=True)
+    loaded = OrgKeys.load(tmp_path / "k")
+    assert (loaded.epoch, loaded.not_after, loaded.kex_pub) == (2, rotated.not_after, rotated.kex_pub)
+    assert loaded.identity_pub == keys.identity_pub
+    v1 = json.loads(keys.public_bundle().to_json())
+    v1 = {k: v for k, v in v1.items() if k not in ("epoch", "not_after")} | {"version": 1}
+    with pytest.raises(ValueError, match="v1 carries no epoch or expiry"):
+        PublicBundle.from_json(json.dumps(v1))
 
 
 @pytest.mark.parametrize("region", ["ciphertext", "nonce", "ephemeral", "signature"])
