@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from secure_kd.one_run_audit import one_run_epsilon_lower_bound as one_run_epsilon_lower_bound
 from secure_kd.topk import TopKLogits
 
 IGNORE_INDEX = -100
