@@ -126,7 +126,7 @@ def train_locally(ws: OrgWorkspace, model: nn.Module, round_index: int) -> Local
     from secure_kd.dp.trainer import DPDistiller
 
     distiller = DPDistiller(
-        dataset_key=ws.ledger_key,
+        dataset_key=ws.data_fingerprint,  # the records before the split: what ledger_key must name
         train=_private_train_config(ws),
         log=lambda line: logger.info("%s: %s", ws.name, line),
         **common,

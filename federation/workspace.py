@@ -10,7 +10,8 @@ in the server's messages:
     ckks-secret.bin       the shared CKKS secret context, after the key ceremony (0600)
     state.json            small bookkeeping (calibrated DP noise, last losses, profile releases)
 
-The DP ledger is per dataset (a fingerprint of the organization's records) in the engine's ledger
+The DP ledger is per dataset (a fingerprint of all the organization's records, before its
+train/held-out cut) in the engine's ledger
 directory (`train.privacy.ledger_dir`, the node-config entry `ledger-dir`, or
 `$SECURE_KD_HOME/privacy-ledgers`), so epsilon adds up across rounds and across runs.
 
@@ -189,12 +190,19 @@ class OrgWorkspace:
         counts = own.label_histogram("topic")
         return [float(counts.get(label, 0)) for label in self.public.split.labels] or [1.0]
 
+    @cached_property
+    def data_fingerprint(self) -> str:
+        """`dataset_key` of every record of this organization, before its seed-dependent train/held-out
+        cut: a new seed or heldout_fraction on the same records draws on the same DP budget."""
+        own = self.own_data
+        return dataset_key([_record_text(r, self.job.data.text_field) for r in own.train + own.heldout])
+
     @property
     def ledger_key(self) -> str:
         privacy = self.job.train.privacy
         if privacy is not None and privacy.ledger_key:
             return f"{privacy.ledger_key}-{self.name}"
-        return dataset_key(self.private[2])
+        return self.data_fingerprint
 
     # -- models --------------------------------------------------------------------------------------
     def _build_student(self) -> nn.Module:

@@ -85,7 +85,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _records(job: DistillJob) -> tuple[list[dict], list[dict], dict[str, Any]]:
+def _records(job: DistillJob) -> tuple[list[dict], list[dict], dict[str, Any], list[dict]]:
+    """(training records, held-out records, data info, every record of the training source).
+
+    The last is the dataset before any seed-dependent split or truncation: the privacy ledger is
+    keyed on it, so a new `seed`, `heldout_fraction` or `max_records` draws on the same budget."""
     data = job.data
     if data.train == "synthetic":
         syn = data.synthetic
@@ -98,8 +102,9 @@ def _records(job: DistillJob) -> tuple[list[dict], list[dict], dict[str, Any]]:
         )
         train, heldout = corpus.split(data.heldout_fraction, seed=job.seed)
         info = {"source": "synthetic", "canaries": [c.secret for c in corpus.canaries]}
-        return list(train.records), list(heldout.records), info
+        return list(train.records), list(heldout.records), info, list(corpus.records)
     train = [dict(r) for r in load_records(data.train)]
+    source = list(train)
     if data.heldout is not None:
         heldout = [dict(r) for r in load_records(data.heldout)]
     else:
@@ -109,7 +114,7 @@ def _records(job: DistillJob) -> tuple[list[dict], list[dict], dict[str, Any]]:
         train = [train[i] for i in sorted(order[n_held:])]
     if data.max_records is not None:
         train = train[: data.max_records]
-    return train, heldout, {"source": data.train}
+    return train, heldout, {"source": data.train}, source
 
 
 def record_text(record: dict, text_field: str) -> str:
@@ -168,11 +173,11 @@ def _build_cache(job: DistillJob, teacher, examples, tok_fp: str, data_fp: str, 
 
 def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True, log=print) -> DistillResult:
     out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new run directory: its owner's only
     seed_everything(job.seed)
     device = resolve_device(job.device)
 
-    train_records, heldout_records, data_info = _records(job)
+    train_records, heldout_records, data_info, source_records = _records(job)
     # A tokenizer trained on the canaries can learn a secret as one token and fake high exposure.
     tokenizer_texts = [
         record_text(r, job.data.text_field) for r in train_records if r.get("topic") != "canary"
@@ -250,7 +255,8 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         from secure_kd.dp.ledger import dataset_key
         from secure_kd.dp.trainer import DPDistiller
 
-        key = dataset_key([record_text(r, job.data.text_field) for r in train_records])
+        # every record of the source, before the seed-dependent split: one budget per dataset
+        key = dataset_key([record_text(r, job.data.text_field) for r in source_records])
         caveats = []
         if job.tokenizer.startswith("tiny:"):
             caveats.append(TOKENIZER_CAVEAT)
@@ -312,5 +318,6 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         cache=cache_info,
         privacy=distiller.report.model_dump(mode="json") if getattr(distiller, "report", None) else None,
     )
-    atomic_write_json(out / "results.json", result.model_dump(mode="json"))
+    # private: losses and evaluations on private text are not covered by DP (docs/privacy.md)
+    atomic_write_json(out / "results.json", result.model_dump(mode="json"), mode=0o600)
     return result

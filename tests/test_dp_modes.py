@@ -173,6 +173,33 @@ def test_shuffled_batches_cover_each_record_once_per_epoch_and_are_flagged(tmp_p
     run.fit()
     report = json.loads((run.out / "privacy.json").read_text())
     assert report["sampling"] == "shuffle" and any("not a proven guarantee" in c for c in report["caveats"])
+    # the sentence a compliance report quotes must not claim the Poisson-subsampled analysis
+    guarantee = report["guarantee"]
+    assert guarantee.startswith("no proven differential privacy bound is claimed: this run")
+    assert "Poisson-subsampled" not in guarantee and "-differential privacy for each record" not in guarantee
+    assert "Estimate only, computed as if every batch were Poisson-sampled" in guarantee
+    assert f"{report['epsilon']:.4g}" in guarantee and report["guarantee_proven"] is False
+
+    # a later Poisson run on the same dataset composes with the shuffled stretch: still no proof
+    later = distiller(tmp_path, tiny_llama(vocab=VOCAB, hidden=16, seed=2), examples, out="later")
+    later.fit()
+    after = json.loads((later.out / "privacy.json").read_text())
+    assert after["sampling"] == "poisson" and after["guarantee_proven"] is False
+    assert after["guarantee"].startswith(
+        "no proven differential privacy bound is claimed: an earlier stretch"
+    )
+    assert any("earlier stretch in this dataset's ledger used shuffled" in c for c in after["caveats"])
+
+
+def test_a_poisson_run_states_the_proven_guarantee(tmp_path, tiny_llama, examples):
+    run = distiller(tmp_path, tiny_llama(vocab=VOCAB, hidden=16, seed=2), examples)
+    run.fit()
+    report = json.loads((run.out / "privacy.json").read_text())
+    assert report["guarantee_proven"] is True and report["sampling"] == "poisson"
+    assert report["guarantee"].startswith(
+        f"({report['epsilon']:.4g}, {report['delta']:g})-differential privacy"
+    )
+    assert "Poisson-subsampled Gaussian mechanism" in report["guarantee"]
 
 
 def test_refusals_name_the_problem_and_the_fix(tmp_path, tiny_llama, examples):

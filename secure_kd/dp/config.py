@@ -17,6 +17,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 LEDGER_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+
+def check_ledger_dir(value: str, error: type[Exception] = ValueError) -> str:
+    """A ledger directory must be a plain path: secure-kd expands `~` but no `$VARIABLE`."""
+    if "$" in value:
+        raise error(
+            f"privacy.ledger_dir {value!r} contains '$': secure-kd does not expand environment variables "
+            "in paths, so it would create a directory literally named so and keep the ledger there, where "
+            "no later run looks. Write the path out (e.g. /home/me/privacy-ledgers or ~/privacy-ledgers), "
+            'let your shell expand it (--set train.privacy.ledger_dir="$HOME/ledgers"), or leave '
+            "ledger_dir unset and set SECURE_KD_HOME"
+        )
+    if "\x00" in value or not value.strip():
+        raise error(f"privacy.ledger_dir {value!r} is not a usable path: give a directory")
+    return value
+
+
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
 AccountantName = Literal["rdp", "prv"]
 
@@ -47,7 +63,11 @@ class PrivacyConfig(BaseModel):
     secure_mode: bool = Field(False, description="Opacus' noise sampling robust to floating-point attacks")
     ledger_dir: str | None = Field(None, description="default: $SECURE_KD_HOME/privacy-ledgers")
     ledger_key: str | None = Field(
-        None, description="name of the private dataset's ledger; default: a fingerprint of its records"
+        None,
+        description=(
+            "name of the private dataset's ledger (one dataset per key); default: a fingerprint of its "
+            "records before any split"
+        ),
     )
 
     @field_validator("accountant", mode="before")
@@ -59,6 +79,11 @@ class PrivacyConfig(BaseModel):
                 "underestimate epsilon for DP-SGD; use 'rdp' (default) or 'prv'"
             )
         return value
+
+    @field_validator("ledger_dir")
+    @classmethod
+    def _plain_dir(cls, value: str | None) -> str | None:
+        return None if value is None else check_ledger_dir(value)
 
     @field_validator("ledger_key")
     @classmethod

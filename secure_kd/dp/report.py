@@ -21,6 +21,10 @@ SHUFFLE_CAVEAT = (
     "poisson_sampling was off: the accountants assume Poisson sampling, so for shuffled batches the "
     "epsilon above is an estimate, not a proven guarantee"
 )
+LEDGER_SHUFFLE_CAVEAT = (
+    "an earlier stretch in this dataset's ledger used shuffled batches (poisson_sampling: false): the "
+    "composed epsilon is an estimate, not a proven guarantee"
+)
 
 
 class PrivacyReport(BaseModel):
@@ -40,6 +44,7 @@ class PrivacyReport(BaseModel):
     max_physical_batch_size: int
     n_records: int
     sampling: Literal["poisson", "shuffle"]
+    guarantee_proven: bool
     grad_sample_mode: str
     stopped_by_budget: bool
     stop_reason: str | None
@@ -64,12 +69,16 @@ def build_report(
     max_physical_batch_size: int,
     n_records: int,
     poisson: bool,
+    ledger_shuffled: bool = False,
     grad_sample_mode: str,
     stop_reason: str | None,
     ledger: dict,
     extra_caveats: list[str] | None = None,
 ) -> PrivacyReport:
-    """The claim is the smallest epsilon among the sound accountants (RDP, PRV upper bound) for the ledger."""
+    """The claim is the smallest epsilon among the sound accountants (RDP, PRV upper bound) for the ledger.
+
+    Under shuffled batches (this run's, or `ledger_shuffled`: another stretch in the ledger) no proven
+    bound exists: the guarantee says so and gives the number as an estimate that assumes Poisson."""
     by_accountant = epsilons(ledger_history, delta)
     usable = {name: value for name, value in by_accountant.items() if value is not None}
     if not usable:  # PRV can fail on extreme histories; never claim what was not computed
@@ -77,12 +86,24 @@ def build_report(
     claim_by = min(usable, key=lambda name: usable[name])
     claim = usable[claim_by]
     n_runs = len(ledger_history)
-    guarantee = (
-        f"({claim:.4g}, {delta:g})-differential privacy for each record of the training set (add or remove "
-        f"one record), for the released student and every checkpoint, composed over all {n_runs} DP "
-        f"stretch(es) recorded for this dataset; Opacus {claim_by.upper()} accountant, Poisson-subsampled "
-        f"Gaussian mechanism with per-example clipping at {max_grad_norm:g}"
-    )
+    proven = poisson and not ledger_shuffled
+    if proven:
+        guarantee = (
+            f"({claim:.4g}, {delta:g})-differential privacy for each record of the training set (add or "
+            f"remove one record), for the released student and every checkpoint, composed over all {n_runs} "
+            f"DP stretch(es) recorded for this dataset; Opacus {claim_by.upper()} accountant, "
+            f"Poisson-subsampled Gaussian mechanism with per-example clipping at {max_grad_norm:g}"
+        )
+    else:
+        who = "this run" if not poisson else "an earlier stretch in this dataset's ledger"
+        guarantee = (
+            f"no proven differential privacy bound is claimed: {who} trained on shuffled fixed-size batches "
+            "(poisson_sampling: false), which the accountants do not analyse, and shuffling can be markedly "
+            f"worse than Poisson sampling. Estimate only, computed as if every batch were Poisson-sampled: "
+            f"({claim:.4g}, {delta:g}) per record over all {n_runs} DP stretch(es) recorded for this "
+            f"dataset; Opacus {claim_by.upper()} accountant, Gaussian noise, per-example clipping at "
+            f"{max_grad_norm:g}"
+        )
     return PrivacyReport(
         noise_multiplier=noise_multiplier,
         sample_rate=sample_rate,
@@ -99,11 +120,15 @@ def build_report(
         max_physical_batch_size=max_physical_batch_size,
         n_records=n_records,
         sampling="poisson" if poisson else "shuffle",
+        guarantee_proven=proven,
         grad_sample_mode=grad_sample_mode,
         stopped_by_budget=stop_reason is not None,
         stop_reason=stop_reason,
         ledger=ledger,
         history=[(float(s), float(q), int(n)) for s, q, n in ledger_history],
         guarantee=guarantee,
-        caveats=CAVEATS + ([] if poisson else [SHUFFLE_CAVEAT]) + list(extra_caveats or []),
+        caveats=CAVEATS
+        + ([] if poisson else [SHUFFLE_CAVEAT])
+        + ([LEDGER_SHUFFLE_CAVEAT] if poisson and ledger_shuffled else [])
+        + list(extra_caveats or []),
     )

@@ -5,8 +5,9 @@ What changes from `Distiller`:
   `sampling.py`), split into physical batches by Opacus' `BatchMemoryManager`;
 - losses are per example (`reduction="none"`), each example's gradient is clipped, Gaussian noise
   is added once per step (`engine.py`); an empty sample still takes a noise-only step;
-- every step is recorded in the dataset's ledger before the update is applied, so the ledger
-  never counts less than what was released; a resumed run continues its own ledger entry;
+- every step is reserved in the dataset's ledger before it starts (the budget check and the write
+  under the ledger's lock, so concurrent runs on the dataset never exceed its budget together), so
+  the ledger never counts less than what was released; a resumed run continues its own entry;
 - with `target_epsilon`, the noise is calibrated to the budget left in the ledger and training
   stops, saves and says so before a step that would exceed it; `<out>/privacy.json` is written.
 
@@ -69,8 +70,9 @@ def check_private_objective(kd: KDConfig) -> None:
 
 class DPDistiller(Distiller):
     """`Distiller` with DP-SGD. Takes Distiller's arguments, `train.privacy` set, plus `dataset_key`
-    (the ledger's name for the private dataset, see `secure_kd.dp.ledger.dataset_key`) and `caveats`
-    the caller knows of (e.g. a tokenizer trained on the private text), added to privacy.json."""
+    (`secure_kd.dp.ledger.dataset_key` of the private dataset's records before any split: the
+    ledger's default key, and what a user-supplied `ledger_key` must name) and `caveats` the caller
+    knows of (e.g. a tokenizer trained on the private text), added to privacy.json."""
 
     def __init__(
         self,
@@ -97,7 +99,9 @@ class DPDistiller(Distiller):
         self.sample_rate = min(1.0, self.expected_batch_size / self.n_records)
         self.physical_batch_size = privacy.max_physical_batch_size or train.batch_size
         self.delta = resolve_delta(privacy.delta, self.n_records)
-        self.ledger = Ledger.open(privacy.ledger_key or dataset_key, privacy.ledger_dir)
+        self.ledger = Ledger.open(
+            privacy.ledger_key or dataset_key, privacy.ledger_dir, data_fingerprint=dataset_key
+        )
         self.planned_steps = self.total_steps
         self.noise_multiplier: float | None = None
         self.entry_id: str | None = None
@@ -106,8 +110,9 @@ class DPDistiller(Distiller):
         self.report: PrivacyReport | None = None
         self._private: PrivateStudent | None = None
         self._others: list = []
+        self._seen_others: list = []
         self._allowed = self.planned_steps
-        self._run_steps, self._losses, self._tokens = 0, [], 0
+        self._losses, self._tokens = [], 0
 
     # -- per-example loss --------------------------------------------------------------------------------
     def per_example_objective(self, batch: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
@@ -153,7 +158,7 @@ class DPDistiller(Distiller):
 
     # -- one DP step ---------------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[float, int]:
-        self._check_budget_unchanged(step)
+        self._reserve(step)
         private = self._private
         assert private is not None and self.randomness is not None, "train_step runs inside fit()"
         private.optimizer.zero_grad(set_to_none=True)
@@ -186,23 +191,10 @@ class DPDistiller(Distiller):
         self._tokens += tokens
         return loss, tokens
 
-    def _record_step(self, _optimizer: Any) -> None:
-        """Opacus' step hook: runs after the noise is added, before the parameters change."""
-        self._run_steps += 1
-        self.ledger.record(
-            entry_id=self.entry_id,
-            kind="run",
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self._run_steps,
-            max_grad_norm=self.privacy.max_grad_norm,
-            n_records=self.n_records,
-        )
-
     # -- budget ----------------------------------------------------------------------------------------------
-    def _eps_after(self, steps: int) -> float:
+    def _eps_after(self, steps: int, others: list | None = None) -> float:
         return epsilon(
-            [*self._others, (self.noise_multiplier, self.sample_rate, steps)],
+            [*(self._others if others is None else others), (self.noise_multiplier, self.sample_rate, steps)],
             self.delta,
             self.privacy.accountant,
         )
@@ -245,17 +237,23 @@ class DPDistiller(Distiller):
             self.stop_reason = self._stop_message(allowed)
             self.log(self.stop_reason)
 
-    def _check_budget_unchanged(self, step: int) -> None:
-        """Another run may have spent budget on this dataset meanwhile: re-plan, never overshoot."""
+    def _fits(self, others: list, steps: int) -> bool:
+        """Under the ledger's lock: do `steps` of this run fit the budget next to the `others` entries?"""
         if self.privacy.target_epsilon is None:
+            return True
+        self._seen_others = others
+        if others == self._others:
+            return steps <= self._allowed
+        # another run spent budget on this dataset meanwhile: one evaluation, not a new plan
+        return self._eps_after(steps, others) <= self.privacy.target_epsilon
+
+    def _reserve(self, step: int) -> None:
+        """Count step `step` (0-based) in the ledger before any of it is computed, or stop the run."""
+        if self.ledger.reserve(self.entry_id, step + 1, self._fits):
             return
-        others = self.ledger.history(exclude=self.entry_id)
-        if others != self._others:
-            self._others = others
-            self._allowed = self._allowed_steps()
-        if step >= self._allowed:
-            meanwhile = " (another run spent budget on this dataset meanwhile)"
-            raise _BudgetTakenConcurrently(step, self._stop_message(self._allowed) + meanwhile)
+        self._others = self._seen_others
+        meanwhile = " (another run spent budget on this dataset meanwhile)"
+        raise _BudgetTakenConcurrently(step, self._stop_message(step) + meanwhile)
 
     # -- fresh start or resume ----------------------------------------------------------------------------
     def _resume_record(self) -> dict:
@@ -274,7 +272,7 @@ class DPDistiller(Distiller):
         self.noise_multiplier = self.privacy.noise_multiplier
         if self.noise_multiplier is None:
             self.noise_multiplier = self._calibrated_noise()
-        self._run_steps, self._losses, self._tokens = 0, [], 0
+        self._losses, self._tokens = [], 0
         return 0
 
     def _calibrated_noise(self) -> float:
@@ -332,7 +330,7 @@ class DPDistiller(Distiller):
         state = torch.load(checkpoint / "state.pt", weights_only=True)
         self.randomness = SecretRandomness(int(state["extra"]["privacy_secret"]))
         self.noise_multiplier, self.entry_id = float(saved["noise_multiplier"]), saved["entry_id"]
-        self._run_steps, self._losses, self._tokens = int(meta["step"]), list(meta.get("losses", [])), 0
+        self._losses, self._tokens = list(meta.get("losses", [])), 0
         return int(meta["step"])
 
     def _save(self, step: int, losses: list[float]) -> Path:
@@ -362,6 +360,7 @@ class DPDistiller(Distiller):
                 steps=0,
                 max_grad_norm=self.privacy.max_grad_norm,
                 n_records=self.n_records,
+                sampling="poisson" if self.privacy.poisson_sampling else "shuffle",
             )
         self.log(
             f"DP-SGD: noise_multiplier={self.noise_multiplier:.4g}, sample_rate={self.sample_rate:.4g} "
@@ -378,7 +377,6 @@ class DPDistiller(Distiller):
             mode=self.privacy.grad_sample_mode,
             secure_mode=self.privacy.secure_mode,
         )
-        self._private.optimizer.attach_step_hook(self._record_step)
         plain_optimizer, self.optimizer = self.optimizer, self._private.optimizer
         started = time.perf_counter()
         try:
@@ -402,9 +400,10 @@ class DPDistiller(Distiller):
         return result
 
     def _write_report(self) -> PrivacyReport:
-        own = next(e for e in self.ledger.entries() if e.entry_id == self.entry_id)
+        entries = self.ledger.entries()
+        own = next(e for e in entries if e.entry_id == self.entry_id)
         report = build_report(
-            ledger_history=self.ledger.history(),
+            ledger_history=[(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps > 0],
             run_history=[(self.noise_multiplier, self.sample_rate, own.steps)],
             delta=self.delta,
             budget_accountant=self.privacy.accountant,
@@ -417,6 +416,9 @@ class DPDistiller(Distiller):
             max_physical_batch_size=self.physical_batch_size,
             n_records=self.n_records,
             poisson=self.privacy.poisson_sampling,
+            ledger_shuffled=any(
+                e.sampling == "shuffle" and e.steps > 0 and e.entry_id != self.entry_id for e in entries
+            ),
             grad_sample_mode=self.privacy.grad_sample_mode,
             stop_reason=self.stop_reason,
             extra_caveats=self.extra_caveats,
@@ -424,9 +426,9 @@ class DPDistiller(Distiller):
                 "path": str(self.ledger.path),
                 "key": self.ledger.key,
                 "entry_id": self.entry_id,
-                "entries": len(self.ledger.entries()),
-                "total_steps": self.ledger.total_steps(),
+                "entries": len(entries),
+                "total_steps": sum(e.steps for e in entries),
             },
         )
-        atomic_write_json(self.out / "privacy.json", report.model_dump(mode="json"))
+        atomic_write_json(self.out / "privacy.json", report.model_dump(mode="json"), mode=0o600)
         return report
