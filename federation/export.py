@@ -13,7 +13,8 @@ directory and the records it was trained on, so this writes, under `out`:
     export.json        which run, organization and files
 
 Run on the machine that holds the organization's directory: the records and the student are its own,
-and `out` is made readable by its owner only (0700).
+so `out` is created readable by its owner only (directories 0700, files 0600). An existing `out` must
+be an empty directory: an export never mixes with, or loosens, files already there.
 `secure-kd audit --model <out>/model --data <out>/members.jsonl` then audits the student.
 """
 
@@ -30,7 +31,13 @@ from federation.config import FederatedJob, load_federated_job
 from federation.partition import job_corpus
 from federation.workspace import STUDENT_FILE, OrgWorkspace
 from secure_kd.data.synthetic import SyntheticCorpus
-from secure_kd.paths import atomic_write_json, atomic_write_text
+from secure_kd.paths import (
+    PRIVATE_FILE_MODE,
+    atomic_write_json,
+    atomic_write_text,
+    chmod_private_tree,
+    private_dir,
+)
 
 
 class ExportedStudent(BaseModel):
@@ -54,7 +61,8 @@ def _org_index(job: FederatedJob, org: str) -> int:
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(path, text, mode=PRIVATE_FILE_MODE)
 
 
 def _members_corpus(job: FederatedJob, train: list[dict[str, Any]]) -> SyntheticCorpus | None:
@@ -88,6 +96,22 @@ def org_with_most_canaries(job: FederatedJob) -> str:
     return job.org_name(max(range(job.n_organizations), key=lambda i: (counts[i], -i)))
 
 
+def _fresh_out(out: Path) -> Path:
+    """`out` as a new private directory; an existing one must be an empty directory (then tightened)."""
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            raise ValueError(
+                f"--out {out} exists and is not a directory: give a new directory for the export"
+            )
+        if any(out.iterdir()):
+            raise ValueError(
+                f"--out {out} already exists and is not empty: an export writes the organization's private "
+                "records and would mix with (and change the modes of) what is there. Give a new directory, "
+                "or remove this one first if it is an earlier export you no longer need"
+            )
+    return private_dir(out)
+
+
 def export_student(run_dir: str | Path, org: str, out: str | Path, *, org_dir: str | Path | None = None):
     """Export organization `org` (name or index) of the finished run in `run_dir` to `out`."""
     run_dir, out = Path(run_dir), Path(out)
@@ -105,8 +129,7 @@ def export_student(run_dir: str | Path, org: str, out: str | Path, *, org_dir: s
             "federation to the end first, or give --org-dir where its directory lives)"
         )
     ws = OrgWorkspace(job, index, root)
-    out.mkdir(parents=True, exist_ok=True)
-    out.chmod(0o700)  # it holds the organization's private records, like its own directory
+    _fresh_out(out)  # it holds the organization's private records, like its own directory
     model = ws.student().eval()
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     model_dir = out / "model"
@@ -132,5 +155,6 @@ def export_student(run_dir: str | Path, org: str, out: str | Path, *, org_dir: s
         n_nonmembers=len(nonmembers),
         canaries=len(corpus.canaries) if corpus is not None else 0,
     )
-    atomic_write_json(out / "export.json", exported.model_dump(mode="json"))
+    atomic_write_json(out / "export.json", exported.model_dump(mode="json"), mode=PRIVATE_FILE_MODE)
+    chmod_private_tree(out)  # the model directory and the corpus files were written with the umask's modes
     return exported

@@ -39,7 +39,7 @@ from federation.student_store import load_student_file, save_student_file
 from secure_kd.data import TokenizedExample, load_records, tokenize_records, train_tiny_tokenizer
 from secure_kd.dp.ledger import dataset_key
 from secure_kd.models import load_student, load_teacher, load_tokenizer, resolve_device
-from secure_kd.paths import atomic_write_bytes, atomic_write_json
+from secure_kd.paths import atomic_write_bytes, atomic_write_json, private_dir
 from secure_kd.trainer import config_hash
 
 STUDENT_FILE = "student.safetensors"
@@ -139,7 +139,7 @@ class OrgWorkspace:
         if not 0 <= index < job.n_organizations:
             raise ValueError(f"organization index {index} is outside 0..{job.n_organizations - 1}")
         self.job, self.index, self.root = job, index, Path(root)
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.root)  # 0700, also when it exists (key generation creates it 0755 in simulation)
         self.name = job.org_name(index)
         self.ledger_dir = ledger_dir
         self.data_path = data_path

@@ -4,11 +4,16 @@ Layout: `<out>/checkpoints/step-000050/{student.safetensors, state.pt, trainer.j
 `state.pt` holds only tensors and plain Python values and is read with
 `torch.load(weights_only=True)`. A checkpoint directory is written under a temporary name and
 renamed when complete, so a kill mid-save leaves the previous checkpoint intact.
+
+Checkpoints are as private as the training data (weights trained on it; under DP, `state.pt` holds
+the run's secret sampling and noise seed): `checkpoints/` and every `step-*` directory are 0700,
+every file 0600, also when the directory existed before with looser modes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -19,7 +24,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from secure_kd.paths import atomic_write_json
+from secure_kd.paths import PRIVATE_FILE_MODE, atomic_write_json, chmod_private_tree, private_dir
 
 KEEP_LAST = 2
 
@@ -71,27 +76,29 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     extra_state: dict[str, Any] | None = None,
 ) -> Path:
-    root = checkpoint_root(out)
-    root.mkdir(parents=True, exist_ok=True)
+    root = private_dir(checkpoint_root(out))
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
     save_model(model, str(tmp / "student.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
-            "extra": extra_state or {},
-        },
-        tmp / "state.pt",
-    )
-    atomic_write_json(tmp / "trainer.json", {"step": step, "config_hash": config_hash, **(extra or {})})
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(),
+        "extra": extra_state or {},
+    }
+    fd = os.open(tmp / "state.pt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    with os.fdopen(fd, "wb") as handle:
+        torch.save(state, handle)
+    meta = {"step": step, "config_hash": config_hash, **(extra or {})}
+    atomic_write_json(tmp / "trainer.json", meta, mode=PRIVATE_FILE_MODE)
+    chmod_private_tree(tmp)  # the umask, not us, decided the weights file's mode
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(p for p in root.glob("step-*"))[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
+    chmod_private_tree(root)  # checkpoints an earlier version left readable by others
     return final
 
 

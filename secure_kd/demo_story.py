@@ -125,6 +125,7 @@ def _audit_federated(out: Path, run_dir: Path, console: Console) -> Any:
     from secure_kd.report.audit import run_audit
 
     org = org_with_most_canaries(load_federated_job(run_dir / "job.json"))
+    shutil.rmtree(out / "export", ignore_errors=True)  # the demo owns it: an export needs an empty dir
     exported = export_student(run_dir, org, out / "export")
     console.print(
         f"auditing {org}'s student ({exported.canaries} canaries in its {exported.n_members} records)"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -190,3 +192,18 @@ def test_budget_spent_by_another_run_meanwhile_stops_before_overshooting(make, t
     assert stepped(RDPAccountant, [(1.5, q, result.steps), (1.0, q, 6)], 1e-3) <= 4.0
     assert stepped(RDPAccountant, [(1.5, q, result.steps + 1), (1.0, q, 6)], 1e-3) > 4.0  # one more: over
     assert any("another run" in m for m in messages)
+
+
+def test_the_checkpoint_holding_the_noise_secret_and_privacy_json_are_private(make):
+    umask = os.umask(0o022)
+    try:
+        distiller = make("run", max_steps=2, checkpoint_every=1, noise_multiplier=1.0)
+        distiller.fit()
+    finally:
+        os.umask(umask)
+    state = distiller.out / "checkpoints" / "step-000001" / "state.pt"
+    assert "privacy_secret" in torch.load(state, weights_only=True)["extra"]  # the secret is in there
+    for path in (state, distiller.out / "privacy.json", *state.parent.iterdir()):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for path in (state.parent, state.parent.parent):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path

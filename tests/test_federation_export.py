@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -39,7 +41,6 @@ def finished_run(tmp_path_factory):
 def test_exported_student_and_records_are_the_organizations_own(finished_run, tmp_path):
     job, run = finished_run
     exported = export_student(run, "org-1", tmp_path / "export")
-    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o700  # private records inside
     ws = OrgWorkspace(job, 1, run / "orgs" / "org-1")
     # the directory loads with plain transformers and computes what the workspace's student computes
     model = AutoModelForCausalLM.from_pretrained(exported.model_dir).eval()
@@ -109,3 +110,50 @@ def test_the_demo_audits_the_exported_student(finished_run, tmp_path):
     assert (tmp_path / "audit" / "report.html").is_file()
     assert metrics["mia_auc"] == pytest.approx(loss["auc"])
     assert loss["auc"] == pytest.approx(auc(loss["roc_fpr"], loss["roc_tpr"]), abs=0.01)  # curve is thinned
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_every_exported_file_is_private_whatever_the_umask(finished_run, tmp_path):
+    _, run = finished_run
+    umask = os.umask(0o022)
+    try:
+        export_student(run, "org-0", tmp_path / "export")
+    finally:
+        os.umask(umask)
+    paths = [tmp_path / "export", *(tmp_path / "export").rglob("*")]
+    assert {p.name for p in paths} >= {"model", "members.jsonl", "members.canaries.json", "nonmembers.jsonl"}
+    loose = {str(p): oct(_mode(p)) for p in paths if _mode(p) != (0o700 if p.is_dir() else 0o600)}
+    assert loose == {}
+
+
+def test_an_existing_empty_out_is_tightened_and_a_non_empty_one_refused(finished_run, tmp_path):
+    _, run = finished_run
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    empty.chmod(0o755)
+    export_student(run, "org-0", empty)
+    assert _mode(empty) == 0o700 and (empty / "export.json").is_file()
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "notes.txt").write_text("someone else's file")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        export_student(run, "org-0", shared)
+    assert _mode(shared) == 0o755 and sorted(p.name for p in shared.iterdir()) == ["notes.txt"]  # untouched
+    result = CliRunner().invoke(app, ["federate-export", str(run), "--org", "0", "--out", str(shared)])
+    assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_simulated_organization_directories_are_private(finished_run):
+    job, run = finished_run
+    for index in range(job.n_organizations):
+        root = run / "orgs" / job.org_name(index)
+        assert _mode(root) == 0o700, root  # created 0755 as the parent of keys/ before the run
+    loose = run / "orgs" / job.org_name(0)
+    loose.chmod(0o755)
+    OrgWorkspace(job, 0, loose)
+    assert _mode(loose) == 0o700  # an existing directory is tightened, not left as found

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -92,6 +95,48 @@ def test_resume_refuses_a_changed_config(tiny_llama, token_examples, tmp_path):
     make_distiller(tiny_llama, examples, tmp_path, run_hash="a").fit()
     with pytest.raises(ResumeError, match="different configuration"):
         make_distiller(tiny_llama, examples, tmp_path, run_hash="b").fit(resume=True)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_checkpoints_are_private_and_loose_ones_are_tightened(tiny_llama, token_examples, tmp_path):
+    out = tmp_path / "run"
+    old = out / "checkpoints" / "step-000001"  # left by an earlier version: world-readable
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"old")
+    for path, mode in ((out / "checkpoints", 0o755), (old, 0o755), (old / "state.pt", 0o644)):
+        path.chmod(mode)
+    umask = os.umask(0o022)  # the usual default: files 0644, directories 0755 unless the code says otherwise
+    try:
+        make_distiller(tiny_llama, token_examples(), out).fit()
+    finally:
+        os.umask(umask)
+    root = out / "checkpoints"
+    steps = sorted(root.glob("step-*"))
+    assert [p.name for p in steps] == ["step-000006", "step-000008"]  # the last two kept
+    assert _mode(root) == 0o700 and all(_mode(p) == 0o700 for p in steps)
+    files = [f for p in steps for f in p.iterdir()]
+    assert {f.name for f in files} == {"student.safetensors", "state.pt", "trainer.json"}
+    assert all(_mode(f) == 0o600 for f in files), {f.name: oct(_mode(f)) for f in files}
+
+
+def test_an_existing_loose_checkpoint_directory_is_tightened_when_saved_into(
+    tiny_llama, token_examples, tmp_path
+):
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / "step-000000"
+    stale.mkdir(parents=True)
+    (stale / "trainer.json").write_text("{}")
+    (out / "checkpoints").chmod(0o755)
+    stale.chmod(0o755)
+    (stale / "trainer.json").chmod(0o644)
+    train = TrainConfig(max_steps=2, batch_size=4, lr=3e-3, checkpoint_every=50, schedule="constant")
+    make_distiller(tiny_llama, token_examples(), out, train=train).fit()
+    for path in (out / "checkpoints", stale, out / "checkpoints" / "step-000002"):
+        assert _mode(path) == 0o700, path
+    assert _mode(stale / "trainer.json") == 0o600
 
 
 def test_fused_path_matches_logits_path(tiny_llama, token_examples, tmp_path):
