@@ -345,7 +345,11 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="where ev
     """The main job: private corpora, central and federated distillation (CKKS, DP-SGD), the audit."""
     from secure_kd.demo_story import run_demo
 
-    run_demo(out, console=console)
+    result = run_demo(out, console=console)
+    for line in result.failed:  # the table is printed; an audit that did not run fails the job
+        console.print(escape(f"failed: {line}"), highlight=False)
+    if result.failed:
+        raise typer.Exit(4)
 
 
 @app.command("audit")

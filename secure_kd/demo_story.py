@@ -16,7 +16,9 @@ federation and the audit, which the engine proper never imports.
    `<out>/audit/report.html` for the student, `<out>/audit-baseline/report.html` for the baseline.
    One federated student (the organization holding the most canaries, exported with
    `federation.export`) gets the memorization and membership part: `<out>/federated-audit/audit/`.
-6. A summary table: perplexity, epsilon, exposure, MIA AUC, clone agreement.
+6. A summary table: perplexity, epsilon, exposure, MIA AUC, clone agreement; under it, per audited
+   model, every canary's rank among its 1,000 candidates and how many greedy decoding gives away
+   (the exposure column is the most exposed canary's, not a statement about all of them).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class DemoRow(BaseModel):
     exposure_bits: float | None
     mia_auc: float | None
     clone_agreement: float | None
+    canary_ranks: list[int] | None = None  # per canary, its secret's rank among the 1,000 candidates
+    canaries_greedy_extracted: int | None = None  # canaries greedy decoding completes from their prefix
+    canaries: str = ""  # the memorization headline, stated from the per-canary figures
     note: str = ""
 
 
@@ -54,6 +59,7 @@ class DemoResult(BaseModel):
     rows: list[DemoRow]
     stage_seconds: dict[str, float]
     reports: dict[str, str]
+    failed: list[str] = []  # "<audit>: <entry>" of every audit entry that failed (the CLI exits 4)
 
 
 def _corpora(out: Path, n_private: int, n_public: int) -> tuple[Path, Path]:
@@ -140,6 +146,25 @@ def _audit_federated(out: Path, run_dir: Path, console: Console) -> Any:
     return run_audit(config, console=console)
 
 
+def _canaries(audit: Any) -> dict[str, Any]:
+    """Per-canary figures of the audit's memorization entry (ranks, greedy extractions, the headline)."""
+    from secure_kd.report.verdict import canary_headline
+
+    for entry in audit.entries:
+        run = next((r for r in entry.runs if r.status == "ok" and r.result), None)
+        if entry.attack != "memorization" or run is None:
+            continue
+        ranks = [c["rank"] for c in run.result.get("exposure") or [] if c.get("rank") is not None]
+        targeted = (run.result.get("extraction") or {}).get("canary_extraction") or []
+        greedy = sum(bool(c["greedy_extracted"]) for c in targeted) if targeted else None
+        return {
+            "canary_ranks": ranks or None,
+            "canaries_greedy_extracted": greedy,
+            "canaries": canary_headline(run.result),
+        }
+    return {}
+
+
 def _metric(audit: Any, name: str) -> float | None:
     values = [m.value for m in audit.measurements if m.metric == name]
     return max(values) if values else None
@@ -217,6 +242,7 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
                 exposure_bits=_metric(audit, "max_exposure_bits"),
                 mia_auc=_metric(audit, "mia_auc"),
                 clone_agreement=_metric(audit, "clone_agreement"),
+                **_canaries(audit),
                 note="no DP" + (f"; failed: {', '.join(audit.failed)}" if audit.failed else ""),
             )
         )
@@ -231,13 +257,21 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
             exposure_bits=_metric(fed_audit, "max_exposure_bits"),
             mia_auc=_metric(fed_audit, "mia_auc"),
             clone_agreement=None,
+            **_canaries(fed_audit),
             note="own tiny tokenizer: perplexity not comparable with the rows above; audit of the "
             "organization holding the most canaries (memorization, membership)"
             + (f"; failed: {', '.join(fed_audit.failed)}" if fed_audit.failed else ""),
         )
     )
+    failed = [
+        f"{name}: {line}"
+        for name, audit in (*audits.items(), ("federated", fed_audit))
+        for line in (e.failure_line() for e in audit.entries)
+        if line
+    ]
     result = DemoResult(
         rows=rows,
+        failed=failed,
         stage_seconds=seconds,
         reports={
             name: str(out / d / "report.html")
@@ -276,6 +310,9 @@ def _print_summary(result: DemoResult, console: Console) -> None:
     for row in result.rows:
         if row.note:
             console.print(f"  {row.model}: {row.note}")
+    for row in result.rows:  # the memorization headline of each row, from its per-canary figures
+        if row.canaries:
+            console.print(f"  canaries, {row.model}: {row.canaries}")
     total = sum(result.stage_seconds.values())
     console.print(f"stages (s): {json.dumps(result.stage_seconds)}; total {total / 60:.1f} min")
     console.print(f"reports: {', '.join(result.reports.values())}")

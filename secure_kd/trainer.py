@@ -45,6 +45,10 @@ class TrainingInterrupted(RuntimeError):
 
 @dataclass
 class FitResult:
+    """What `Distiller.fit` did: the number of optimizer steps of the run (`steps`), the loss of each
+    step (`losses`, including those before a resume), the target tokens trained on in this call and its
+    wall time, and the step it resumed from (None for a fresh run)."""
+
     steps: int
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
@@ -87,6 +91,32 @@ def final_hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 class Distiller:
+    """The distillation training loop: a student trained on `examples` against teacher targets.
+
+    Arguments (keyword-only):
+        student: the model to train (a HF causal LM; a peft-wrapped LoRA student works too).
+        examples: `TokenizedExample`s (e.g. from `secure_kd.data.tokenize_records`); positions whose
+            label is -100 (padding, masked prompts) are not trained on.
+        kd: `KDConfig`: the objective (`kd.loss`, `kd.params`), temperature, `kd_weight` / `ce_weight`,
+            `mode` (off_policy, on_policy with mixing ratio `lmbda`, seq_kd), top-k and tail policy.
+        train: `TrainConfig`: epochs or `max_steps`, batch size, gradient accumulation, learning rate and
+            schedule, clipping, precision, `checkpoint_every`.
+        out: directory of the checkpoints (`out/checkpoints/step-N`).
+        pad_id, eos_id: the tokenizer's padding and end-of-sequence ids.
+        teacher: the live teacher model; needed for on_policy and seq_kd, optional otherwise.
+        targets: where each batch's teacher distribution comes from: `LiveTeacher(teacher, top_k)` or
+            `CachedTeacher(LogitCache, device)` (secure_kd.teacher_targets); needed when kd_weight > 0.
+        seed: the data order is a function of (seed, epoch) only, so a resumed run sees the same batches.
+        device: where the student trains (it is not moved here).
+        run_hash: a hash of everything that defines the run; `fit(resume=True)` refuses a checkpoint
+            written under another hash.
+        progress: a progress bar with loss, tokens/s and ETA; on_step(step, loss) after every step.
+
+    `fit(resume=False) -> FitResult` trains for `total_steps`, checkpoints every `checkpoint_every`
+    steps and at the end, and on Ctrl-C saves a checkpoint and raises `TrainingInterrupted`.
+    `secure_kd.dp.DPDistiller` is the same loop with DP-SGD. docs/python-api.md has a tested example.
+    """
+
     def __init__(
         self,
         *,
@@ -179,6 +209,7 @@ class Distiller:
         return batch
 
     def loss_on(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """The weighted KD + CE loss of one collated batch and the number of target tokens in it."""
         labels = shift_labels(batch["labels"])
         n_tokens = int((labels != -100).sum())
         kd = self.kd
@@ -220,6 +251,7 @@ class Distiller:
         return self.kd.temperature**2 if self.kd.scale_by_t2 else 1.0
 
     def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step over `grad_accum` micro-batches: (mean loss, target tokens)."""
         self.optimizer.zero_grad(set_to_none=True)
         total, tokens = 0.0, 0
         for micro in range(self.cfg.grad_accum):
@@ -256,6 +288,7 @@ class Distiller:
         )
 
     def fit(self, *, resume: bool = False) -> FitResult:
+        """Train to `total_steps` (from the latest checkpoint in `out` when `resume`); see the class."""
         start, losses, resumed_from = 0, [], None
         if resume and (ckpt := latest_checkpoint(self.out)) is not None:
             start, meta, extra = load_checkpoint(

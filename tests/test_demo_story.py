@@ -45,3 +45,44 @@ def test_every_demo_audit_entry_targets_the_student_and_validates(tmp_path):
             assert Path(dumped["data"]["nonmembers"]) == heldout_path
         if entry.attack == "memorization":
             assert Path(dumped["data"]["source"]) == private_path
+
+
+def test_the_demo_summary_states_every_canarys_rank(tmp_path):
+    """Issue 19: the README said the baseline ranks every secret first of 1,000; the demo's own audit
+    put them at ranks 3, 23, 4 and 1, with greedy extraction 1 of 4. The summary now prints them."""
+    import io
+    import math
+
+    from rich.console import Console
+
+    from secure_kd.demo_story import DemoResult, DemoRow, _canaries, _print_summary
+    from secure_kd.report.audit import AuditResult, EntryResult, SeedRun
+
+    ranks, greedy = [3, 23, 4, 1], [False, False, False, True]
+    result = {
+        "exposure": [
+            {"prefix": f"p{i} ", "secret": f"{i:03d}", "repeats": 4, "n_candidates": 1000, "rank": r,
+             "exposure": math.log2(1000) - math.log2(r), "max_exposure": math.log2(1000), "estimate": None}
+            for i, r in enumerate(ranks)
+        ],
+        "extraction": {"canary_extraction": [{"secret": "x", "greedy_extracted": g, "sampled_rate": 0.0}
+                                             for g in greedy]},
+    }  # fmt: skip
+    run = SeedRun(seed=0, status="ok", dir=str(tmp_path), seconds=1.0, result=result)
+    audit = AuditResult(
+        model="m", teacher=None, data=None, entries=[EntryResult(id="memorization", attack="memorization",
+        status="ok", runs=[run])], measurements=[], verdicts=[], overall=None, failed=[], config={},
+        provenance={}, privacy_ledger=[], seconds=1.0,
+    )  # fmt: skip
+    figures = _canaries(audit)
+    assert figures["canary_ranks"] == ranks and figures["canaries_greedy_extracted"] == 1
+    row = DemoRow(model="fine-tuned baseline", perplexity=34.5, epsilon=None, exposure_bits=9.97,
+                  mia_auc=0.76, clone_agreement=0.09, **figures)  # fmt: skip
+    console = Console(file=io.StringIO(), width=200)
+    _print_summary(DemoResult(rows=[row], stage_seconds={"x": 1.0}, reports={}), console)
+    text = console.file.getvalue()
+    text = " ".join(text.split())
+    assert (
+        "canaries, fine-tuned baseline: 1 of 4 secrets rank first among their candidates (ranks 3, 23, 4, "
+        "1 of 1,000 candidates each); greedy decoding from the text before the secret gives 1 of 4 away."
+    ) in text

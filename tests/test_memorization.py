@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,91 @@ def test_memorization_plugin_runs_from_the_example_config(tmp_path):
     assert extraction is not None and extraction.n_generations == raw["extraction"]["n_samples"]
     assert set(extraction.precision_at) == {"perplexity", "zlib", "reference"}
     assert [c.repeats for c in extraction.canary_extraction] == [1, 2, 8, 16]
+
+
+# --------------------------------------------------------------------------- a user's own records and secrets
+
+
+def test_charset_space_orders_like_the_digit_secret_space_and_counts_by_hand():
+    from attacks.memorization.secrets import CharsetSpace
+    from secure_kd.data.synthetic import SecretSpace
+
+    digits, reference = CharsetSpace("0123456789", 3), SecretSpace(3)
+    assert len(digits) == 1000 and list(digits[:12]) == list(reference[:12]) and digits[999] == "999"
+    assert digits.index("449") == reference.index("449") == 449
+    hexa = CharsetSpace("0123456789abcdef", 2)
+    assert len(hexa) == 256 and hexa[0] == "00" and hexa[0x3F] == "3f" and hexa.index("ff") == 255
+    assert "3g" not in hexa and "123" not in hexa
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_a_secrets_file_is_read_and_its_errors_name_the_line_not_the_secret(tmp_path):
+    from attacks.memorization.secrets import load_secrets
+
+    records = [{"text": "PIN 0042. PIN 0042 again", "record_id": 0}, {"text": "nothing", "record_id": 1},
+               {"text": "PIN 0042.", "record_id": 2}, {"text": "token: 9f3a", "record_id": 3}]  # fmt: skip
+    good = _write_lines(tmp_path / "s.jsonl", [
+        json.dumps({"prefix": "PIN ", "secret": "0042", "suffix": "."}), "",
+        json.dumps({"prefix": "token: ", "secret": "9f3a", "alphabet": "hex"}),
+    ])  # fmt: skip
+    canaries, spaces = load_secrets(str(good), records)
+    assert [c.repeats for c in canaries] == [2, 1] and canaries[0].record_ids == (0, 2)
+    assert canaries[0].text == "PIN 0042." and [len(s) for s in spaces] == [10_000, 16**4]
+    for line, expected in (
+        (
+            {"prefix": "Key ", "secret": "s3cr3t-value"},
+            "line 1: the secret is not all digits: give `alphabet`",
+        ),
+        ({"prefix": "Key ", "secret": "s3cr3t-value", "alphabet": "digits"}, "outside its alphabet"),
+        ({"secret": "s3cr3t-value"}, "`prefix`"),
+        ({"prefix": "Key ", "secret": "s3cr3t-value", "note": 1}, "unknown keys ['note']"),
+    ):
+        bad = _write_lines(tmp_path / "bad.jsonl", [json.dumps(line)])
+        with pytest.raises(ValueError, match=re.escape(expected)) as caught:
+            load_secrets(str(bad))
+        assert "s3cr3t-value" not in str(caught.value)
+
+
+def test_pii_patterns_find_what_the_generator_wrote():
+    """Against the synthetic generator's own spans: every email, phone, IBAN and card number, and
+    nothing it did not write."""
+    from attacks.memorization.pii import find_pii
+
+    corpus = generate_corpus(300, seed=3, n_canaries=0)
+    found_types = {"email", "phone", "iban", "credit_card"}
+    missed, extra, total = [], [], 0
+    for record in corpus.records:
+        truth = {(s["start"], s["end"]): s["type"] for s in record["pii_spans"]}
+        found = {(s["start"], s["end"]): s["type"] for s in find_pii(record["text"])}
+        for span, kind in truth.items():
+            if kind in found_types:
+                total += 1
+                if found.get(span) != kind:
+                    missed.append(record["text"][span[0] : span[1]])
+        extra += [record["text"][a:b] for (a, b), kind in found.items() if (a, b) not in truth]
+    assert total > 400 and not missed and not extra
+
+
+def test_redaction_keeps_shape_and_hides_the_value():
+    from attacks.memorization.extraction import ScoredGeneration, TrainingDataIndex
+    from attacks.memorization.pii import redact, redact_text
+    from attacks.memorization.redaction import pii_findings
+
+    dot = "\u2022"
+    assert redact("john.smith@example.com") == f"j{dot * 3}.{dot * 5}@{dot * 7}.{dot * 3}"
+    email = "ann.lee@example.org"
+    records = [{"text": f"Write to {email} today.", "pii_spans": [{"start": 9, "end": 9 + len(email),
+                "type": "email"}], "record_id": 7}]  # fmt: skip
+    index = TrainingDataIndex(records)
+    generated = f"mail {email} or call 555-867-5309"
+    scored = [ScoredGeneration(text=generated, log_perplexity=1.0, zlib_ratio=0.1, reference_ratio=None,
+                               flags=index.check(generated))]  # fmt: skip
+    (finding,) = pii_findings(scored, index, records)
+    assert (finding.type, finding.n_generations, finding.record_ids, finding.n_chars) == ("email", 1, [7], 19)
+    assert email not in finding.model_dump_json() and finding.redacted.startswith("a")
+    masked = redact_text(generated, [email])
+    assert email not in masked and "555-867-5309" not in masked and masked.startswith("mail ")
