@@ -229,3 +229,33 @@ def test_browser_check_catches_a_broken_figure(report, tmp_path):
     broken.write_text(html.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1))
     check = _browser_check(broken)
     assert check["n"] == 4 and check["bad"] == 1
+
+
+def test_report_shows_redacted_pii_findings_and_the_memorization_notes(tmp_path):
+    from secure_kd.report.audit import AuditResult, EntryResult, SeedRun
+    from secure_kd.report.html import render_html
+
+    redacted = "a\u2022\u2022.\u2022\u2022\u2022@\u2022\u2022\u2022.\u2022\u2022\u2022"
+    extraction = {
+        "n_generations": 64, "n_flagged": 3, "n_exact": 2, "n_near_duplicate": 1, "pii_values": 40,
+        "pii_values_extracted": 1, "canary_extraction": [],
+        "pii_findings": [{"type": "email", "redacted": redacted, "n_chars": 15, "n_generations": 2,
+                          "record_ids": [4, 9]}],
+    }  # fmt: skip
+    result = {"exposure": [], "extraction": extraction, "notes": ["PII of the records found by pattern"]}
+    run = SeedRun(seed=0, status="ok", dir=str(tmp_path), seconds=1.0, result=result)
+    audit = AuditResult(
+        model=str(tmp_path), teacher=None, data=None, model_kind="causal_lm", entries=[
+            EntryResult(id="memorization", attack="memorization", status="ok", runs=[run],
+                        ran_on=f"{tmp_path} (the audited model)"),
+            EntryResult(id="backdoor", attack="backdoor", status="skipped", runs=[], in_verdict=False,
+                        reason="backdoor has no field for the audited model"),
+        ], measurements=[], verdicts=[], overall=None, failed=[], skipped=["backdoor"], config={},
+        provenance={}, privacy_ledger=[], seconds=1.0,
+    )  # fmt: skip
+    html = render_html(audit)
+    assert "1 of 40 PII values of the records came out" in html
+    assert "<code>a\u2022\u2022.\u2022\u2022\u2022@" in html and "4, 9" in html
+    assert "PII of the records found by pattern" in html
+    assert "backdoor has no field for the audited model" in html and "(causal_lm)" in html
+    assert f"{tmp_path} (the audited model)" in html
