@@ -67,5 +67,7 @@ def run_eval(job: EvalJob, *, log=print) -> EvalResult:
         result.top1_agreement, result.mean_forward_kl = agree["top1_agreement"], agree["mean_forward_kl"]
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", result.model_dump(mode="json"))
+    atomic_write_json(
+        out / "results.json", result.model_dump(mode="json"), mode=0o600
+    )  # held-out private text
     return result

@@ -26,7 +26,8 @@ class Plugin:
 
 
 def write_result(out: str | Path, result: BaseModel) -> Path:
-    """`<out>/results.json` with the schema version, written atomically."""
+    """`<out>/results.json` with the schema version, written atomically, 0600 (an attack's or a defense's
+    results carry what it extracted from, or measured on, a model and its private data)."""
     path = Path(out) / "results.json"
-    atomic_write_json(path, {"schema_version": SCHEMA_VERSION, **result.model_dump(mode="json")})
+    atomic_write_json(path, {"schema_version": SCHEMA_VERSION, **result.model_dump(mode="json")}, mode=0o600)
     return path
