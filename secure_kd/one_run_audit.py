@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 BISECTION_STEPS = 60
 
@@ -44,6 +43,9 @@ def one_run_p_value(
     _check_counts(n_canaries, n_guesses, n_correct, delta, 0.5)
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    # Imported here, not at the top: the ClientApp's start-up imports secure_kd.metrics.
+    from scipy import stats
+
     q = 1.0 / (1.0 + math.exp(-epsilon))
     tail = float(stats.binom.sf(n_correct - 1, n_guesses, q))  # P[Bin(r, q) >= v]
     worst = 0.0
