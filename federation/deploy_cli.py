@@ -306,7 +306,11 @@ def supernode_cmd(
     node_key: str | None = typer.Option(
         None, "--node-key", help="the SuperNode key file, or - to read it from stdin (default: in org-dir)"
     ),
-    node_config: list[str] = typer.Option([], "--node-config", help="extra node config KEY=VALUE"),
+    node_config: list[str] = typer.Option(
+        [],
+        "--node-config",
+        help="extra node config KEY=VALUE, e.g. policy-max-epsilon=8 (docs/federation.md)",
+    ),
     log: Path | None = typer.Option(None, help="also write the log here"),
 ) -> None:
     """Start Flower's SuperNode for one organization: TLS, its auth key, its data path as node config,

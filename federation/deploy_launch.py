@@ -141,6 +141,17 @@ def write_node_config(org_dir: str | Path, values: Mapping[str, str]) -> Path:
     return path
 
 
+def _check_policy(values: Mapping[str, str]) -> None:
+    """The organization's `policy-*` node config (federation.policy), checked before the SuperNode starts
+    rather than at its first message."""
+    from federation.policy import PolicyConfigError, policy_from_node_config
+
+    try:
+        policy_from_node_config({k: v for k, v in values.items() if k.startswith("policy-")})
+    except PolicyConfigError as exc:
+        raise DeployError(f"--node-config: {exc}") from None
+
+
 def approved_apps_file(org_dir: str | Path) -> Path:
     from federation.app_gate import APPROVED_FILE
 
@@ -163,7 +174,8 @@ def supernode_command(
 ) -> list[str]:
     """flower-supernode for one organization: TLS to `superlink` verified with `ca_cert`, its node
     authentication key, its node config (org-name, org-dir, data-path, trust-dir, ledger-dir, and
-    `extra_node_config`), and `<org-dir>/app-gate` first on its PATH, so that it runs only the apps in
+    `extra_node_config`, e.g. the organization's `policy-*` keys, checked here), and
+    `<org-dir>/app-gate` first on its PATH, so that it runs only the apps in
     `<org-dir>/approved-apps.json` (federation.app_gate).
 
     `node_key`: the SuperNode key's path (default `<org-dir>/node-auth/supernode.key`), or "-" to read it
@@ -206,6 +218,7 @@ def supernode_command(
         if key in values:
             raise DeployError(f"node config {key!r} is set by the launcher itself; drop it")
         values[key] = str(value)
+    _check_policy(values)
     node_config = write_node_config(files.directory, values)
     gate = write_gate(files.directory / GATE_DIR, approved)
     path = os.pathsep.join([str(gate), flower_env()["PATH"]])

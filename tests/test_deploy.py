@@ -241,7 +241,7 @@ def test_launcher_commands(tmp_path):
     approve(approved_apps_file(org.directory), "ab" * 32)
     command = supernode_command(
         org.directory, trust_dir=link.trust_dir, clientappio_port=23456, **common,
-        extra_node_config={"policy-max-rounds": "5"},
+        extra_node_config={"policy-max-epsilon": "8", "policy-protection": "ckks"},
     )  # fmt: skip
     assert command[command.index("--auth-supernode-private-key") + 1] == str(org.node_key.resolve())
     assert "--insecure" not in command
@@ -260,8 +260,16 @@ def test_launcher_commands(tmp_path):
         "org-dir": str(org.directory.resolve()),
         "data-path": str(data.resolve()),
         "trust-dir": str(link.trust_dir.resolve()),
-        "policy-max-rounds": "5",
+        "policy-max-epsilon": "8",
+        "policy-protection": "ckks",
     }
+    # the organization's policy keys pass through, checked before the SuperNode starts
+    for bad, reason in (
+        ({"policy-bogus": "1"}, "not a policy key"),
+        ({"policy-dp-required": "maybe"}, "true or false"),
+    ):
+        with pytest.raises(DeployError, match=reason):
+            supernode_command(org.directory, trust_dir=link.trust_dir, extra_node_config=bad, **common)
     with pytest.raises(DeployError, match="set by the launcher"):
         supernode_command(
             org.directory, trust_dir=link.trust_dir, extra_node_config={"data-path": "/x"}, **common
@@ -438,6 +446,26 @@ def test_gateway_forwards_the_fleet_api_and_refuses_the_control_and_runtime_apis
     for answer in answers[2:]:
         assert answer.status_code == 403 and answer.content == REFUSED
     assert count == len(refused)
+
+
+def test_gateway_refuses_an_oversized_request_before_the_superlink_reads_it():
+    import asyncio
+
+    import httpx
+
+    from federation.fleet_gateway import FleetGateway
+
+    upstream, seen = _fake_superlink()
+
+    async def go():
+        inner = httpx.AsyncClient(transport=httpx.ASGITransport(app=upstream))
+        gateway = FleetGateway("http://superlink", client=inner, max_request_bytes=1000)
+        outer = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="https://gw")
+        return [await outer.post("/v1/fleet/push-object", content=b"x" * n) for n in (1000, 1001)]
+
+    fits, too_large = asyncio.run(go())
+    assert fits.status_code == 200 and too_large.status_code == 413
+    assert [len(body) for _, _, body, _ in seen] == [1000]
 
 
 def test_gateway_paths_are_fleet_routes_flower_serves():

@@ -248,6 +248,7 @@ def test_tls_authenticated_deployment(tmp_path, processes):
         env["FLWR_HOME"], name="outsider", address=f"{PUBLIC}:{fleet_port}", ca_cert=link.ca_cert
     )
     orgs = {name: init_org(name, tmp_path / name) for name in (*ORGS, "mallory")}
+    outsider_started = time.monotonic()
     outsider = {
         "run": flwr(["run", ".", "outsider", "--format", "json"], env),
         "ls": flwr(["ls", "outsider", "--format", "json"], env),
@@ -259,7 +260,7 @@ def test_tls_authenticated_deployment(tmp_path, processes):
         output = call.communicate(timeout=120)[0]
         reply = json.loads(output[output.index("{") :])  # `--format json` exits 0 and says success: false
         assert reply["success"] is False and "403 Forbidden" in reply["error-message"], (what, output)
-    phases = {"outsider refused": time.monotonic() - started}
+    phases = {"outsider refused": time.monotonic() - outsider_started}
     refusals = (tmp_path / "gateway.log").read_text()
     for path in ("/v1/control/start-run", "/v1/control/list-runs", "/v1/control/register-node"):
         assert f"refused POST {path}" in refusals
