@@ -15,6 +15,8 @@ from rich.console import Console
 
 deploy_app = typer.Typer(
     no_args_is_help=True,
+    pretty_exceptions_enable=False,  # a rich traceback prints every frame's locals: keys, paths, records
+    pretty_exceptions_show_locals=False,
     help="Deploy across organizations: Flower SuperLink/SuperNodes with TLS and node authentication.",
 )
 console = Console(stderr=True)

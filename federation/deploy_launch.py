@@ -137,7 +137,7 @@ def write_node_config(org_dir: str | Path, values: Mapping[str, str]) -> Path:
     """The SuperNode's node config as a TOML file in its org dir (paths with spaces survive it).
     Node config stays on the SuperNode: the ClientApp reads it, the SuperLink never sees it."""
     path = Path(org_dir) / NODE_CONFIG_FILE
-    atomic_write_text(path, tomli_w.dumps({k: str(v) for k, v in values.items()}))
+    atomic_write_text(path, tomli_w.dumps({k: str(v) for k, v in values.items()}), mode=0o600)
     return path
 
 

@@ -35,7 +35,7 @@ from federation.results import ClientRound, Dropped, FederatedResult, RoundRecor
 from federation.strategies import STRATEGIES, Strategy
 from federation.workspace import JobData, job_data
 from secure_kd.config import ConfigError
-from secure_kd.paths import atomic_write_json
+from secure_kd.paths import atomic_write_json, private_dir
 
 logger = logging.getLogger("secure_kd.federation")
 T = TypeVar("T")
@@ -321,8 +321,8 @@ class FederationServer:
         self.out = Path(job.out)
 
     def _write(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "results.json", self.result.model_dump(mode="json"))
+        private_dir(self.out)  # results name the organizations, their losses and epsilons
+        atomic_write_json(self.out / "results.json", self.result.model_dump(mode="json"), mode=0o600)
 
     def _note_epsilon(self, record: RoundRecord) -> None:
         for client in record.clients:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
 import stat
 import sys
 
@@ -756,3 +757,18 @@ def test_rotated_bundles_are_registered_and_stale_or_expired_ones_refused(tmp_pa
     assert result.exit_code == 2 and "expired" in result.output
     result = CliRunner().invoke(app, ["deploy", "rotate-keys", "--org-dir", str(org.directory)])
     assert result.exit_code == 0 and "key epoch 3" in result.output
+
+
+def test_node_config_and_the_deploy_cli_keep_private_things_private(tmp_path):
+    """Issue 13 item 9: node config (data path, policy, ledger dir) is 0600; issue 19 item 3: the deploy
+    sub-app, like every typer app, prints no traceback locals."""
+    from federation.deploy_cli import deploy_app
+    from federation.deploy_launch import write_node_config
+
+    old = os.umask(0o022)
+    try:
+        path = write_node_config(tmp_path, {"org-name": "alpha", "data-path": "/srv/alpha.jsonl"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # 0644 before
+    assert deploy_app.pretty_exceptions_enable is False and deploy_app.pretty_exceptions_show_locals is False

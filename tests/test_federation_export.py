@@ -157,3 +157,4 @@ def test_simulated_organization_directories_are_private(finished_run):
     loose.chmod(0o755)
     OrgWorkspace(job, 0, loose)
     assert _mode(loose) == 0o700  # an existing directory is tightened, not left as found
+    assert _mode(run) == 0o700 and _mode(run / "results.json") == 0o600  # server results: 0644 before
