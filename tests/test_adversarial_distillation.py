@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from defenses import get_defense
 from defenses.adversarial_distillation import balance_step
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "defenses" / "adversarial_distillation.yaml"
 

@@ -201,7 +201,7 @@ def test_bad_config_names_the_field():
 def test_defend_api_hardening_cli(tmp_path):
     import json
 
-    from secure_kd.cli import app
+    from secure_kd.app.cli import app
 
     overrides = [
         "traffic.ordinary_clients=2",

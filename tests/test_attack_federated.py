@@ -21,7 +21,7 @@ from attacks.federated import (
 )
 from federation.config import FederatedJob
 from federation.workspace import OrgWorkspace
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 from secure_kd.config import TinyModelConfig
 from secure_kd.models import build_tiny
 

@@ -11,13 +11,10 @@ from pydantic import BaseModel, ConfigDict
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from secure_kd.cli import app
-from secure_kd.config import ConfigError, Strict, load_config
-from secure_kd.metrics import roc_metrics
-from secure_kd.plugins import Plugin, write_result
-from secure_kd.report.audit import AuditResult, attack_config, gate, run_audit
-from secure_kd.report.config import DEFAULT_THRESHOLDS, AuditConfig, Threshold
-from secure_kd.report.verdict import (
+from secure_kd.app.cli import app
+from secure_kd.app.report.audit import AuditResult, attack_config, gate, run_audit
+from secure_kd.app.report.config import DEFAULT_THRESHOLDS, AuditConfig, Threshold
+from secure_kd.app.report.verdict import (
     Measurement,
     level_of,
     risk_verdicts,
@@ -25,6 +22,9 @@ from secure_kd.report.verdict import (
     scores_from_roc,
     wilson_interval,
 )
+from secure_kd.config import ConfigError, Strict, load_config
+from secure_kd.metrics import roc_metrics
+from secure_kd.plugins import Plugin, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from secure_kd.app.report.audit import run_audit
+from secure_kd.app.report.config import AuditConfig
 from secure_kd.config import Strict
 from secure_kd.metrics import roc_metrics
 from secure_kd.plugins import Plugin, write_result
-from secure_kd.report.audit import run_audit
-from secure_kd.report.config import AuditConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -232,8 +232,8 @@ def test_browser_check_catches_a_broken_figure(report, tmp_path):
 
 
 def test_report_shows_redacted_pii_findings_and_the_memorization_notes(tmp_path):
-    from secure_kd.report.audit import AuditResult, EntryResult, SeedRun
-    from secure_kd.report.html import render_html
+    from secure_kd.app.report.audit import AuditResult, EntryResult, SeedRun
+    from secure_kd.app.report.html import render_html
 
     redacted = "a\u2022\u2022.\u2022\u2022\u2022@\u2022\u2022\u2022.\u2022\u2022\u2022"
     extraction = {

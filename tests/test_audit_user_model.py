@@ -20,12 +20,12 @@ from typer.testing import CliRunner
 
 from attacks._shadow import TrainRecipe, build_model, resolve_tokenizer, tokenize_texts, train_causal_lm
 from attacks.memorization.pii import find_pii
-from secure_kd.cli import app
+from secure_kd.app.cli import app
+from secure_kd.app.report.config import AuditConfig
+from secure_kd.app.report.plan import check_suite
+from secure_kd.app.report.suites import DEFAULT_LM_SUITE
 from secure_kd.config import TinyModelConfig
 from secure_kd.data import generate_corpus
-from secure_kd.report.config import AuditConfig
-from secure_kd.report.plan import check_suite
-from secure_kd.report.suites import DEFAULT_LM_SUITE
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

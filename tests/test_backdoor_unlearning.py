@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from defenses import available_defenses, get_defense
 from defenses._unlearning import add_token, anomaly_indices, attention_maps
 from defenses.backdoor_unlearning import BackdoorUnlearningConfig, defense_effectiveness_rating
+from secure_kd.app.cli import app
 from secure_kd.backdoor_data import BackdoorMetrics
-from secure_kd.cli import app
 from secure_kd.text_classifier import make_text_classifier
 from secure_kd.vision import make_digits_cnn
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = str(ROOT / "configs" / "data" / "qa_prompt_completion.jsonl")
@@ -99,7 +99,7 @@ def test_non_utf8_config_names_the_file_and_the_fix_in_a_real_process(tmp_path):
     head = "seed: 1\nout: runs/caf"
     config.write_bytes((head + "\u00e9\n").encode("latin-1"))  # e-acute is one byte, 0xe9, in Latin-1
     proc = subprocess.run(
-        [sys.executable, "-m", "secure_kd.cli", "validate", str(config)],
+        [sys.executable, "-m", "secure_kd.app.cli", "validate", str(config)],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -23,7 +23,7 @@ from attacks.bias_cascade import (
     train_teacher,
     wilson_interval,
 )
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 from secure_kd.data.documents import TOPICS
 from secure_kd.data.instructions import generate_instructions, poison_instructions, shows_behaviour
 from secure_kd.data.tokenizer import train_tiny_tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 from secure_kd.config import DistillJob, load_config
 from secure_kd.data import generate_corpus
 
@@ -118,7 +118,7 @@ job._tokenizer = planted
 mode, data, out = sys.argv[1:4]
 sys.argv = ["secure-kd", "distill", "-c", "configs/tiny.yaml", "--set", f"data.train={data}", "-o", out,
             "--no-progress"]
-from secure_kd import cli
+from secure_kd.app import cli
 if mode == "rich":  # typer's defaults before the fix: a rich traceback with every frame's locals
     cli.app.pretty_exceptions_enable = True
     cli.app.pretty_exceptions_show_locals = True
@@ -164,7 +164,7 @@ def test_a_crash_on_private_data_prints_no_record_contents(tmp_path):
 
 
 def test_every_typer_app_is_built_without_locals():
-    from secure_kd.cli import assets_app
+    from secure_kd.app.cli import assets_app
 
     for typer_app in (app, assets_app):
         assert typer_app.pretty_exceptions_enable is False
@@ -212,7 +212,7 @@ def test_validate_infers_the_kind_of_every_shipped_job_config():
         "configs/audit.yaml": "audit", "configs/audit-lm.yaml": "audit",
         "configs/audit-scenarios.yaml": "audit",
     }  # fmt: skip
-    from secure_kd.cli import infer_kind
+    from secure_kd.app.cli import infer_kind
     from secure_kd.config import read_yaml
 
     for path, kind in kinds.items():

@@ -59,7 +59,7 @@ OVER_TRAINED = [
 
 
 def test_cli_flags_over_forgetting_on_an_over_trained_unlearning(tmp_path):
-    from secure_kd.cli import app
+    from secure_kd.app.cli import app
 
     result = CliRunner().invoke(
         app,

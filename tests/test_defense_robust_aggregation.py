@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from defenses import get_defense
 from defenses.robust_aggregation import RobustAggregationConfig
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 
 
 def test_registered_and_config_errors_name_the_field():

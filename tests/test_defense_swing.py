@@ -229,7 +229,7 @@ TINY = [
 
 
 def test_cli_swing_lowers_canary_exposure_below_plain_kd(tmp_path):
-    from secure_kd.cli import app
+    from secure_kd.app.cli import app
 
     result = CliRunner().invoke(
         app, ["defend", "swing", "--config", "configs/defenses/swing.yaml", "--out", str(tmp_path), *TINY]
@@ -246,7 +246,7 @@ def test_cli_swing_lowers_canary_exposure_below_plain_kd(tmp_path):
 
 
 def test_cli_rejects_bad_swing_settings(tmp_path):
-    from secure_kd.cli import app
+    from secure_kd.app.cli import app
 
     result = CliRunner().invoke(
         app,

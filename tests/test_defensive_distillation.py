@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from defenses import get_defense
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "defenses" / "defensive_distillation.yaml"
 

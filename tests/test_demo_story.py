@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from attacks import get_attack
+from secure_kd.app.demo_story import demo_audit_config
+from secure_kd.app.report.audit import attack_config
 from secure_kd.config import TinyModelConfig
 from secure_kd.data import train_tiny_tokenizer
 from secure_kd.data.synthetic import generate_corpus
-from secure_kd.demo_story import demo_audit_config
 from secure_kd.models import build_tiny
-from secure_kd.report.audit import attack_config
 
 
 def test_every_demo_audit_entry_targets_the_student_and_validates(tmp_path):
@@ -55,8 +55,8 @@ def test_the_demo_summary_states_every_canarys_rank(tmp_path):
 
     from rich.console import Console
 
-    from secure_kd.demo_story import DemoResult, DemoRow, _canaries, _print_summary
-    from secure_kd.report.audit import AuditResult, EntryResult, SeedRun
+    from secure_kd.app.demo_story import DemoResult, DemoRow, _canaries, _print_summary
+    from secure_kd.app.report.audit import AuditResult, EntryResult, SeedRun
 
     ranks, greedy = [3, 23, 4, 1], [False, False, False, True]
     result = {

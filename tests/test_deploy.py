@@ -42,7 +42,7 @@ from federation.he import Keyring, decrypt, encrypt
 from federation.identity import OrgKeys, TrustStore
 from federation.keys import CeremonyError, KeySubstitutionError, open_from, seal_for
 from federation.workspace import OrgWorkspace, node_org_index
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

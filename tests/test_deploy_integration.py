@@ -51,7 +51,7 @@ from federation.deploy_launch import (
 )
 from federation.deploy_registry import copy_trust
 from federation.node_binding import format_node_ids
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 from secure_kd.config import load_config
 from secure_kd.distill_job import run_distill
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from opacus.accountants import RDPAccountant
 from typer.testing import CliRunner
 
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 
 SMALL = [
     "--set",

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from federation.export import export_student
 from federation.partition import job_corpus
 from federation.workspace import OrgWorkspace, job_data
-from secure_kd.cli import app
+from secure_kd.app.cli import app
 from secure_kd.data.synthetic import SyntheticCorpus
 
 
@@ -93,7 +93,7 @@ def test_cli_federate_export(finished_run, tmp_path):
 def test_the_demo_audits_the_exported_student(finished_run, tmp_path):
     from sklearn.metrics import auc
 
-    from secure_kd.demo_story import _audit_federated
+    from secure_kd.app.demo_story import _audit_federated
 
     _, run = finished_run
     audit = _audit_federated(tmp_path, run, Console(quiet=True))

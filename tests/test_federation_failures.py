@@ -111,7 +111,7 @@ def test_secure_kd_federate_exits_non_zero_naming_the_organization_stage_and_cau
     """The real simulation engine (Ray workers) and the CLI, exactly as a user runs it."""
     from typer.testing import CliRunner
 
-    from secure_kd.cli import app
+    from secure_kd.app.cli import app
 
     job = tiny_job(
         tmp_path,

@@ -116,7 +116,7 @@ def test_bad_inputs_are_clear():
 
 
 def test_defend_trustworthy_students_cli(tmp_path):
-    from secure_kd.cli import app
+    from secure_kd.app.cli import app
 
     overrides = ["steps=40", "eval_every=10", "n_calibration=32", "n_test=32"]
     result = CliRunner().invoke(

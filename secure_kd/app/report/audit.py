@@ -1,13 +1,12 @@
 """`secure-kd audit`: run a suite of attacks against a model and give a verdict per risk.
 
-This module is the audit layer, not the engine: it is the one place under `secure_kd/` that
-reaches the attacks, and only through their registry (`attacks.get_attack(name)`, imported when
-an audit runs). The engine proper never imports it.
+Part of the app layer (`secure_kd/app/`), not the engine: it reaches the attacks only through
+their registry (`attacks.get_attack(name)`, imported when an audit runs). The engine never imports it.
 
 Each suite entry runs once per seed in `<out>/attacks/<id>/seed<k>/` (the attack writes its own
 results.json there); `audit_run.json` next to it records the status, the exact attack config and,
 for a failure, the stage (lookup, config, run) and the error. Before anything runs, every entry
-is planned (`secure_kd.report.plan`): an entry that cannot apply to the audited model (the backdoor
+is planned (`secure_kd.app.report.plan`): an entry that cannot apply to the audited model (the backdoor
 on a causal LM, membership without non-members) is skipped with the reason, and is never a verdict
 about another model; each entry that runs records the model it attacked (`ran_on`). A run that
 crashes is reported as failed and the suite goes on. `resume`
@@ -27,13 +26,11 @@ from pydantic import BaseModel, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from secure_kd.paths import atomic_write_json
-from secure_kd.plugins import Plugin, write_result
-from secure_kd.report import provenance
-from secure_kd.report.config import AuditConfig, Level, SuiteEntry
-from secure_kd.report.plan import EntryPlan, Stage, attack_config, check_suite, validation_message
-from secure_kd.report.targets import model_kind
-from secure_kd.report.verdict import (
+from secure_kd.app.report import provenance
+from secure_kd.app.report.config import AuditConfig, Level, SuiteEntry
+from secure_kd.app.report.plan import EntryPlan, Stage, attack_config, check_suite, validation_message
+from secure_kd.app.report.targets import model_kind
+from secure_kd.app.report.verdict import (
     Measurement,
     RiskVerdict,
     RunValue,
@@ -43,6 +40,8 @@ from secure_kd.report.verdict import (
     risk_verdicts,
     run_values,
 )
+from secure_kd.paths import atomic_write_json
+from secure_kd.plugins import Plugin, write_result
 
 FAIL_EXIT = 3
 INCOMPLETE_EXIT = 4
@@ -259,7 +258,7 @@ def run_audit(
     result = summarize(config, entries, time.perf_counter() - started, prov)
     write_result(out, result)
     if render:
-        from secure_kd.report.html import write_report
+        from secure_kd.app.report.html import write_report
 
         write_report(out, result)
     return result

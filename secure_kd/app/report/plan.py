@@ -19,11 +19,11 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from secure_kd.app.report import provenance
+from secure_kd.app.report.config import AuditConfig, SuiteEntry
+from secure_kd.app.report.targets import BINDINGS, DATA, model_kind, ran_on, skip_reason
 from secure_kd.config import ConfigError, read_yaml
 from secure_kd.plugins import Plugin
-from secure_kd.report import provenance
-from secure_kd.report.config import AuditConfig, SuiteEntry
-from secure_kd.report.targets import BINDINGS, DATA, model_kind, ran_on, skip_reason
 
 # These fields take a directory, not the 'smollm2' asset name.
 _DIRECTORY_FIELDS = {"model.source", "target.source", "model"}

@@ -77,7 +77,7 @@ def _job_model(kind: str):
 
         return FederatedJob
     if kind == "audit":
-        from secure_kd.report.config import AuditConfig
+        from secure_kd.app.report.config import AuditConfig
 
         return AuditConfig
     plugin_kind, _, name = kind.partition(":")
@@ -192,7 +192,7 @@ def validate(
         article = "an" if kind[0] in "aeiou" else "a"
         raise ConfigError(exc.problems, f"{config} (read as {article} {kind} config, {how})") from None
     if kind == "audit":
-        from secure_kd.report.plan import check_suite
+        from secure_kd.app.report.plan import check_suite
 
         plans = check_suite(job)
         problems = [
@@ -343,7 +343,7 @@ def defend(
 @user_errors
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="where every stage writes")) -> None:
     """The main job: private corpora, central and federated distillation (CKKS, DP-SGD), the audit."""
-    from secure_kd.demo_story import run_demo
+    from secure_kd.app.demo_story import run_demo
 
     result = run_demo(out, console=console)
     for line in result.failed:  # the table is printed; an audit that did not run fails the job
@@ -376,9 +376,9 @@ def audit_cmd(
 
     Exit codes: 0 done, 2 bad input (nothing run), 3 a risk at or above --fail-on, 4 an attack failed
     (the audit is incomplete). An attack that cannot apply to the model is skipped with the reason."""
-    from secure_kd.report.audit import gate, run_audit
-    from secure_kd.report.config import AuditConfig
-    from secure_kd.report.plan import check_suite
+    from secure_kd.app.report.audit import gate, run_audit
+    from secure_kd.app.report.config import AuditConfig
+    from secure_kd.app.report.plan import check_suite
 
     given = {"model": model, "teacher": teacher, "data": data, "secrets": secrets, "fail_on": fail_on}
     values = {key: value for key, value in given.items() if value is not None}
@@ -414,7 +414,7 @@ def audit_cmd(
 @user_errors
 def report_cmd(directory: Path = typer.Argument(..., help="an audit's output directory")) -> None:
     """Re-render <DIR>/report.html from <DIR>/results.json."""
-    from secure_kd.report.html import write_report
+    from secure_kd.app.report.html import write_report
 
     typer.echo(str(write_report(directory)))
 
@@ -439,7 +439,7 @@ def bench(
     args: list[str] = typer.Argument(None, help="arguments passed to the script"),
 ) -> None:
     """Run a benchmark script from the source tree; it prints one JSON line and writes benchmarks/results/."""
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     script = root / f"{name}.py"
     if not script.is_file():
         available = (

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from secure_kd.app.report.config import LEVELS, Level, Threshold
 from secure_kd.metrics import bootstrap_ci, roc_metrics
-from secure_kd.report.config import LEVELS, Level, Threshold
 
 
 class RunValue(BaseModel):

@@ -3,7 +3,7 @@
 A suite entry names an attack from the registry and gives its settings as an optional YAML file
 (`config_file`, e.g. configs/attacks/membership.yaml) plus nested overrides (`config`). The audit
 puts the audited model (or teacher), the data and the budget into the attack's own fields (see
-`secure_kd.report.audit.BINDINGS`), runs it once per seed and keeps each run's Result.
+`secure_kd.app.report.audit.BINDINGS`), runs it once per seed and keeps each run's Result.
 
 Thresholds: each metric has a `medium` and a `high` bound. A value at or above `high` is high
 risk, at or above `medium` (and below `high`) is medium, below `medium` is low; for metrics where
@@ -158,7 +158,7 @@ class AuditConfig(Strict):
     """`secure-kd audit`: run a suite of attacks against a model and write results.json + report.html.
 
     Without `suite`, the default suite for a causal LM and its training records runs
-    (`secure_kd.report.suites.DEFAULT_LM_SUITE`, also written out as configs/audit-lm.yaml); it needs
+    (`secure_kd.app.report.suites.DEFAULT_LM_SUITE`, also written out as configs/audit-lm.yaml); it needs
     `model`.
     """
 
@@ -199,7 +199,7 @@ class AuditConfig(Strict):
                     "directory, or 'smollm2') to run the default suite, or a suite (--config "
                     "configs/audit.yaml runs each attack on a tiny target of its own)"
                 )
-            from secure_kd.report.suites import default_lm_suite
+            from secure_kd.app.report.suites import default_lm_suite
 
             data = {**data, "suite": default_lm_suite()}
         return data
@@ -209,7 +209,7 @@ class AuditConfig(Strict):
     def _model_exists(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        from secure_kd.report.targets import model_kind
+        from secure_kd.app.report.targets import model_kind
 
         model_kind(value)  # raises NotAModelError (a ValueError) naming the path and the fix
         return value

@@ -42,7 +42,7 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit(directory: Path | None = None) -> str | None:
-    where = directory or Path(__file__).resolve().parents[2]
+    where = directory or Path(__file__).resolve().parents[3]
     try:
         out = subprocess.run(
             ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10

@@ -1,7 +1,7 @@
 """`secure-kd demo` (`make demo`): the whole story on the real teacher, in one command.
 
-This module belongs to the CLI layer (only `secure_kd/cli.py` imports it): it drives the engine, the
-federation and the audit, which the engine proper never imports.
+Part of the app layer (`secure_kd/app/`; only `secure_kd/app/cli.py` imports it): it drives the engine,
+the federation and the audit, which the engine never imports.
 
 1. A private corpus with canaries (the synthetic generator, 200 records with PII and 4 canaries
    inserted 4 times each) and, from another seed, records of the same generator that nobody trains
@@ -39,7 +39,7 @@ from secure_kd.config import DistillJob, load_config
 from secure_kd.data.synthetic import generate_corpus
 from secure_kd.paths import atomic_write_json
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 class DemoRow(BaseModel):
@@ -103,7 +103,7 @@ def demo_audit_config(
 ):
     """configs/demo-audit.yaml aimed at `model_dir`, trained on `private` (`heldout`: never trained on);
     `attacks` keeps only those suite entries."""
-    from secure_kd.report.config import AuditConfig
+    from secure_kd.app.report.config import AuditConfig
 
     raw = yaml.safe_load((CONFIGS / "demo-audit.yaml").read_text())
     raw.update(model=model_dir, data=str(private), out=str(out))
@@ -118,7 +118,7 @@ def demo_audit_config(
 
 
 def _audit(out: Path, model_dir: str, private: Path, heldout: Path, console: Console) -> Any:
-    from secure_kd.report.audit import run_audit
+    from secure_kd.app.report.audit import run_audit
 
     return run_audit(demo_audit_config(out, model_dir, private, heldout), console=console)
 
@@ -128,7 +128,7 @@ def _audit_federated(out: Path, run_dir: Path, console: Console) -> Any:
     and membership (its own training records against records nobody trained on)."""
     from federation.config import load_federated_job
     from federation.export import export_student, org_with_most_canaries
-    from secure_kd.report.audit import run_audit
+    from secure_kd.app.report.audit import run_audit
 
     org = org_with_most_canaries(load_federated_job(run_dir / "job.json"))
     shutil.rmtree(out / "export", ignore_errors=True)  # the demo owns it: an export needs an empty dir
@@ -148,7 +148,7 @@ def _audit_federated(out: Path, run_dir: Path, console: Console) -> Any:
 
 def _canaries(audit: Any) -> dict[str, Any]:
     """Per-canary figures of the audit's memorization entry (ranks, greedy extractions, the headline)."""
-    from secure_kd.report.verdict import canary_headline
+    from secure_kd.app.report.verdict import canary_headline
 
     for entry in audit.entries:
         run = next((r for r in entry.runs if r.status == "ok" and r.result), None)

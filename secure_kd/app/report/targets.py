@@ -181,7 +181,7 @@ def ran_on(attack: str, validated: dict[str, Any], audited: dict[str, str | None
     for role, name in audited.items():
         if name is None or value is None:
             continue
-        from secure_kd.report.provenance import model_directory
+        from secure_kd.app.report.provenance import model_directory
 
         directory = model_directory(name)
         names = [name] if directory is None else [name, str(directory)]
