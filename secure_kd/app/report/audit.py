@@ -20,19 +20,19 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from secure_kd.app.report import provenance
 from secure_kd.app.report.config import AuditConfig, Level, SuiteEntry
 from secure_kd.app.report.plan import EntryPlan, Stage, attack_config, check_suite, validation_message
+from secure_kd.app.report.result import AuditResult, EntryResult, SeedRun
 from secure_kd.app.report.targets import model_kind
 from secure_kd.app.report.verdict import (
     Measurement,
-    RiskVerdict,
     RunValue,
     combine_seeds,
     level_at_least,
@@ -45,54 +45,6 @@ from secure_kd.plugins import Plugin, write_result
 
 FAIL_EXIT = 3
 INCOMPLETE_EXIT = 4
-
-
-class SeedRun(BaseModel):
-    seed: int
-    status: Literal["ok", "failed"]
-    dir: str
-    seconds: float
-    resumed: bool = False
-    stage: Stage | None = Field(None, description="where a failed run stopped: lookup, config or run")
-    error: str | None = None
-    result: dict[str, Any] | None = None
-
-
-class EntryResult(BaseModel):
-    id: str
-    attack: str
-    status: Literal["ok", "failed", "partial", "skipped"]
-    runs: list[SeedRun]
-    ran_on: str | None = Field(None, description="the model the attack actually attacked")
-    in_verdict: bool = Field(True, description="False: it attacked something other than the audited model")
-    reason: str | None = Field(None, description="why a skipped entry cannot apply to the audited model")
-
-    def failure_line(self) -> str | None:
-        """One line naming the attack, the stage and the cause of its first failed run."""
-        failed = next((r for r in self.runs if r.status == "failed"), None)
-        if failed is None:
-            return None
-        where = f"seed {failed.seed}, " if len(self.runs) > 1 else ""
-        return f"{self.attack} (entry {self.id}, {where}stage {failed.stage or 'run'}): {failed.error}"
-
-
-class AuditResult(BaseModel):
-    kind: str = "audit"
-    model: str | None
-    teacher: str | None
-    data: str | None
-    entries: list[EntryResult]
-    measurements: list[Measurement]
-    verdicts: list[RiskVerdict]
-    overall: Level | None
-    failed: list[str]
-    skipped: list[str] = []
-    model_kind: str | None = None
-    secrets: str | None = None
-    config: dict[str, Any]
-    provenance: dict[str, Any]
-    privacy_ledger: list[provenance.PrivacyEntry]
-    seconds: float
 
 
 def _previous(run_dir: Path, config_json: dict) -> SeedRun | None:

@@ -8,9 +8,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from secure_kd.app.report.audit import AuditResult
 from secure_kd.app.report.config import DEFAULT_THRESHOLDS, Threshold
 from secure_kd.app.report.figures import FIGURES, privacy_utility_figure
+from secure_kd.app.report.result import AuditResult
 from secure_kd.app.report.verdict import canary_headline
 from secure_kd.paths import atomic_write_text
 
