@@ -166,7 +166,7 @@ def build_client_app(job: FederatedJob | None = None) -> ClientApp:
 
     Every handler runs behind `federation.client_guard.guarded`: the organization's policy is checked
     first, and a failure reaches the server as a generic code only (`federation.client_errors`)."""
-    from federation.server_app import job_from_run_config
+    from federation.run_config import job_from_run_config
 
     app = ClientApp()
 

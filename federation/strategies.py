@@ -12,7 +12,7 @@
 - `P2PStrategy`: the server is a matchmaker (`federation.matchmaking`); paired peers exchange soft
   labels sealed end to end (`federation.keys`), which the server relays as opaque bytes.
 
-A strategy talks to the clients through the server `Session` (server_app.py), which drops any client
+A strategy talks to the clients through the server `Session` (session.py), which drops any client
 that fails, times out or sends a message that does not pass `federation.messages`.
 """
 
@@ -60,7 +60,7 @@ from secure_kd.models import resolve_device
 
 if TYPE_CHECKING:
     from federation.results import RoundRecord
-    from federation.server_app import Session
+    from federation.session import Session
 
 CLIENT_METRICS = (
     "handler-seconds",

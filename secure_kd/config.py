@@ -90,6 +90,39 @@ class ModelConfig(Strict):
         return self
 
 
+class DistillModelConfig(ModelConfig):
+    """A teacher or student of `secure-kd distill`: a `ModelConfig` plus, optionally, its own tokenizer.
+
+    tokenizer: None (the job's `tokenizer`), 'teacher' (the teacher's own), 'tiny:<vocab>' (trained on
+    the data) or a local tokenizer directory. A student whose tokenizer differs from the teacher's
+    distils with a cross-tokenizer objective (kd.loss: uld or span_aligned).
+    """
+
+    tokenizer: str | None = Field(
+        None, description="default: the job's tokenizer; 'teacher', 'tiny:<vocab>' or a tokenizer directory"
+    )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_spec(cls, value: str | None) -> str | None:
+        if value is None or value == "teacher":
+            return value
+        if value.startswith("tiny:"):
+            size = value.split(":", 1)[1]
+            if not size.isdigit() or not 259 <= int(size) <= 1 << 20:
+                raise ValueError(
+                    f"tokenizer {value!r}: tiny:<vocab> needs a vocabulary size from 259 to 1048576, "
+                    "e.g. tiny:512"
+                )
+            return value
+        if not Path(value).is_dir():
+            raise ValueError(
+                f"tokenizer {value!r} is neither 'teacher', 'tiny:<vocab>' nor an existing directory; give a "
+                "directory holding tokenizer.json (a saved Hugging Face tokenizer)"
+            )
+        return value
+
+
 class SyntheticDataConfig(Strict):
     n_records: int = Field(400, gt=0)
     n_canaries: int = Field(4, ge=0)
@@ -162,6 +195,12 @@ class KDConfig(Strict):
     lmbda: float = Field(0.5, ge=0, le=1, description="on_policy: fraction of batches the student generates")
     max_new_tokens: int = Field(32, gt=0)
     generation_temperature: float = Field(1.0, gt=0)
+    teacher_max_length: int | None = Field(
+        None,
+        ge=8,
+        description="a teacher with another tokenizer: its sequence length in tokens (default: 2 x "
+        "data.max_length, room for a less efficient tokenizer); the two are aligned on the text both cover",
+    )
 
     @field_validator("temperature")
     @classmethod
@@ -213,14 +252,15 @@ def loss_parameters(name: str) -> dict[str, Any]:
     """The `kd.params` an objective takes: name -> default (`inspect.Parameter.empty` when required)."""
     import inspect
 
-    from secure_kd.losses import get_loss, loss_info
+    from secure_kd.losses import CROSS_TOKENIZER_ARGUMENTS, get_loss, loss_info
 
     entry = get_loss(name)
     signature = inspect.signature(entry.__init__ if loss_info(name).stateful else entry)
+    supplied = _TRAINER_ARGUMENTS | CROSS_TOKENIZER_ARGUMENTS  # per-batch inputs of uld / span_aligned
     return {
         p.name: p.default
         for p in signature.parameters.values()
-        if p.name not in _TRAINER_ARGUMENTS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        if p.name not in supplied and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
 
 
@@ -272,11 +312,12 @@ class DistillJob(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/distill"
-    teacher: ModelConfig = ModelConfig(source="tiny")
-    student: ModelConfig = ModelConfig(source="tiny")
+    teacher: DistillModelConfig = DistillModelConfig(source="tiny")
+    student: DistillModelConfig = DistillModelConfig(source="tiny")
     tokenizer: str = Field(
         "teacher",
-        description="'teacher' (the teacher's own), 'tiny:<vocab>' (train one on the data), or a dir",
+        description="'teacher' (the teacher's own), 'tiny:<vocab>' (train one on the data), or a dir; "
+        "teacher.tokenizer / student.tokenizer override it per side",
     )
     data: DataConfig = DataConfig()
     kd: KDConfig = KDConfig()
@@ -287,11 +328,93 @@ class DistillJob(Strict):
     def _consistent(self) -> DistillJob:
         if self.teacher.source == "teacher_layers":
             raise ValueError("teacher.source cannot be 'teacher_layers'; that is a way to build a student")
-        if self.tokenizer.startswith("tiny:") and self.teacher.source == "smollm2":
-            raise ValueError("the SmolLM2 teacher has its own tokenizer: use tokenizer: teacher")
+        if self.teacher_tokenizer.startswith("tiny:") and self.teacher.source == "smollm2":
+            raise ValueError(
+                "the SmolLM2 teacher has its own tokenizer: use tokenizer: teacher (a student with another "
+                "tokenizer sets student.tokenizer)"
+            )
+        if self.tokenizers_differ() is True or _needs_alignment(self.kd):
+            problems = cross_tokenizer_problems(self)
+            if problems:
+                raise ValueError(" ".join(problems))
         if self.train.privacy is not None:
             _check_private_job(self)
         return self
+
+    @property
+    def teacher_tokenizer(self) -> str:
+        """The teacher's tokenizer spec: teacher.tokenizer, else the job's `tokenizer`."""
+        return self.teacher.tokenizer or self.tokenizer
+
+    @property
+    def student_tokenizer(self) -> str:
+        """The student's tokenizer spec: student.tokenizer, else the job's `tokenizer`."""
+        return self.student.tokenizer or self.tokenizer
+
+    def tokenizers_differ(self) -> bool | None:
+        """True / False when the two specs certainly name different / the same tokenizers; None when only
+        loading them tells (two directories, a directory and the teacher's own): run_distill then
+        compares their fingerprints."""
+        specs = (self.student_tokenizer, self.teacher_tokenizer)
+        sides = [_tokenizer_identity(spec, self.teacher.source) for spec in specs]
+        if sides[0] == sides[1]:
+            return False
+        if "tiny" in (sides[0][0], sides[1][0]):
+            return True  # a tokenizer trained here is not a saved one, and tiny:N != tiny:M
+        return None
+
+
+def _needs_alignment(kd: KDConfig) -> bool:
+    from secure_kd.losses import loss_info
+
+    return kd.kd_weight > 0 and loss_info(kd.loss).cross_tokenizer == "required"
+
+
+def _tokenizer_identity(spec: str, teacher_source: str) -> tuple[str, str]:
+    if spec == "teacher":
+        spec = teacher_source
+    if spec.startswith("tiny:"):
+        return ("tiny", spec.split(":", 1)[1])
+    if spec == "smollm2":
+        return ("source", "smollm2")
+    return ("dir", str(Path(spec).resolve()))
+
+
+def cross_tokenizer_problems(job: DistillJob) -> list[str]:
+    """What a job whose student and teacher tokenizers differ cannot do, each with its fix."""
+    from secure_kd.losses import loss_info
+
+    kd, problems = job.kd, []
+    if kd.kd_weight > 0 and loss_info(kd.loss).cross_tokenizer == "none":
+        problems.append(
+            f"kd.loss {kd.loss!r} compares teacher and student token by token over one vocabulary, but "
+            f"student.tokenizer ({job.student_tokenizer}) differs from the teacher's "
+            f"({job.teacher_tokenizer}); use kd.loss: uld or kd.loss: span_aligned (cross-tokenizer "
+            "objectives), or give both the same tokenizer."
+        )
+    if job.student.source == "teacher_layers":
+        problems.append(
+            "student.source teacher_layers copies the teacher's embeddings, which index the teacher's "
+            "vocabulary: it cannot have another tokenizer; use student.source: tiny or a directory."
+        )
+    if kd.fused and kd.kd_weight > 0:
+        problems.append("kd.fused has no cross-tokenizer form; set kd.fused: false.")
+    if kd.mode != "off_policy":
+        problems.append(
+            f"kd.mode {kd.mode!r} would re-tokenize generated text for a teacher with another tokenizer, "
+            "which is not supported; use kd.mode: off_policy."
+        )
+    if job.data.packing:
+        problems.append(
+            "data.packing mixes records in one sequence, and the two tokenizations are aligned per record; "
+            "set data.packing: false."
+        )
+    if kd.tail == "zero" and kd.top_k is not None and kd.kd_weight > 0:
+        problems.append(
+            "kd.tail: zero renormalizes the student over the teacher's top-k ids, which has no meaning "
+            "across vocabularies; set kd.tail: uniform."
+        )
+    return problems
 
 
 def _check_private_job(job: DistillJob) -> None:

@@ -4,6 +4,11 @@ Steps: seed everything, build the data (local file or the synthetic corpus), the
 teacher and the student; evaluate both on held-out text; build the teacher's top-k cache once
 when training from the cache; train with the Distiller; evaluate again; save the student and
 the results.
+
+A student with its own tokenizer (`student.tokenizer`) tokenizes the same text as the teacher with
+byte offsets (`secure_kd.data.paired`) and distils by `uld` or `span_aligned`; the steps that differ
+are in `secure_kd.distill_cross`, and results.json gains a `cross_tokenizer` section (bits per byte,
+agreement on aligned groups). Over one tokenizer, logits padded to two widths are trimmed.
 """
 
 from __future__ import annotations
@@ -28,10 +33,20 @@ from secure_kd.data import (
     tokenize_records,
     train_tiny_tokenizer,
 )
+from secure_kd.data.paired import tokenize_pairs
+from secure_kd.data.tokenizer import load_tokenizer_dir
+from secure_kd.distill_cross import (
+    AGREEMENT_DEFINITION,
+    cross_evaluation,
+    cross_targets,
+    is_cross_tokenizer,
+    model_vocabularies,
+    pad_id_of,
+    same_tokenizer_targets,
+)
 from secure_kd.evaluate import perplexity, teacher_agreement
 from secure_kd.fingerprint import tokenizer_fingerprint
 from secure_kd.models import (
-    check_shared_vocab,
     count_parameters,
     load_student,
     load_teacher,
@@ -40,7 +55,7 @@ from secure_kd.models import (
     vocab_size_of,
 )
 from secure_kd.paths import atomic_write_json
-from secure_kd.teacher_targets import CachedTeacher, LiveTeacher
+from secure_kd.teacher_targets import CachedTeacher
 from secure_kd.trainer import Distiller, config_hash
 
 TOKENIZER_CAVEAT = (
@@ -77,6 +92,7 @@ class DistillResult(BaseModel):
     student_dir: str
     cache: dict[str, Any] | None = None
     privacy: dict[str, Any] | None = None
+    cross_tokenizer: dict[str, Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -126,8 +142,10 @@ def record_text(record: dict, text_field: str) -> str:
     return "\n".join(str(record.get(k, "")) for k in ("prompt", "completion"))
 
 
-def _tokenizer(job: DistillJob, texts: list[str], out: Path):
-    spec = job.tokenizer
+def _tokenizer(
+    job: DistillJob, texts: list[str], out: Path, spec: str | None = None, name: str = "tokenizer"
+):
+    spec = job.tokenizer if spec is None else spec
     if spec == "teacher":
         if job.teacher.source == "tiny":
             raise ValueError(
@@ -137,8 +155,10 @@ def _tokenizer(job: DistillJob, texts: list[str], out: Path):
         return load_tokenizer(job.teacher.source, trust_remote_code=job.teacher.trust_remote_code)
     if spec.startswith("tiny:"):
         tok = train_tiny_tokenizer(texts, vocab_size=int(spec.split(":", 1)[1]))
-        tok.save_pretrained(out / "tokenizer")
+        tok.save_pretrained(out / name)
         return tok
+    if not (Path(spec) / "config.json").is_file():  # a tokenizer saved on its own
+        return load_tokenizer_dir(spec)
     return load_tokenizer(spec)
 
 
@@ -152,7 +172,9 @@ def _evaluate(model, batches, device) -> EvalSummary:
     return EvalSummary(perplexity=result["perplexity"], nll=result["nll"], tokens=result["tokens"])
 
 
-def _build_cache(job: DistillJob, teacher, examples, tok_fp: str, data_fp: str, device, progress: bool):
+def _build_cache(
+    job: DistillJob, teacher, examples, tok_fp: str, data_fp: str, device, progress: bool, vocab_size=None
+):
     from secure_kd.cache import LogitCache, build_cache
 
     cache_dir = Path(job.cache_dir) if job.cache_dir else Path(job.out) / "teacher-cache"
@@ -167,6 +189,7 @@ def _build_cache(job: DistillJob, teacher, examples, tok_fp: str, data_fp: str, 
         batch_size=job.train.batch_size,
         device=str(device),
         progress=progress,
+        vocab_size=vocab_size,
     )
     return LogitCache.open(cache_dir, expect_tokenizer=tok_fp, expect_dataset=data_fp, expect_k=job.kd.top_k)
 
@@ -182,13 +205,24 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
     tokenizer_texts = [
         record_text(r, job.data.text_field) for r in train_records if r.get("topic") != "canary"
     ]
-    tokenizer = _tokenizer(job, tokenizer_texts, out)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    teacher_tok = _tokenizer(job, tokenizer_texts, out, job.teacher_tokenizer)
+    tokenizer = teacher_tok  # the student's
+    if job.student_tokenizer != job.teacher_tokenizer:
+        tokenizer = _tokenizer(job, tokenizer_texts, out, job.student_tokenizer, "student-tokenizer")
+    cross = is_cross_tokenizer(job, tokenizer, teacher_tok)
+    pad_id, teacher_pad = pad_id_of(tokenizer), pad_id_of(teacher_tok)
     tokenize = dict(
         max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt
     )
-    train = tokenize_records(train_records, tokenizer, **tokenize)
-    heldout = tokenize_records(heldout_records, tokenizer, **tokenize)
+    paired = paired_heldout = None
+    if cross:
+        pair_args = dict(tokenize, teacher_max_length=job.kd.teacher_max_length)
+        paired = tokenize_pairs(train_records, tokenizer, teacher_tok, **pair_args)
+        paired_heldout = tokenize_pairs(heldout_records, tokenizer, teacher_tok, **pair_args)
+        train, heldout = paired.students, paired_heldout.students
+    else:
+        train = tokenize_records(train_records, tokenizer, **tokenize)
+        heldout = tokenize_records(heldout_records, tokenizer, **tokenize)
     if job.data.packing:
         train = pack_examples(train, job.data.max_length, eos_id=tokenizer.eos_token_id)
     if not train or not heldout:
@@ -197,28 +231,56 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
             "give more records or a larger data.max_length"
         )
 
-    teacher = load_teacher(job.teacher, vocab_size=len(tokenizer), seed=job.seed, pad_token_id=pad_id).to(
-        device
-    )
-    student = load_student(
-        job.student, teacher=teacher, vocab_size=vocab_size_of(teacher), seed=job.seed, pad_token_id=pad_id
+    teacher = load_teacher(
+        job.teacher, vocab_size=len(teacher_tok), seed=job.seed, pad_token_id=teacher_pad
     ).to(device)
-    check_shared_vocab(teacher, student)
-    check_against_vocab(job, vocab_size_of(teacher))
+    student_width = len(tokenizer) if cross else vocab_size_of(teacher)
+    student = load_student(
+        job.student, teacher=teacher, vocab_size=student_width, seed=job.seed, pad_token_id=pad_id
+    ).to(device)
+    vocab = model_vocabularies(tokenizer, teacher_tok, student, teacher)
+    padded = not cross and vocab.student.width != vocab.teacher.width
+    if padded:  # one tokenizer in two widths: padding, trimmed (anything else is refused here)
+        same_tokenizer_targets(job, teacher, vocab)
+    check_against_vocab(job, vocab.teacher.real_size)
 
     eval_batches = _eval_batches(heldout, pad_id, job.train.batch_size, job.train.eval_batches)
+    teacher_batches = eval_batches
+    if cross:
+        teacher_batches = _eval_batches(
+            paired_heldout.teachers, teacher_pad, job.train.batch_size, job.train.eval_batches
+        )
     log(
         f"evaluating teacher and student on {sum(len(b['input_ids']) for b in eval_batches)} "
         "held-out records ..."
     )
-    teacher_eval = _evaluate(teacher, eval_batches, device)
+    cross_eval = dict(
+        heldout=paired_heldout,
+        student_tokenizer=tokenizer,
+        teacher_tokenizer=teacher_tok,
+        vocab=vocab,
+        batch_size=job.train.batch_size,
+        limit=job.train.eval_batches,
+        device=device,
+    )
+    teacher_eval = _evaluate(teacher, teacher_batches, device)
     student_before = _evaluate(student, eval_batches, device)
-    agreement_before = teacher_agreement(student, teacher, eval_batches, device=device)["top1_agreement"]
+    if cross:
+        cross_before = cross_evaluation(student, teacher, with_teacher_bytes=True, **cross_eval)
+        agreement_before = cross_before["agreement"]["top1_agreement"]
+    else:
+        real = vocab.teacher.real_size if padded else None
+        agreement_before = teacher_agreement(student, teacher, eval_batches, device=device, real_vocab=real)[
+            "top1_agreement"
+        ]
 
     tok_fp, data_fp = tokenizer_fingerprint(tokenizer), fingerprint_examples(train)
     cache_info = None
-    if job.kd.teacher_targets == "cache":
-        cache = _build_cache(job, teacher, train, tok_fp, data_fp, device, progress)
+    if cross:
+        targets, cache_info = cross_targets(job, teacher, paired, vocab, teacher_tok, device, progress)
+    elif job.kd.teacher_targets == "cache":
+        real_size = vocab.teacher.real_size if padded else None
+        cache = _build_cache(job, teacher, train, tok_fp, data_fp, device, progress, real_size)
         targets = CachedTeacher(cache, device)
         cache_info = {
             "dir": str(cache.directory),
@@ -226,7 +288,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
             "k": job.kd.top_k,
         }
     else:
-        targets = LiveTeacher(teacher, job.kd.top_k)
+        targets = same_tokenizer_targets(job, teacher, vocab)
 
     run_hash = config_hash(
         {
@@ -234,6 +296,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
                 exclude={"out": True, "train": {"max_steps", "epochs", "checkpoint_every", "log_every"}}
             ),
             "data_fingerprint": data_fp,
+            "text_fingerprint": paired.text_fingerprint if paired is not None else None,
         }
     )
     trainer_args = dict(
@@ -250,6 +313,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         device=device,
         run_hash=run_hash,
         progress=progress,
+        vocab=vocab,
     )
     if job.train.privacy is not None:
         from secure_kd.dp.ledger import dataset_key
@@ -258,7 +322,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         # every record of the source, before the seed-dependent split: one budget per dataset
         key = dataset_key([record_text(r, job.data.text_field) for r in source_records])
         caveats = []
-        if job.tokenizer.startswith("tiny:"):
+        if job.teacher_tokenizer.startswith("tiny:") or job.student_tokenizer.startswith("tiny:"):
             caveats.append(TOKENIZER_CAVEAT)
             log(f"warning: {TOKENIZER_CAVEAT}")
         distiller = DPDistiller(dataset_key=key, log=log, caveats=caveats, **trainer_args)
@@ -275,7 +339,30 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
 
     student.eval()
     student_after = _evaluate(student, eval_batches, device)
-    agreement_after = teacher_agreement(student, teacher, eval_batches, device=device)["top1_agreement"]
+    cross_info = None
+    if cross:
+        cross_after = cross_evaluation(student, teacher, **cross_eval)
+        agreement_after = cross_after["agreement"]["top1_agreement"]
+        cross_info = {
+            "teacher_tokenizer": tokenizer_fingerprint(teacher_tok),
+            "student_vocab": vocab.student.real_size,
+            "teacher_vocab": vocab.teacher.real_size,
+            "shared_tokens": vocab.n_shared,
+            "text_fingerprint": paired.text_fingerprint,
+            "teacher_bits_per_byte": cross_before["teacher"],
+            "student_bits_per_byte_before": cross_before["student"],
+            "student_bits_per_byte_after": cross_after["student"],
+            "agreement_before": cross_before["agreement"],
+            "agreement_after": cross_after["agreement"],
+            "agreement_definition": AGREEMENT_DEFINITION,
+            "note": "teacher_eval perplexity is per teacher token, student_* per student token: compare "
+            "the models by bits per byte",
+        }
+    else:
+        real = vocab.teacher.real_size if padded else None
+        agreement_after = teacher_agreement(student, teacher, eval_batches, device=device, real_vocab=real)[
+            "top1_agreement"
+        ]
 
     student_dir = out / "student"
     to_save = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
@@ -317,6 +404,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         student_dir=str(student_dir),
         cache=cache_info,
         privacy=distiller.report.model_dump(mode="json") if getattr(distiller, "report", None) else None,
+        cross_tokenizer=cross_info,
     )
     # private: losses and evaluations on private text are not covered by DP (docs/privacy.md)
     atomic_write_json(out / "results.json", result.model_dump(mode="json"), mode=0o600)

@@ -8,6 +8,11 @@ with loss, tokens/s and ETA.
 
 Data order is a function of (seed, epoch) only, so a resumed run visits the same batches in the
 same order as an uninterrupted one.
+
+A teacher with another tokenizer: `targets` is a `LiveCrossTeacher` or `CachedCrossTeacher`
+(secure_kd.cross_teacher) and `vocab` the `VocabPair`; the objective must be a cross-tokenizer one
+(`uld`, `span_aligned`) and is called with the batch's alignment. One tokenizer padded to two
+widths: give `vocab` and any objective runs on the logits trimmed to the real vocabulary.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from torch import Tensor, nn
 
 from secure_kd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from secure_kd.config import KDConfig, TrainConfig
+from secure_kd.cross_teacher import CrossTokenizerObjective, PaddedVocabObjective, padded_to_other_width
+from secure_kd.cross_tokenizer.vocab import VocabPair
 from secure_kd.data import TokenizedExample, collate, epoch_order
 from secure_kd.generation import generate_continuations
 from secure_kd.losses import fused_linear_kd_loss, get_loss, loss_info
@@ -111,6 +118,8 @@ class Distiller:
         run_hash: a hash of everything that defines the run; `fit(resume=True)` refuses a checkpoint
             written under another hash.
         progress: a progress bar with loss, tokens/s and ETA; on_step(step, loss) after every step.
+        vocab: the student's and teacher's vocabularies (`VocabPair.from_tokenizers`); needed with
+            cross-tokenizer targets, and where one tokenizer's logits are padded to two widths.
 
     `fit(resume=False) -> FitResult` trains for `total_steps`, checkpoints every `checkpoint_every`
     steps and at the end, and on Ctrl-C saves a checkpoint and raises `TrainingInterrupted`.
@@ -134,6 +143,7 @@ class Distiller:
         run_hash: str = "",
         progress: bool = True,
         on_step: Callable[[int, float], None] | None = None,
+        vocab: VocabPair | None = None,
     ) -> None:
         if not examples:
             raise ValueError("no training examples: the dataset is empty after tokenization")
@@ -146,6 +156,8 @@ class Distiller:
         self.out, self.pad_id, self.eos_id = Path(out), pad_id, eos_id
         self.seed, self.device, self.run_hash = seed, torch.device(device), run_hash
         self.progress, self.on_step = progress, on_step
+        self.vocab = vocab
+        self.cross_tokenizer = bool(getattr(targets, "cross_tokenizer", False))
         self.objective = self._build_objective()
         self.ce = get_loss("ce")
         params = [p for p in student.parameters() if p.requires_grad]
@@ -161,11 +173,42 @@ class Distiller:
     # -- setup -------------------------------------------------------------------------------------
     def _build_objective(self):
         entry = get_loss(self.kd.loss)
+        info = loss_info(self.kd.loss)
         self.objective_module: nn.Module | None = None
-        if loss_info(self.kd.loss).stateful:
+        self.padded_vocab = False
+        if self.cross_tokenizer:
+            self._check_cross_tokenizer(info.cross_tokenizer)
+            return CrossTokenizerObjective(entry, self.vocab)
+        if info.cross_tokenizer == "required" and self.kd.kd_weight > 0:
+            raise ValueError(
+                f"kd.loss {self.kd.loss!r} needs cross-tokenizer targets (LiveCrossTeacher or "
+                "CachedCrossTeacher from secure_kd.cross_teacher), which give it the alignment of the two "
+                "tokenizations"
+            )
+        if info.stateful:
             self.objective_module = entry(**self.kd.params).to(self.device)
-            return self.objective_module
+            entry = self.objective_module
+        if self.vocab is not None and padded_to_other_width(self.vocab):
+            self.padded_vocab = True
+            return PaddedVocabObjective(entry, self.vocab)
         return entry
+
+    def _check_cross_tokenizer(self, support: str) -> None:
+        if support == "none":
+            raise ValueError(
+                f"kd.loss {self.kd.loss!r} compares the two models token by token over one vocabulary, "
+                "but the teacher and the student have different tokenizers; use kd.loss: uld or "
+                "span_aligned (the cross-tokenizer objectives)"
+            )
+        if self.vocab is None:
+            raise ValueError("cross-tokenizer targets need vocab= (VocabPair.from_tokenizers(...))")
+        if self.kd.fused:
+            raise ValueError("kd.fused has no cross-tokenizer form: set kd.fused: false")
+        if self.kd.mode != "off_policy":
+            raise ValueError(
+                f"mode {self.kd.mode!r} with a teacher of another tokenizer is not supported: the generated "
+                "text would have to be re-tokenized for the teacher; use mode: off_policy"
+            )
 
     @property
     def batches_per_epoch(self) -> int:
@@ -225,8 +268,9 @@ class Distiller:
                 hidden = final_hidden_states(self.student, batch)
                 weight = output_layer(self.student).weight
                 if kd.kd_weight > 0:
+                    kd_weight = weight[: self.vocab.student.real_size] if self.padded_vocab else weight
                     kd_loss = fused_linear_kd_loss(
-                        hidden, weight, teacher, labels, loss=kd.loss, **common, **kd.params
+                        hidden, kd_weight, teacher, labels, loss=kd.loss, **common, **kd.params
                     )
                     loss = loss + kd.kd_weight * kd_loss * self._t2()
                 if kd.ce_weight > 0:

@@ -10,6 +10,13 @@ stored. Sequences are grouped into shards of about `shard_tokens` positions, in 
 order, and within a shard they are batched longest first to limit padding; the cache is
 addressed by the original sequence index.
 
+Cross-tokenizer: with `byte_spans` (one (start, end) per token of each sequence, in the bytes of
+the text teacher and student share; `secure_kd.data.paired`), every shard also stores the teacher's
+token ids and their spans, and the manifest the fingerprint of the shared texts, so a student with
+another tokenizer trains from the cache alone. With `vocab_size` below the teacher's logits width
+(an output layer padded past its tokenizer; `secure_kd.cross_tokenizer.VocabPadding`), the padding
+columns are dropped before the softmax and the top-k: every id below `vocab_size` is kept.
+
 Resumable: the manifest is rewritten after every shard, and a build on the same directory
 with the same settings keeps the shards whose size and sha256 check out.
 
@@ -36,6 +43,7 @@ from secure_kd.cache.manifest import (
     SHARD_FILE_PATTERN,
     CacheManifest,
     ShardInfo,
+    TeacherTokenization,
     manifest_path,
     read_manifest,
     shard_file_name,
@@ -55,6 +63,8 @@ _IDENTITY_FIELDS = (
     "n_tokens",
     "shard_tokens",
     "codec",
+    "teacher_tokenization",
+    "logits_width",
 )
 
 Teacher = Callable[..., object]
@@ -111,10 +121,37 @@ def _logits_of(output: object) -> torch.Tensor:
     return logits
 
 
+def _as_span_arrays(
+    spans: Sequence[Sequence[tuple[int, int]]], arrays: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    if len(spans) != len(arrays):
+        raise ValueError(
+            f"byte_spans has {len(spans)} entries for {len(arrays)} sequences; give one per sequence"
+        )
+    out = []
+    for index, (sequence_spans, array) in enumerate(zip(spans, arrays, strict=True)):
+        span_array = np.asarray(sequence_spans, dtype=np.int64).reshape(-1, 2)
+        if len(span_array) != len(array):
+            raise ValueError(
+                f"sequence {index} has {len(array)} tokens but {len(span_array)} byte spans; give one "
+                "(start, end) per token, (-1, -1) outside the shared text"
+            )
+        outside = (span_array == -1).all(axis=1)
+        inside = (span_array[:, 0] >= 0) & (span_array[:, 0] <= span_array[:, 1])
+        if not bool((outside | inside).all()) or span_array.max(initial=0) >= 1 << 31:
+            raise ValueError(
+                f"sequence {index} has a byte span that is neither 0 <= start <= end < 2**31 nor (-1, -1)"
+            )
+        out.append(span_array)
+    return out
+
+
 def _teacher_topk(
-    teacher: Teacher, batch: list[np.ndarray], k: int, device: torch.device
+    teacher: Teacher, batch: list[np.ndarray], k: int, device: torch.device, real_vocab: int | None = None
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
     """Exact top-k log-probabilities and tail log-mass of every real position of a batch."""
+    if hasattr(teacher, "topk_positions"):  # a teacher that answers top-k itself (secure_kd.served)
+        return teacher.topk_positions(batch, k), int(teacher.vocab_size)
     lengths = [len(sequence) for sequence in batch]
     input_ids = torch.full((len(batch), max(lengths)), PAD_TOKEN_ID, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -128,6 +165,13 @@ def _teacher_topk(
             f"batch, seq = {tuple(input_ids.shape)}"
         )
     vocab_size = logits.shape[-1]
+    if real_vocab is not None:
+        if real_vocab > vocab_size:
+            raise ValueError(
+                f"vocab_size={real_vocab} exceeds the teacher's logits width {vocab_size}; give the size of "
+                "the teacher's real vocabulary (VocabPadding.detect(tokenizer, width).real_size)"
+            )
+        logits, vocab_size = logits[..., :real_vocab], real_vocab  # padding columns are not tokens
     if k > vocab_size:
         raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab_size}")
     _check_token_ids(batch, vocab_size)
@@ -203,6 +247,9 @@ def build_cache(
     device: str | torch.device = "cpu",
     progress: bool = True,
     codec: CodecParams | None = None,
+    byte_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+    text_fingerprint: str | None = None,
+    vocab_size: int | None = None,
 ) -> CacheManifest:
     """Cache the teacher's top-k log-probabilities for every position of `sequences` in `out_dir`.
 
@@ -220,9 +267,20 @@ def build_cache(
     if batch_size < 1 or shard_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and shard_tokens ({shard_tokens}) must be >= 1")
     arrays = _as_token_arrays(sequences)
+    if (byte_spans is None) != (text_fingerprint is None):
+        raise ValueError(
+            "give byte_spans and text_fingerprint together (a cache for a student with another tokenizer) "
+            "or neither"
+        )
+    spans = None if byte_spans is None else _as_span_arrays(byte_spans, arrays)
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be a positive integer or None, got {vocab_size!r}")
     config_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
     if isinstance(config_vocab, int):  # a HF model: catch a tokenizer mismatch before any forward pass
-        _check_token_ids(arrays, config_vocab)
+        _check_token_ids(arrays, vocab_size or config_vocab)
+    logits_width = None
+    if vocab_size is not None and isinstance(config_vocab, int) and config_vocab != vocab_size:
+        logits_width = config_vocab
     lengths = [len(array) for array in arrays]
     codec_params = codec or CodecParams()
     requested: dict[str, object] = {
@@ -234,6 +292,10 @@ def build_cache(
         "n_tokens": sum(lengths),
         "shard_tokens": shard_tokens,
         "codec": codec_params,
+        "teacher_tokenization": None
+        if text_fingerprint is None
+        else TeacherTokenization(text_fingerprint=text_fingerprint),
+        "logits_width": logits_width,
     }
     directory = Path(out_dir)
     _prepare_directory(directory)
@@ -246,11 +308,21 @@ def build_cache(
         _check_resumable(previous, requested, directory)
         vocab_size = previous.vocab_size
         done = {shard.first_sequence: shard for shard in _verified_shards(directory, previous, plan)}
+    # A teacher that can tell whether it still is the one that built this cache (a served teacher,
+    # secure_kd.served.teacher) checks itself on every build, resumed or complete, and raises if not.
+    teacher_check = None
+    if hasattr(teacher, "cache_check"):
+        recorded = read_manifest(directory).teacher_check if manifest_path(directory).exists() else None
+        teacher_check = teacher.cache_check(recorded, k=k)
 
     def record() -> CacheManifest:
         shards = [done[first] for first in sorted(done)]
         manifest = CacheManifest(
-            vocab_size=vocab_size, shards=shards, complete=len(done) == len(plan), **requested
+            vocab_size=vocab_size,
+            shards=shards,
+            complete=len(done) == len(plan),
+            teacher_check=teacher_check,
+            **requested,
         )
         write_manifest(directory, manifest)
         return manifest
@@ -276,7 +348,7 @@ def build_cache(
             if start in done:
                 continue
             positions, shard_vocab = _run_shard(
-                teacher, arrays[start:stop], k, batch_size, torch.device(device), bar
+                teacher, arrays[start:stop], k, batch_size, torch.device(device), bar, vocab_size
             )
             if vocab_size is not None and shard_vocab != vocab_size:
                 raise CacheMismatchError(
@@ -285,7 +357,13 @@ def build_cache(
                 )
             vocab_size = shard_vocab
             shard_codec = TopKCodec(codec_params, vocab_size=vocab_size, k=k)
-            done[start] = _write_shard(directory, shard_index, start, positions, shard_codec)
+            tokenization = None
+            if spans is not None:
+                tokenization = {
+                    "token_ids": np.concatenate(arrays[start:stop]),
+                    "byte_spans": np.concatenate(spans[start:stop]).reshape(-1),
+                }
+            done[start] = _write_shard(directory, shard_index, start, positions, shard_codec, tokenization)
             manifest = record()
     finally:
         bar.close()
@@ -296,7 +374,13 @@ def build_cache(
 
 
 def _run_shard(
-    teacher: Teacher, arrays: list[np.ndarray], k: int, batch_size: int, device: torch.device, bar: tqdm
+    teacher: Teacher,
+    arrays: list[np.ndarray],
+    k: int,
+    batch_size: int,
+    device: torch.device,
+    bar: tqdm,
+    real_vocab: int | None = None,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
     """Top-k of every sequence of one shard, in the shard's sequence order."""
     by_length = sorted(range(len(arrays)), key=lambda i: -len(arrays[i]))
@@ -305,7 +389,7 @@ def _run_shard(
     with torch.inference_mode():
         for first in range(0, len(by_length), batch_size):
             members = by_length[first : first + batch_size]
-            results, vocab_size = _teacher_topk(teacher, [arrays[i] for i in members], k, device)
+            results, vocab_size = _teacher_topk(teacher, [arrays[i] for i in members], k, device, real_vocab)
             for member, result in zip(members, results, strict=True):
                 per_sequence[member] = result
             bar.update(sum(len(arrays[i]) for i in members))
@@ -318,11 +402,12 @@ def _write_shard(
     first_sequence: int,
     positions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     codec: TopKCodec,
+    tokenization: dict[str, np.ndarray] | None = None,
 ) -> ShardInfo:
     values = torch.cat([p[0] for p in positions])
     indices = torch.cat([p[1] for p in positions])
     tails = torch.cat([p[2] for p in positions])
-    data = serialize_shard(codec.encode(values, indices, tails), [len(p[0]) for p in positions])
+    data = serialize_shard(codec.encode(values, indices, tails), [len(p[0]) for p in positions], tokenization)
     name = shard_file_name(shard_index)
     write_private_atomic(directory / name, data)
     return ShardInfo(

@@ -3,13 +3,18 @@
 `manifest.json` is validated by pydantic with unknown keys refused. It lists every shard with
 its sequence range, size and sha256; during a build it is rewritten after each shard, so an
 interrupted build can resume from the shards it lists (`complete` is false until the end).
+
+A cache for a student with another tokenizer (`teacher_tokenization` set) also stores, per position,
+the teacher's token id and that token's byte span in the text both tokenizers share, so the student
+can align its own tokenization with the cached one without the teacher. `logits_width` records a
+teacher whose output layer is wider than its tokenizer (padding columns, trimmed before the top-k).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -45,6 +50,20 @@ class ShardInfo(BaseModel):
         return self.first_sequence + self.n_sequences
 
 
+class TeacherTokenization(BaseModel):
+    """The teacher's tokenization stored next to its top-k (shard tensors `token_ids`, `byte_spans`).
+
+    token_ids[t] is the teacher's token at position t (so the target of position t is token t + 1);
+    byte_spans[t] its [start, end) in the UTF-8 bytes of the shared text, (-1, -1) outside it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text_fingerprint: str = Field(
+        min_length=1, description="sha256 of the shared texts the byte spans index (secure_kd.data.paired)"
+    )
+
+
 class CacheManifest(BaseModel):
     """Everything needed to check that a cache fits a training run, and to read it."""
 
@@ -68,11 +87,24 @@ class CacheManifest(BaseModel):
     codec: CodecParams
     shards: list[ShardInfo]
     complete: bool
+    teacher_check: dict[str, Any] | None = Field(
+        None,
+        description="a teacher's record of itself, checked on every build (a served teacher: its answers "
+        "on a probe text, the KL to an in-process reference, tokens/s; secure_kd.served.teacher)",
+    )
+    teacher_tokenization: TeacherTokenization | None = Field(
+        None, description="set when the shards also hold the teacher's token ids and byte spans"
+    )
+    logits_width: int | None = Field(
+        None, ge=1, description="the teacher's logits width when padding columns past vocab_size were trimmed"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CacheManifest:
         if self.k > self.vocab_size:
             raise ValueError(f"k={self.k} exceeds vocab_size={self.vocab_size}")
+        if self.logits_width is not None and self.logits_width < self.vocab_size:
+            raise ValueError(f"logits_width={self.logits_width} is below vocab_size={self.vocab_size}")
         previous_stop = 0
         for shard in self.shards:
             if shard.first_sequence < previous_stop:

@@ -10,6 +10,11 @@ Padding in `batch`: positions past a sequence's end hold the uniform distributio
 vocabulary (ids 0..k-1, log-probability -log(vocab_size) each, the rest of the mass in the
 tail): finite, normalized, so no objective produces NaN or inf there even unmasked. The
 trainer masks them anyway (labels -100); `lengths` gives the real lengths.
+
+A cache built with the teacher's tokenization (`manifest.teacher_tokenization`) also returns, per
+sequence, the teacher's token ids and their byte spans in the shared text (`teacher_tokens`,
+`teacher_tokens_batch`): all a student with another tokenizer needs to align with the cached top-k.
+`open(..., expect_text=...)` checks that the spans index the texts the student trains on.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ import numpy as np
 import torch
 
 from secure_kd.cache.codec import DecodedBlock, TopKCodec
-from secure_kd.cache.errors import REBUILD_HINT, CacheError, CacheIncompleteError, CacheMismatchError
+from secure_kd.cache.errors import (
+    REBUILD_HINT,
+    CacheCorruptionError,
+    CacheError,
+    CacheIncompleteError,
+    CacheMismatchError,
+)
 from secure_kd.cache.manifest import CacheManifest, ShardInfo, read_manifest
 from secure_kd.cache.shard import load_shard
 from secure_kd.topk import TopKLogits
@@ -37,6 +48,8 @@ _REBUILD = REBUILD_HINT
 class _LoadedShard:
     block: DecodedBlock
     offsets: np.ndarray  # [n_sequences + 1] start of each sequence's rows in the block
+    token_ids: np.ndarray | None = None  # [n_tokens] int64, the teacher's tokens (tokenization caches)
+    byte_spans: np.ndarray | None = None  # [n_tokens, 2] int64
 
 
 class LogitCache:
@@ -59,12 +72,15 @@ class LogitCache:
         expect_dataset: str,
         expect_k: int | None = None,
         expect_teacher: str | None = None,
+        expect_text: str | None = None,
         memory_budget_bytes: int = 1 << 30,
     ) -> LogitCache:
         """Open the cache in `directory` after checking it was built for this run.
 
         expect_tokenizer / expect_dataset: the fingerprints of the tokenizer and dataset in use
         (secure_kd.fingerprint); expect_k / expect_teacher: checked when given.
+        expect_text: the fingerprint of the shared texts (secure_kd.data.PairedData.text_fingerprint) for
+            a student with another tokenizer: the cache must hold the teacher's tokenization of them.
         memory_budget_bytes: decoded shards kept in memory (about 5 bytes per entry); a shard
             larger than the budget is refused before it is decompressed.
         """
@@ -106,6 +122,22 @@ class LogitCache:
                 f"use that teacher, or {_REBUILD} with this teacher",
             ),
         ]
+        tokenization = manifest.teacher_tokenization
+        if expect_text is not None:
+            if tokenization is None:
+                raise CacheMismatchError(
+                    f"logit cache {directory} holds no teacher tokenization (token ids and byte spans), "
+                    f"which a student with another tokenizer needs; {_REBUILD} for this student "
+                    "(secure-kd distill with student.tokenizer set builds it with the spans)"
+                )
+            checks.append(
+                (
+                    "shared-text fingerprint",
+                    tokenization.text_fingerprint,
+                    expect_text,
+                    f"train on the texts the cache was built from, or {_REBUILD} over these texts",
+                )
+            )
         for what, cached, expected, fix in checks:
             if expected is not None and cached != expected:
                 raise CacheMismatchError(
@@ -128,6 +160,11 @@ class LogitCache:
     @property
     def vocab_size(self) -> int:
         return self.manifest.vocab_size
+
+    @property
+    def has_teacher_tokens(self) -> bool:
+        """True when the cache stores the teacher's token ids and byte spans."""
+        return self.manifest.teacher_tokenization is not None
 
     @property
     def bytes_per_token(self) -> float:
@@ -180,6 +217,37 @@ class LogitCache:
             start += length
         return TopKLogits(values=torch.from_numpy(padded_values), indices=torch.from_numpy(padded_ids))
 
+    def teacher_tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher's token ids [length] and byte spans [length, 2] (int64) of sequence `index`."""
+        if not self.has_teacher_tokens:
+            raise CacheMismatchError(
+                f"logit cache {self.directory} holds no teacher tokenization; {_REBUILD} with byte spans"
+            )
+        shard_index, local = self._locate(index)
+        loaded = self._shard(shard_index)
+        start, stop = int(loaded.offsets[local]), int(loaded.offsets[local + 1])
+        assert loaded.token_ids is not None and loaded.byte_spans is not None
+        return loaded.token_ids[start:stop], loaded.byte_spans[start:stop]
+
+    def teacher_tokens_batch(
+        self, indices: Sequence[int], pad_to: int | None = None, *, pad_id: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Right-padded teacher token ids [B, seq] (pad_id), byte spans [B, seq, 2] ((-1, -1) on the
+        padding) and the real lengths, for several sequences (seq as in `batch`)."""
+        parts = [self.teacher_tokens(index) for index in indices]
+        if not parts:
+            raise ValueError("teacher_tokens_batch() needs at least one sequence index")
+        lengths = [len(ids) for ids, _ in parts]
+        seq = max(lengths) if pad_to is None else pad_to
+        if seq < max(lengths):
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest sequence in the batch")
+        ids = torch.full((len(parts), seq), pad_id, dtype=torch.long)
+        spans = torch.full((len(parts), seq, 2), -1, dtype=torch.long)
+        for row, (row_ids, row_spans) in enumerate(parts):
+            ids[row, : len(row_ids)] = torch.from_numpy(row_ids)
+            spans[row, : len(row_ids)] = torch.from_numpy(row_spans)
+        return ids, spans, lengths
+
     def verify(self) -> None:
         """Load and decode every shard once: raises CacheCorruptionError naming a damaged shard."""
         for shard_index in range(len(self.manifest.shards)):
@@ -209,20 +277,37 @@ class LogitCache:
             self._loaded.move_to_end(shard_index)
             return self._loaded[shard_index]
         shard: ShardInfo = self.manifest.shards[shard_index]
-        decoded_bytes = shard.n_tokens * (self.k * (1 + np.dtype(self._codec.id_dtype).itemsize) + 1)
+        tokenization = self.has_teacher_tokens
+        per_token = self.k * (1 + np.dtype(self._codec.id_dtype).itemsize) + 1 + (24 if tokenization else 0)
+        decoded_bytes = shard.n_tokens * per_token
         if decoded_bytes > self.memory_budget_bytes:  # checked before decompressing anything
             raise CacheError(
                 f"{shard.file} would decode to {decoded_bytes} bytes, more than memory_budget_bytes="
                 f"{self.memory_budget_bytes}: open the cache with a larger budget, or rebuild it with a "
                 "smaller shard_tokens"
             )
-        streams, lengths = load_shard(self.directory, shard, self.k)
+        streams, lengths = load_shard(self.directory, shard, self.k, tokenization=tokenization)
+        token_ids, byte_spans = streams.pop("token_ids", None), streams.pop("byte_spans", None)
+        if token_ids is not None and token_ids.size and int(token_ids.max()) >= self.vocab_size:
+            raise CacheCorruptionError(
+                f"{shard.file}: a teacher token id is past the vocabulary ({self.vocab_size}); {_REBUILD}"
+            )
         block = self._codec.decode(streams, shard.n_tokens, source=shard.file)
-        loaded = _LoadedShard(block=block, offsets=np.concatenate([[0], np.cumsum(lengths)]))
+        loaded = _LoadedShard(
+            block=block,
+            offsets=np.concatenate([[0], np.cumsum(lengths)]),
+            token_ids=token_ids,
+            byte_spans=byte_spans,
+        )
         self._loaded[shard_index] = loaded
         while len(self._loaded) > 1 and self._memory_in_use() > self.memory_budget_bytes:
             self._loaded.popitem(last=False)
         return loaded
 
     def _memory_in_use(self) -> int:
-        return sum(loaded.block.nbytes for loaded in self._loaded.values())
+        extra = sum(
+            loaded.token_ids.nbytes + loaded.byte_spans.nbytes
+            for loaded in self._loaded.values()
+            if loaded.token_ids is not None and loaded.byte_spans is not None
+        )
+        return sum(loaded.block.nbytes for loaded in self._loaded.values()) + extra

@@ -84,3 +84,23 @@ def train_tiny_tokenizer(
     )
     tokenizer.chat_template = chatml_template(system_prompt)
     return tokenizer
+
+
+def load_tokenizer_dir(path: str) -> PreTrainedTokenizerFast:
+    """A tokenizer saved with `save_pretrained` (a directory holding tokenizer.json, no model needed).
+
+    Refuses, naming the directory, one without tokenizer.json: byte offsets need a fast tokenizer."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    directory = Path(path)
+    if not (directory / "tokenizer.json").is_file():
+        raise ValueError(
+            f"tokenizer directory {path!r} has no tokenizer.json; save a fast tokenizer there with "
+            "`tokenizer.save_pretrained(dir)` (or give a Hugging Face model directory)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(directory, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load a tokenizer from {path!r}: {exc}") from None

@@ -75,12 +75,16 @@ def teacher_agreement(
     batches: Iterable[Batch],
     *,
     device: str | torch.device | None = None,
+    real_vocab: int | None = None,
 ) -> dict[str, float | int]:
     """Top-1 agreement and mean forward KL(teacher || student) over the shifted label positions.
 
     Both models see the same batch; the positions scored are those whose next label is not -100
     (the positions `perplexity` scores). KL is at temperature 1, in nats, averaged over positions.
-    `device` is where the student runs; the teacher runs on its own device.
+    `device` is where the student runs; the teacher runs on its own device. `real_vocab`: one
+    tokenizer whose logits are padded to two widths; both are compared on the first `real_vocab`
+    columns (`secure_kd.cross_tokenizer.VocabPadding.real_size`). For two tokenizers see
+    `secure_kd.evaluate.cross_agreement`.
     """
     student_device = resolve_device(student, device)
     teacher_device = resolve_device(teacher, None)
@@ -91,6 +95,9 @@ def teacher_agreement(
             student_logits = model_logits(student, batch)[:, :-1].float()
             teacher_batch = {name: tensor.to(teacher_device) for name, tensor in batch.items()}
             teacher_logits = model_logits(teacher, teacher_batch)[:, :-1].float().to(student_device)
+            if real_vocab is not None:
+                student_logits = student_logits[..., :real_vocab]
+                teacher_logits = teacher_logits[..., :real_vocab]
             if teacher_logits.shape != student_logits.shape:
                 raise ValueError(
                     f"batch {index}: student logits {tuple(student_logits.shape)} != teacher logits "

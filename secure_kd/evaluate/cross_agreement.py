@@ -1,0 +1,114 @@
+"""Teacher agreement across tokenizers: does the student predict the same next piece of text?
+
+With one tokenizer, top-1 agreement compares the two models' most likely next token id at every
+position. With two, ids mean nothing to each other, and most positions have no counterpart. The
+definition used here:
+
+- Align the two tokenizations of each text by byte offsets (`TokenAlignment`). A *one-to-one group*
+  is a student position and a teacher position whose next tokens are single tokens covering the same
+  bytes after the same text (`TokenAlignment.coincident`): both models are asked for the next token
+  at the same point of the same text, and the true next token is the same string on both sides.
+- At each one-to-one group, the student agrees when its most likely next token (over its real
+  vocabulary) stands for the same bytes as the teacher's most likely next token (over the teacher's):
+  decoded piece bytes for regular tokens (byte-level BPE, SentencePiece, byte fallback), the content
+  for special tokens; a token whose bytes cannot be decoded is compared by its piece string; each
+  tokenizer's end-of-sequence token stands for "the text ends here", whatever its name.
+- `top1_agreement` = agreeing groups / one-to-one groups; `coverage` = one-to-one groups / all aligned
+  groups (how much of the text the measure sees). A teacher top-1 token the student's vocabulary
+  lacks can never be matched, so the ceiling is below 1 when the vocabularies differ.
+
+With one tokenizer on both sides every group is one-to-one and byte equality is id equality, so this
+is `teacher_agreement`'s top-1 agreement (tests/test_cross_tokenizer_distill.py checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from secure_kd.cross_teacher import align_batch, stack_example_spans
+from secure_kd.cross_tokenizer.spans import _piece_bytes, backend_of
+from secure_kd.cross_tokenizer.vocab import VocabPair
+from secure_kd.data.collate import collate
+from secure_kd.data.paired import PairedExample
+from secure_kd.evaluate._model_io import evaluation_mode, resolve_device
+
+
+def token_strings(tokenizer, size: int) -> list[bytes]:
+    """What each id below `size` stands for: its bytes, or its piece string (UTF-8) when undecodable;
+    the end-of-sequence token stands for the same marker in every tokenizer."""
+    backend = backend_of(tokenizer)
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    added = {i: tok.content for i, tok in backend.get_added_tokens_decoder().items()}
+    out = []
+    for token_id in range(size):
+        piece = _piece_bytes(backend, token_id, added)
+        if piece is None:
+            name = backend.id_to_token(token_id)
+            piece = b"\x00piece:" + (name or f"<id {token_id}>").encode("utf-8")
+        out.append(b"\x00end of sequence" if token_id == eos_id else piece)
+    return out
+
+
+def cross_tokenizer_agreement(
+    student: nn.Module,
+    teacher: nn.Module,
+    pairs: Sequence[PairedExample],
+    *,
+    student_tokenizer,
+    teacher_tokenizer,
+    vocab: VocabPair,
+    student_pad_id: int,
+    teacher_pad_id: int,
+    batch_size: int = 8,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, float | int]:
+    """Top-1 agreement of student and teacher on one-to-one aligned groups (module docstring).
+
+    Returns `top1_agreement`, `groups` (one-to-one groups scored), `aligned_groups` (all groups) and
+    `coverage`. `limit` caps the number of batches; `device` is the student's (the teacher runs on its own).
+    """
+    s_device = resolve_device(student, device)
+    t_device = resolve_device(teacher, None)
+    s_strings = token_strings(student_tokenizer, vocab.student.real_size)
+    t_strings = token_strings(teacher_tokenizer, vocab.teacher.real_size)
+    agree = groups = aligned = 0
+    with evaluation_mode(student, teacher):
+        for number, start in enumerate(range(0, len(pairs), batch_size)):
+            if limit is not None and number >= limit:
+                break
+            chunk = pairs[start : start + batch_size]
+            s_batch = collate([p.student for p in chunk], pad_id=student_pad_id)
+            t_batch = collate([p.teacher for p in chunk], pad_id=teacher_pad_id)
+            s_spans = stack_example_spans([p.student_spans for p in chunk], s_batch["input_ids"].shape[1])
+            t_spans = stack_example_spans([p.teacher_spans for p in chunk], t_batch["input_ids"].shape[1])
+            alignment = align_batch(s_batch["input_ids"], s_spans, t_batch["input_ids"], t_spans)
+            aligned += alignment.n_groups
+            one_to_one = alignment.select(alignment.coincident())
+            if one_to_one.n_groups == 0:
+                continue
+            s_logits = student(
+                input_ids=s_batch["input_ids"].to(s_device),
+                attention_mask=s_batch["attention_mask"].to(s_device),
+            ).logits
+            t_logits = teacher(
+                input_ids=t_batch["input_ids"].to(t_device),
+                attention_mask=t_batch["attention_mask"].to(t_device),
+            ).logits
+            s_top = s_logits[..., : vocab.student.real_size].argmax(-1).reshape(-1).cpu()
+            t_top = t_logits[..., : vocab.teacher.real_size].argmax(-1).reshape(-1).cpu()
+            s_pred = s_top[one_to_one.student_rows].tolist()
+            t_pred = t_top[one_to_one.teacher_rows].tolist()
+            agree += sum(s_strings[s] == t_strings[t] for s, t in zip(s_pred, t_pred, strict=True))
+            groups += one_to_one.n_groups
+    if groups == 0:
+        raise ValueError("no one-to-one aligned groups to compare: the texts are empty or never align")
+    return {
+        "top1_agreement": agree / groups,
+        "groups": groups,
+        "aligned_groups": aligned,
+        "coverage": groups / aligned if aligned else 0.0,
+    }
