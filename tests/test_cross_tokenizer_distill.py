@@ -85,14 +85,15 @@ def test_both_sides_cover_the_same_bytes_and_split_them_differently(records, pai
     multi = 0
     for pair in paired.pairs:
         text = records[pair.record_index]["text"].encode()
-        assert 0 < pair.shared_bytes <= len(text)
+        assert 0 < pair.aligned_start < pair.aligned_end <= len(text)  # plain text: after the first token
         for ids, spans, tok in (
             (pair.student.input_ids, pair.student_spans, tok_b),
             (pair.teacher.input_ids, pair.teacher_spans, tok_a),
         ):
-            # decoding the aligned tokens gives back exactly the first shared_bytes bytes of the text
-            assert tok.decode(_inside(ids, spans)).encode() == text[: pair.shared_bytes]
-            assert max(end for start, end in spans if start >= 0) == pair.shared_bytes
+            # decoding the aligned tokens gives back exactly the aligned bytes of the text
+            assert tok.decode(_inside(ids, spans)).encode() == text[pair.aligned_start : pair.aligned_end]
+            assert max(end for start, end in spans if start >= 0) == pair.aligned_end
+            assert spans[0] == (-1, -1)  # the first token is never predicted
         s_ends = {e for s, e in pair.student_spans if s >= 0}
         t_ends = {e for s, e in pair.teacher_spans if s >= 0}
         multi += len(s_ends ^ t_ends)
@@ -114,9 +115,10 @@ def test_prompt_positions_are_outside_the_shared_text(tok_a, tok_b):
         assert all(span == (-1, -1) for span in pair.student_spans[:n_prompt])
         assert pair.student.labels[:n_prompt] == [-100] * n_prompt
         text = record["completion"].encode()
+        assert pair.aligned_start == 0  # after a prompt, the first completion token is predicted
         assert (
             tok_b.decode(_inside(pair.student.input_ids, pair.student_spans)).encode()
-            == text[: pair.shared_bytes]
+            == text[: pair.aligned_end]
         )
 
 
@@ -124,7 +126,7 @@ def test_a_truncated_student_cuts_the_teacher_at_a_shared_boundary(records, tok_
     pair = tokenize_pairs(records[:1], tok_b, tok_a, max_length=12).pairs[0]
     s_inside = [span for span in pair.student_spans if span[0] >= 0]
     t_inside = [span for span in pair.teacher_spans if span[0] >= 0]
-    assert s_inside[-1][1] == t_inside[-1][1] == pair.shared_bytes
+    assert s_inside[-1][1] == t_inside[-1][1] == pair.aligned_end
     # the teacher sequence stops at its last aligned token; the student keeps its 12 tokens for CE
     assert pair.teacher_spans[-1][0] >= 0 and len(pair.student) == 12
     assert sum(1 for label in pair.student.labels if label != -100) == 12

@@ -273,13 +273,14 @@ def build_cache(
             "or neither"
         )
     spans = None if byte_spans is None else _as_span_arrays(byte_spans, arrays)
-    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
-        raise ValueError(f"vocab_size must be a positive integer or None, got {vocab_size!r}")
+    real_vocab = vocab_size  # `vocab_size` below is the cache's own, read back from a resumed build
+    if real_vocab is not None and (not isinstance(real_vocab, int) or real_vocab < 1):
+        raise ValueError(f"vocab_size must be a positive integer or None, got {real_vocab!r}")
     config_vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
     if isinstance(config_vocab, int):  # a HF model: catch a tokenizer mismatch before any forward pass
-        _check_token_ids(arrays, vocab_size or config_vocab)
+        _check_token_ids(arrays, real_vocab or config_vocab)
     logits_width = None
-    if vocab_size is not None and isinstance(config_vocab, int) and config_vocab != vocab_size:
+    if real_vocab is not None and isinstance(config_vocab, int) and config_vocab != real_vocab:
         logits_width = config_vocab
     lengths = [len(array) for array in arrays]
     codec_params = codec or CodecParams()
@@ -348,7 +349,7 @@ def build_cache(
             if start in done:
                 continue
             positions, shard_vocab = _run_shard(
-                teacher, arrays[start:stop], k, batch_size, torch.device(device), bar, vocab_size
+                teacher, arrays[start:stop], k, batch_size, torch.device(device), bar, real_vocab
             )
             if vocab_size is not None and shard_vocab != vocab_size:
                 raise CacheMismatchError(

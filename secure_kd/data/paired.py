@@ -10,11 +10,16 @@ the end-of-sequence token appended to a trained text gets the empty span at its 
 
 The trained segments must read the same on both sides (they do for plain text and prompt/completion
 strings; chat records need templates that render assistant turns alike), else the record is
-refused with its index. The two sides may cover different amounts of the text (each is cut at its
-own `max_length` in tokens): both are cut back to the last byte boundary they share, `shared_bytes`,
-so their aligned tokens cover exactly the same bytes. Student tokens past it keep their labels
-(cross-entropy still trains them) with span (-1, -1); teacher tokens past it are dropped, since a
-causal teacher's predictions up to there do not depend on them.
+refused with its index. Both sides are then cut to the same byte range `[aligned_start, aligned_end)`,
+so their aligned tokens cover exactly the same bytes:
+- the end: each side is cut at its own `max_length` in tokens, so they may reach different amounts of
+  the text; both are cut back to the last byte boundary (a token end on both sides) they share.
+  Student tokens past it keep their labels (cross-entropy still trains them) with span (-1, -1);
+  teacher tokens past it are dropped (a causal teacher's predictions up to there do not depend on them).
+- the start: the first token of a sequence is never predicted (it has no context); where the shared
+  text opens the sequence (plain text), it starts after the first token on both sides: at the first
+  boundary they share past each side's first token. Tokens before it get (-1, -1). After a prompt,
+  every token of the completion is predicted and the range starts at 0.
 
 A record the student side drops (no trained token left) is dropped on both sides, as
 `tokenize_records` drops it.
@@ -40,19 +45,20 @@ class PairedExample:
     """One record tokenized by the student and by the teacher, each token placed in the shared text.
 
     student:        the student's sequence (equal to `tokenize_records`' example for the record).
-    student_spans:  one byte span per student token; (-1, -1) outside the shared text or past
-                    `shared_bytes`.
-    teacher:        the teacher's sequence, cut after its last token inside `shared_bytes`; labels
+    student_spans:  one byte span per student token; (-1, -1) outside the aligned range.
+    teacher:        the teacher's sequence, cut after its last token inside the aligned range; labels
                     -100 wherever the span is (-1, -1).
     teacher_spans:  one byte span per teacher token, as for the student.
-    shared_bytes:   the aligned text is the first `shared_bytes` bytes of the record's trained text.
+    aligned_start, aligned_end: the aligned text is bytes [aligned_start, aligned_end) of the record's
+                    trained text; every span not (-1, -1) lies in it, on both sides.
     """
 
     student: TokenizedExample
     student_spans: tuple[Span, ...]
     teacher: TokenizedExample
     teacher_spans: tuple[Span, ...]
-    shared_bytes: int
+    aligned_start: int
+    aligned_end: int
 
     def __post_init__(self) -> None:
         if len(self.student_spans) != len(self.student) or len(self.teacher_spans) != len(self.teacher):
@@ -129,19 +135,28 @@ def _cut(side: _Side, max_length: int) -> tuple[list[int], list[int], list[Span]
     return side.ids[:max_length], side.labels[:max_length], side.spans[:max_length]
 
 
-def common_boundary(student_spans: Sequence[Span], teacher_spans: Sequence[Span]) -> int:
-    """The largest byte offset at which a student token and a teacher token both end, no further than
-    either side reaches (0 when they share none)."""
+def _first_end(spans: Sequence[Span]) -> int:
+    """Where the never-predicted first token of a sequence ends, if it lies in the shared text."""
+    return spans[0][1] if spans and spans[0][0] >= 0 else 0
+
+
+def aligned_range(student_spans: Sequence[Span], teacher_spans: Sequence[Span]) -> tuple[int, int]:
+    """[start, end) both sides cover with predicted tokens, start and end token boundaries on both sides
+    (module docstring); (0, 0) when they share none."""
     s_ends = {end for start, end in student_spans if start >= 0}
     t_ends = {end for start, end in teacher_spans if start >= 0}
     if not s_ends or not t_ends:
-        return 0
+        return 0, 0
+    common = s_ends & t_ends
     limit = min(max(s_ends), max(t_ends))
-    return max((end for end in s_ends & t_ends if end <= limit), default=0)
+    end = max((e for e in common if e <= limit), default=0)
+    first = max(_first_end(student_spans), _first_end(teacher_spans))
+    start = 0 if first == 0 else min((e for e in common if e >= first), default=end)
+    return min(start, end), end
 
 
-def _within(spans: Sequence[Span], boundary: int) -> list[Span]:
-    return [span if span[0] >= 0 and span[1] <= boundary else NO_SPAN for span in spans]
+def _within(spans: Sequence[Span], start: int, end: int) -> list[Span]:
+    return [span if span[0] >= start and span[1] <= end else NO_SPAN for span in spans]
 
 
 def tokenize_pairs(
@@ -198,8 +213,8 @@ def tokenize_pairs(
         if example.n_trained == 0:
             continue  # tokenize_records drops it too
         t_ids, t_labels, t_spans = _cut(teacher, teacher_max)
-        boundary = common_boundary(s_spans, t_spans)
-        s_spans, t_spans = _within(s_spans, boundary), _within(t_spans, boundary)
+        start, end = aligned_range(s_spans, t_spans)
+        s_spans, t_spans = _within(s_spans, start, end), _within(t_spans, start, end)
         inside = [i for i, span in enumerate(t_spans) if span[0] >= 0]
         keep = inside[-1] + 1 if inside else len(t_ids)
         t_labels = [
@@ -214,9 +229,10 @@ def tokenize_pairs(
                 student_spans=tuple(s_spans),
                 teacher=teacher_example,
                 teacher_spans=tuple(t_spans[:keep]),
-                shared_bytes=boundary,
+                aligned_start=start,
+                aligned_end=end,
             )
         )
-        aligned = student.shared_text.encode("utf-8")[:boundary]
+        aligned = student.shared_text.encode("utf-8")[start:end]
         digest.update(len(aligned).to_bytes(8, "little") + aligned)
     return PairedData(pairs, digest.hexdigest())

@@ -12,8 +12,8 @@ bytes gives a number two models with different tokenizers can be compared on:
 (`secure_kd.data.paired`): every target token whose span lies in the shared text is scored, and the
 bytes counted are those the scored spans cover. The end-of-sequence token appended after the text
 covers no byte and is not part of it: it is left out unless `include_eos`. With `PairedExample`s both
-sides cover the same bytes (the pair's `shared_bytes`), so a teacher and a student, or two students
-with different tokenizers, are scored on exactly the same text.
+sides cover the same bytes (the pair's `[aligned_start, aligned_end)`), so a teacher and a student,
+or two students with different tokenizers, are scored on exactly the same text.
 """
 
 from __future__ import annotations
