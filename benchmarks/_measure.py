@@ -17,9 +17,12 @@ Where /proc/self/clear_refs cannot be written, the fallback is `ru_maxrss` after
 RSS before it, valid when setup's own peak was below the step's; `memory_method` says which was used.
 Timings on a shared machine are noisy: report the minimum (least disturbed run) next to the median.
 
-Scripts in benchmarks/ run as files (`python benchmarks/NAME.py`) and import this module as `_measure`:
-the installed opacus ships a top-level package named `benchmarks`, so `benchmarks.*` imports would
-find that one instead.
+Scripts in benchmarks/ run as files (`python benchmarks/NAME.py`) and import this module as `_measure`
+(Python puts a script's own directory first on sys.path; nothing edits the path): the installed opacus
+ships a top-level package named `benchmarks`, so `benchmarks.*` imports would find that one instead.
+secure-kd itself is imported from the installed package (`make install`: an editable install of the
+checkout). These helpers stay here, not in the wheel: they measure this checkout's scripts and write
+to its benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import importlib
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -121,21 +123,19 @@ def run_variant_in_subprocess(
 ) -> dict[str, Any]:
     """Run `measure_step` in a fresh interpreter on the step returned by `module:function(**kwargs)`.
 
-    `module` is imported with benchmarks/ and the repository root on the path (e.g. "kd_loss").
+    The child runs this file as a script, so `module` is a script of benchmarks/ (e.g. "kd_loss"); secure-kd
+    itself comes from the installed package (`make install`: an editable install of this checkout).
     `threads`, if given, is passed to `torch.set_num_threads` in the child before setup.
     """
     payload = json.dumps(
         {"target": target, "kwargs": kwargs, "repeats": repeats, "warmup": warmup, "threads": threads}
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), payload],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO_ROOT,
-        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark variant {target} {kwargs} failed:\n{proc.stderr[-4000:]}")

@@ -46,14 +46,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import numpy as np  # noqa: E402
-import safetensors.numpy  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import safetensors.numpy
+import torch
 
-from secure_kd.cache import CodecParams, LogitCache, SyntheticTeacher, TopKCodec, build_cache  # noqa: E402
-from secure_kd.fingerprint import token_dataset_fingerprint  # noqa: E402
+from secure_kd.cache import CodecParams, LogitCache, SyntheticTeacher, TopKCodec, build_cache
+from secure_kd.fingerprint import token_dataset_fingerprint
 
 VOCAB = 49_152
 DISTILLKIT_BYTES_PER_TOKEN = {50: 114.0, 128: 300.0}

@@ -58,21 +58,19 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 # wait for a descheduled partner thread (an index_select of 200 MB measured 1.7-8.7 s instead of 0.5 s at
 # load 11 on 2 cores); passive waiting removes that noise. It must be set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# run as a script from a checkout, the repository root is not on sys.path unless secure-kd is installed
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from _measure import ratio, write_results  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from _measure import ratio, write_results
+from torch import Tensor, nn
 
-from secure_kd.config import KDConfig, TinyModelConfig, TrainConfig  # noqa: E402
-from secure_kd.data import TokenizedExample, collate  # noqa: E402
-from secure_kd.losses import get_loss  # noqa: E402
-from secure_kd.models import build_tiny  # noqa: E402
-from secure_kd.teacher_targets import CachedTeacher, LiveTeacher, shift_labels  # noqa: E402
-from secure_kd.topk import TopKLogits  # noqa: E402
-from secure_kd.trainer import Distiller  # noqa: E402
+from secure_kd.config import KDConfig, TinyModelConfig, TrainConfig
+from secure_kd.data import TokenizedExample, collate
+from secure_kd.losses import get_loss
+from secure_kd.models import build_tiny
+from secure_kd.teacher_targets import CachedTeacher, LiveTeacher, shift_labels
+from secure_kd.topk import TopKLogits
+from secure_kd.trainer import Distiller
 
 LR = 1e-4
 BETA = 0.5

@@ -40,24 +40,21 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from _measure import ratio, run_variant_in_subprocess, write_results  # noqa: E402
+import torch
+from _measure import ratio, run_variant_in_subprocess, write_results
 
-from secure_kd.config import TinyModelConfig  # noqa: E402
-from secure_kd.dp.engine import PrivateStudent  # noqa: E402
-from secure_kd.losses import get_loss  # noqa: E402
-from secure_kd.models import build_tiny  # noqa: E402
-from secure_kd.topk import TopKLogits  # noqa: E402
+from secure_kd.config import TinyModelConfig
+from secure_kd.dp.engine import PrivateStudent
+from secure_kd.losses import get_loss
+from secure_kd.models import build_tiny
+from secure_kd.topk import TopKLogits
 
 VARIANTS = ("non_dp", "hooks", "functorch", "ghost", "ghost_two_pass")
 TARGET_RATIO = 1.5

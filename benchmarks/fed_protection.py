@@ -24,10 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from federation.config import FederatedJob  # noqa: E402
-from federation.run import run_federation  # noqa: E402
+from federation.config import FederatedJob
+from federation.run import run_federation
 
 PROTECTIONS = ("plaintext", "ckks", "secagg+")
 

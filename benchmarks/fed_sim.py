@@ -35,19 +35,16 @@ import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from federation.client_training import evaluate, train_locally  # noqa: E402
-from federation.config import FederatedJob  # noqa: E402
-from federation.run import run_federation  # noqa: E402
-from federation.workspace import OrgWorkspace, flat_parameters, job_data, load_parameters  # noqa: E402
+from federation.client_training import evaluate, train_locally
+from federation.config import FederatedJob
+from federation.run import run_federation
+from federation.workspace import OrgWorkspace, flat_parameters, job_data, load_parameters
 
 
 def make_job(n: int, out: Path, *, local_steps: int, rounds: int, workers: int) -> FederatedJob:

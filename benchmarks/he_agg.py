@@ -39,16 +39,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import tenseal as ts
+from _measure import ratio, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _measure import ratio, write_results  # noqa: E402
-
-from federation import he  # noqa: E402
+from federation import he
 
 
 @dataclass(frozen=True)

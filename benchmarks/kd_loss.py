@@ -28,16 +28,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-
-# run as a script from a checkout, the repository root is not on sys.path unless secure-kd is installed
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _measure import ratio, run_variant_in_subprocess, write_results  # noqa: E402
+from _measure import ratio, run_variant_in_subprocess, write_results
 
 FULL = dict(n_tokens=4096, vocab=49152, hidden=576, k=64)
 QUICK = dict(n_tokens=256, vocab=4096, hidden=64, k=16)

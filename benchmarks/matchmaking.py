@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from functools import cache
@@ -41,10 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from federation.matchmaking import Matchmaker, PairingPolicy, RandomPairing, reward  # noqa: E402
-from federation.profiles import ClientProfile, ProfileLedger, profile_vector, release_profile  # noqa: E402
+from federation.matchmaking import Matchmaker, PairingPolicy, RandomPairing, reward
+from federation.profiles import ClientProfile, ProfileLedger, profile_vector, release_profile
 
 PRIVACY_MODES = {"exact": None, "eps8_once": 8.0, "eps1_once": 1.0, "eps1_every_round": 1.0}
 LOSS_BEFORE = 3.0

@@ -21,22 +21,20 @@ Run: `python benchmarks/experiments/api_hardening.py [--config PATH]`; writes th
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import torch
+from pydantic import Field
+
+from attacks import get_attack
+from attacks.logit_leak import load_victim, random_prompts
+from defenses import get_defense
+from secure_kd.api_defense import ApiDefenseConfig
+from secure_kd.config import ModelConfig, Strict, load_config
+from secure_kd.paths import atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run as a file: opacus ships a top-level package named `benchmarks`
-
-import torch  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-from attacks import get_attack  # noqa: E402
-from attacks.logit_leak import load_victim, random_prompts  # noqa: E402
-from defenses import get_defense  # noqa: E402
-from secure_kd.api_defense import ApiDefenseConfig  # noqa: E402
-from secure_kd.config import ModelConfig, Strict, load_config  # noqa: E402
-from secure_kd.paths import atomic_write_json  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "api_hardening.yaml"
 

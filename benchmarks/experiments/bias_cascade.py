@@ -43,16 +43,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+from pydantic import Field
+
+from attacks import get_attack
+from secure_kd.config import Strict
+from secure_kd.paths import atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run as a file: opacus ships a top-level package named `benchmarks`
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-from attacks import get_attack  # noqa: E402
-from secure_kd.config import Strict  # noqa: E402
-from secure_kd.paths import atomic_write_json  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "bias_cascade.yaml"
 

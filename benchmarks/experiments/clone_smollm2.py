@@ -27,14 +27,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run as a file: opacus ships a top-level package named `benchmarks`
+import torch
+from pydantic import Field
 
-import torch  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-from attacks import clone  # noqa: E402
-from attacks.logit_leak import (  # noqa: E402
+from attacks import clone
+from attacks.logit_leak import (
     bias_queries_per_prompt,
     hidden_size_report,
     load_victim,
@@ -46,11 +43,13 @@ from attacks.logit_leak import (  # noqa: E402
     subspace_geometry,
     true_hidden_size,
 )
-from secure_kd.api import ModelAPI, View  # noqa: E402
-from secure_kd.assets import asset_dir  # noqa: E402
-from secure_kd.config import ModelConfig, Strict, load_config  # noqa: E402
-from secure_kd.models import resolve_device  # noqa: E402
-from secure_kd.paths import atomic_write_json  # noqa: E402
+from secure_kd.api import ModelAPI, View
+from secure_kd.assets import asset_dir
+from secure_kd.config import ModelConfig, Strict, load_config
+from secure_kd.models import resolve_device
+from secure_kd.paths import atomic_write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "clone_smollm2.yaml"
 

@@ -35,14 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+from defenses import get_defense
+from secure_kd.paths import atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run as a file: opacus ships a top-level package named `benchmarks`
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from defenses import get_defense  # noqa: E402
-from secure_kd.paths import atomic_write_json  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "defensive_distillation.yaml"
 PARTS = ("defensive", "adversarial", "adversarial_direct")

@@ -31,26 +31,24 @@ import json
 import logging
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+import transformers
+from pydantic import Field
+
+from attacks.memorization.exposure import measure_canary
+from secure_kd.assets import asset_dir, asset_info
+from secure_kd.config import DistillJob, KDConfig, Strict, TinyModelConfig, TrainConfig, read_yaml
+from secure_kd.data import generate_corpus, tokenize_records, train_tiny_tokenizer
+from secure_kd.distill_job import run_distill
+from secure_kd.models import build_tiny, load_pretrained, load_tokenizer
+from secure_kd.paths import atomic_write_json
+from secure_kd.trainer import Distiller
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run as a file: opacus ships a top-level package named `benchmarks`
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-from attacks.memorization.exposure import measure_canary  # noqa: E402
-from secure_kd.assets import asset_dir, asset_info  # noqa: E402
-from secure_kd.config import DistillJob, KDConfig, Strict, TinyModelConfig, TrainConfig, read_yaml  # noqa: E402
-from secure_kd.data import generate_corpus, tokenize_records, train_tiny_tokenizer  # noqa: E402
-from secure_kd.distill_job import run_distill  # noqa: E402
-from secure_kd.models import build_tiny, load_pretrained, load_tokenizer  # noqa: E402
-from secure_kd.paths import atomic_write_json  # noqa: E402
-from secure_kd.trainer import Distiller  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "dp_opd.yaml"
 Method = Literal["dp_sft", "dp_offline_kd", "dp_opd"]

@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from federation.config import FederatedJob
+from federation.run import run_federation
 
-from federation.config import FederatedJob  # noqa: E402
-from federation.run import run_federation  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _arms(cfg: dict) -> list[tuple[str, dict]]:

@@ -42,89 +42,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run as a file: opacus ships a top-level package named `benchmarks`
+import torch
+from memorization_kd_config import ExperimentConfig, Schedule
+from memorization_kd_probes import MODELS, headline, measure
+from torch import nn
 
-import torch  # noqa: E402
-from pydantic import Field  # noqa: E402
-from torch import nn  # noqa: E402
-
-from attacks._shadow import TrainRecipe, build_model, tokenize_texts, train_causal_lm  # noqa: E402
-from attacks.memorization.extraction import (  # noqa: E402
+from attacks._shadow import TrainRecipe, build_model, tokenize_texts, train_causal_lm
+from attacks.memorization.extraction import (
     TrainingDataIndex,
     sample_generations,
 )
-from secure_kd.config import KDConfig, Strict, TinyModelConfig, TrainConfig, load_config  # noqa: E402
-from secure_kd.data import TokenizedExample, generate_corpus, train_tiny_tokenizer  # noqa: E402
-from secure_kd.models import resolve_device  # noqa: E402
-from secure_kd.paths import atomic_write_json  # noqa: E402
-from secure_kd.teacher_targets import LiveTeacher  # noqa: E402
-from secure_kd.trainer import Distiller  # noqa: E402
+from secure_kd.config import KDConfig, TinyModelConfig, TrainConfig, load_config
+from secure_kd.data import TokenizedExample, generate_corpus, train_tiny_tokenizer
+from secure_kd.models import resolve_device
+from secure_kd.paths import atomic_write_json
+from secure_kd.teacher_targets import LiveTeacher
+from secure_kd.trainer import Distiller
 
-sys.path.insert(1, str(Path(__file__).resolve().parent))
-from memorization_kd_probes import MODELS, headline, measure  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "memorization_kd.yaml"
-
-
-class CorpusSpec(Strict):
-    n_private: int = Field(300, gt=0, description="private records before canaries; half are held out")
-    heldout_fraction: float = Field(0.5, gt=0, lt=1)
-    n_canaries: int = Field(8, ge=1)
-    canary_repeats: list[int] = [1, 1, 2, 2, 4, 4, 8, 8]
-    secret_digits: int = Field(4, ge=1, le=6)
-    n_public: int = Field(300, gt=0, description="public records: tokenizer and base pretraining")
-    n_population: int = Field(200, gt=0, description="public records for RMIA's z")
-
-
-class Schedule(Strict):
-    epochs: float = Field(..., gt=0)
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(3e-3, gt=0)
-
-
-class FineTune(Strict):
-    """One schedule for every fine-tuning run (teacher, baseline, both students, references); each
-    entry of `epochs` is a regime measured separately, from the same pretrained bases."""
-
-    epochs: list[float] = Field([8, 20], min_length=1)
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(3e-3, gt=0)
-
-    def at(self, epochs: float) -> Schedule:
-        return Schedule(epochs=epochs, batch_size=self.batch_size, lr=self.lr)
-
-
-class SoftKD(Strict):
-    loss: str = "forward_kl"
-    temperature: float = Field(2.0, gt=0)
-    scale_by_t2: bool = True
-
-
-class Probes(Strict):
-    prefix_tokens: int = Field(32, gt=0)
-    suffix_tokens: int = Field(16, gt=0)
-    pii_min_chars: int = Field(6, gt=0)
-    rmia_offline_a: float = Field(0.3, ge=0, le=1)
-    extraction_samples: int = Field(128, gt=0)
-    extraction_new_tokens: int = Field(48, gt=0)
-    extraction_top_k: int = Field(40, ge=0)
-
-
-class ExperimentConfig(Strict):
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = Field(1, gt=0, description="torch intra-op threads; tiny models gain nothing from more")
-    out: str = "benchmarks/results/memorization_kd.json"
-    corpus: CorpusSpec = CorpusSpec()
-    tokenizer_vocab: int = Field(512, ge=259)
-    max_length: int = Field(96, ge=16)
-    teacher: TinyModelConfig = TinyModelConfig(hidden_size=128, num_layers=2, num_heads=4)
-    student: TinyModelConfig = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4)
-    pretrain: Schedule = Schedule(epochs=3)
-    finetune: FineTune = FineTune()
-    soft_kd: SoftKD = SoftKD()
-    probes: Probes = Probes()
 
 
 def _recipe(model: TinyModelConfig, schedule: Schedule) -> TrainRecipe:

@@ -1,15 +1,17 @@
 """Per-model measurements and the headline comparison of the memorization_kd experiment.
 
-Imported by `memorization_kd.py` from this directory (see that file for the setup).
+Imported by `memorization_kd.py` from this directory (see that file for the setup); both run as files, so
+this directory is on the path.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from memorization_kd_config import ExperimentConfig
 from torch import nn
 
 from attacks._shadow import example_losses
@@ -23,9 +25,6 @@ from attacks.memorization.extraction import (
     targeted_canary_extraction,
 )
 from secure_kd import metrics
-
-if TYPE_CHECKING:
-    from memorization_kd import ExperimentConfig
 
 MODELS = ("teacher", "baseline", "soft_kd", "hard_kd")
 

@@ -38,15 +38,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))  # run as a file: opacus ships a top-level package named `benchmarks`
+import torch
+from pydantic import Field, model_validator
 
-import torch  # noqa: E402
-from pydantic import Field, model_validator  # noqa: E402
-
-from attacks import get_attack  # noqa: E402
-from defenses._lm import PAD_ID, heldout_perplexity, mean, new_model  # noqa: E402
-from defenses.swing import (  # noqa: E402
+from attacks import get_attack
+from defenses._lm import PAD_ID, heldout_perplexity, mean, new_model
+from defenses.swing import (
     SwingConfig,
     SwingSetting,
     SwingSettings,
@@ -54,11 +51,13 @@ from defenses.swing import (  # noqa: E402
     distil_student,
     scored_examples,
 )
-from secure_kd.config import KDConfig, Strict, TrainConfig, load_config  # noqa: E402
-from secure_kd.dp.config import PrivacyConfig  # noqa: E402
-from secure_kd.dp.trainer import DPDistiller  # noqa: E402
-from secure_kd.paths import atomic_write_json, atomic_write_text  # noqa: E402
-from secure_kd.teacher_targets import LiveTeacher  # noqa: E402
+from secure_kd.config import KDConfig, Strict, TrainConfig, load_config
+from secure_kd.dp.config import PrivacyConfig
+from secure_kd.dp.trainer import DPDistiller
+from secure_kd.paths import atomic_write_json, atomic_write_text
+from secure_kd.teacher_targets import LiveTeacher
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "swing_kd.yaml"
 Arm = Literal["detectors", "oracle"]
