@@ -181,15 +181,24 @@ LossName = str
 class KDConfig(Strict):
     """`kd`: the distillation objective and how the teacher's targets are used.
 
-    `loss` names an objective of `secure_kd.losses` and `params` its own parameters (jsd: beta;
-    skew_*: alpha; token_selective: ratio; taid: t_start, ...); parameters of another objective are
-    refused. `kd_weight` * KD loss + `ce_weight` * cross-entropy on the labels; `teacher_targets`: live
+    `loss` names an objective of `secure_kd.losses` and `params` its own parameters, validated by that
+    objective's typed model (`secure_kd.losses.loss_info(loss).params`; jsd: beta, skew_*: alpha,
+    token_selective: ratio, taid: t_start, ...; `secure-kd validate --schema` lists them per loss):
+    a value out of range, a missing one or one of another objective is refused at `kd.params.<name>`.
+    `kd_weight` * KD loss + `ce_weight` * cross-entropy on the labels; `teacher_targets`: live
     teacher or the offline top-k cache; `mode`: off_policy, on_policy (the student generates a share
     `lmbda` of the batches, GKD) or seq_kd (the teacher's generations are the targets).
     """
 
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, json_schema_extra=lambda s, _: _loss_params_schema(s)
+    )
+
     loss: LossName = "jsd"
-    params: dict[str, Any] = Field(default_factory=dict, description="e.g. {beta: 0.5} for jsd")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the loss's own parameters, e.g. {beta: 0.5} for jsd; each loss's are in allOf below",
+    )
     temperature: float = 1.0
     scale_by_t2: bool = False
     kd_weight: float = Field(1.0, ge=0)
@@ -224,23 +233,19 @@ class KDConfig(Strict):
 
     @model_validator(mode="after")
     def _loss_and_params(self) -> KDConfig:
-        from secure_kd.losses import available_losses
+        from secure_kd.losses import available_losses, loss_info
 
         names = available_losses()
         if self.loss not in names:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(names)}")
-        for key, low, high, closed_high in (("beta", 0.0, 1.0, True), ("alpha", 0.0, 1.0, False)):
-            if key in self.params:
-                value = self.params[key]
-                ok = (
-                    isinstance(value, int | float)
-                    and low <= value
-                    and (value <= high if closed_high else value < high)
-                )
-                if not ok:
-                    bracket = "]" if closed_high else ")"
-                    raise ValueError(f"params.{key}={value!r} must be a number in [{low}, {high}{bracket}")
-        _check_loss_params(self.loss, self.params)
+        if loss_info(self.loss).inputs != "logits":
+            raise ValueError(
+                f"loss {self.loss!r} matches hidden states, and distillation here compares logits; choose "
+                "a logit objective such as jsd, forward_kl or reverse_kl"
+            )
+        # typed as the loss's model gives them (an int for a float becomes a float); the keys as given.
+        # Set without re-validation: this validator also runs on every assignment to the model.
+        self.__dict__["params"] = _checked_loss_params(self.loss, self.params)
         if self.teacher_targets == "cache" and self.top_k is None:
             raise ValueError(
                 "a cache stores the teacher's top-k: set top_k (e.g. 64) with teacher_targets: cache"
@@ -262,40 +267,82 @@ _TRAINER_ARGUMENTS = frozenset(
 
 
 def loss_parameters(name: str) -> dict[str, Any]:
-    """The `kd.params` an objective takes: name -> default (`inspect.Parameter.empty` when required)."""
-    import inspect
+    """The `kd.params` an objective takes (its params model's fields): name -> default
+    (`inspect.Parameter.empty` when required). The trainer's arguments (`_TRAINER_ARGUMENTS`) and the
+    per-batch inputs of uld / span_aligned (`CROSS_TOKENIZER_ARGUMENTS`) are never among them."""
+    from secure_kd.losses import loss_info
+    from secure_kd.losses.params import param_defaults
 
-    from secure_kd.losses import CROSS_TOKENIZER_ARGUMENTS, get_loss, loss_info
-
-    entry = get_loss(name)
-    signature = inspect.signature(entry.__init__ if loss_info(name).stateful else entry)
-    supplied = _TRAINER_ARGUMENTS | CROSS_TOKENIZER_ARGUMENTS  # per-batch inputs of uld / span_aligned
-    return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.name not in supplied and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    return param_defaults(loss_info(name).params)
 
 
-def _check_loss_params(loss: str, params: dict[str, Any]) -> None:
-    """`kd.params` must be parameters of `kd.loss`: switching the loss (`--set kd.loss=reverse_kl` on a
-    config written for jsd) must not carry the old loss's parameters into a call that rejects them."""
-    import inspect
+def _checked_loss_params(loss: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`kd.params` validated by `kd.loss`'s params model, or a ValidationError with one entry per
+    problem at `kd.params.<name>`. Parameters of another objective are refused: switching the loss
+    (`--set kd.loss=reverse_kl` on a config written for jsd) must not carry the old loss's parameters
+    into a call that rejects them."""
+    import json
 
-    takes = loss_parameters(loss)
-    unknown = sorted(set(params) - set(takes))
-    if unknown:
-        listed = ", ".join(takes) if takes else "no parameters"
-        keep = {k: v for k, v in params.items() if k in takes}
-        fix = "--set kd.params={}" if not keep else f"--set 'kd.params={keep}'"
-        raise ValueError(
-            f"params {unknown} do not apply to loss {loss!r}, which takes {listed}; they belong to another "
-            f"objective. Remove them from kd.params (on the command line: {fix})"
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    from secure_kd.losses import loss_info
+    from secure_kd.losses.params import describe_param, describe_params, param_problems
+
+    model = loss_info(loss).params
+    problems = param_problems(model, params)
+    if not problems:
+        return model.model_validate(params).model_dump(include=set(params))
+    errors: list[InitErrorDetails] = []
+
+    def error(loc: tuple[str, ...], message: str, value: Any) -> None:
+        # type "value_error": `_message` shows the text as it is; "{msg}" keeps braces in it literal
+        errors.append(
+            InitErrorDetails(
+                type=PydanticCustomError("value_error", "{msg}", {"msg": message}), loc=loc, input=value
+            )
         )
-    required = [k for k, default in takes.items() if default is inspect.Parameter.empty]
-    missing = sorted(k for k in required if k not in params)
-    if missing:
-        raise ValueError(f"loss {loss!r} needs kd.params {missing}, e.g. params: {{{missing[0]}: ...}}")
+
+    unknown = sorted(p.field for p in problems if p.kind == "unknown")  # type: ignore[type-var]
+    if unknown:
+        keep = ", ".join(f"{k}: {json.dumps(v)}" for k, v in params.items() if k not in unknown)
+        fix = f"--set 'kd.params={{{keep}}}'" if keep else "--set kd.params={}"
+        error(
+            ("params",),
+            f"params {unknown} do not apply to loss {loss!r}, which takes {describe_params(model)}; they "
+            f"belong to another objective. Remove them from kd.params (on the command line: {fix})",
+            params,
+        )
+    for p in problems:
+        if p.kind == "unknown":
+            continue
+        if p.field is None:
+            error(("params",), f"{p.reason} (loss {loss!r})", params)
+            continue
+        field = model.model_fields[p.field]
+        example = "<value>" if field.is_required() else json.dumps(field.default)  # YAML, as --set reads
+        said = "is required" if p.kind == "missing" else f"{p.reason} (got {p.value!r})"
+        error(
+            ("params", p.field),
+            f"{said}; loss {loss!r} takes {describe_param(model, p.field)} "
+            f"(e.g. --set kd.params.{p.field}={example})",
+            p.value,
+        )
+    raise ValidationError.from_exception_data("KDConfig", errors)
+
+
+def _loss_params_schema(schema: dict[str, Any]) -> None:
+    """JSON schema of `kd`: `loss` lists the objectives; `params` follows the chosen loss's model."""
+    from secure_kd.losses import available_losses, loss_info
+
+    names = [n for n in available_losses() if loss_info(n).inputs == "logits"]
+    schema["properties"]["loss"]["enum"] = names
+    schema["allOf"] = [
+        {
+            "if": {"properties": {"loss": {"const": name}}, "required": ["loss"]},
+            "then": {"properties": {"params": loss_info(name).params.model_json_schema()}},
+        }
+        for name in names
+    ]
 
 
 class TrainConfig(Strict):

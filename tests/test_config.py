@@ -39,7 +39,7 @@ def test_defaults_and_override_types(tmp_path):
         ("train: {batch_size: eight}\n", [], "train.batch_size", "integer"),  # 3 wrong type
         ("kd: {temperature: 0}\n", [], "kd.temperature", "> 0"),  # 4 temperature <= 0
         ("kd: {temperature: -2}\n", [], "kd.temperature", "> 0"),  # 5 negative temperature
-        ("kd: {loss: jsd, params: {beta: 1.5}}\n", [], "kd", "beta"),  # 6 beta outside [0, 1]
+        ("kd: {loss: jsd, params: {beta: 1.5}}\n", [], "kd.params.beta", "[0, 1]"),  # 6 beta outside [0, 1]
         ("kd: {loss: not_a_loss}\n", [], "kd", "unknown loss"),  # 7 unknown objective
         ("data: {train: /no/such/file.jsonl}\n", [], "data.train", "does not exist"),  # 8 missing file
         ("student: {source: /no/such/dir}\n", [], "student", "neither"),  # 9 missing model dir

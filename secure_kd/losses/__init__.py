@@ -18,6 +18,15 @@ lists the names. `loss_info(name)` (also `get_loss(name).loss_info`) says how to
   total_steps)` once per optimizer step; `hidden_mse` -> `HiddenMSE(student_dim, teacher_dim)`, called
   with hidden states (`inputs="hidden"`).
 
+Parameters: each entry declares them as a typed pydantic model (`loss_info(name).params`, a
+`LossParams`; see `params.py`), which checks them in a direct call, in `fused_linear_kd_loss` and in
+the config's `kd.params`; `check_params(name, values)` validates a mapping.
+
+A new objective: `@autograd_loss(name, params=...)` on a per-token function of the student's and the
+teacher's log-probabilities (or of the logits) registers a full logit objective whose gradient comes
+from autograd, chunk by chunk (`autograd.py`, docs/extending.md); the built-ins above have
+hand-derived chunked gradients.
+
 Conventions shared by all logit objectives: logits [batch, seq, vocab] or [batch, classes]; labels
 -100 excluded, never shifted here; "mean" over kept tokens, "none" per-example means [batch], "sum";
 logits divided by the temperature, never multiplied by temperature**2; `teacher_logits` may be a
@@ -26,13 +35,15 @@ processed in chunks in forward and backward (see `chunked.py`); `fused_linear_kd
 the output layer so the student's logits are never materialized.
 """
 
-from secure_kd.losses.catalog import LOSSES, LossInfo, loss_info
+from secure_kd.losses.autograd import TokenDists, TokenLogits, autograd_loss
+from secure_kd.losses.catalog import LOSSES, LossInfo, check_params, loss_info
 from secure_kd.losses.ce import ce
 from secure_kd.losses.cross_inputs import CROSS_TOKENIZER_ARGUMENTS
 from secure_kd.losses.forward_kl import forward_kl
 from secure_kd.losses.fused import fused_linear_kd_loss
 from secure_kd.losses.hidden_mse import HiddenMSE
 from secure_kd.losses.jsd import jsd
+from secure_kd.losses.params import LossParams, LossParamsError, NoParams
 from secure_kd.losses.reverse_kl import reverse_kl
 from secure_kd.losses.skew_forward_kl import skew_forward_kl
 from secure_kd.losses.skew_reverse_kl import skew_reverse_kl
@@ -62,6 +73,13 @@ __all__ = [
     "CROSS_TOKENIZER_ARGUMENTS",
     "LOSSES",
     "LossInfo",
+    "LossParams",
+    "LossParamsError",
+    "NoParams",
+    "TokenDists",
+    "TokenLogits",
+    "autograd_loss",
+    "check_params",
     "TopKLogits",
     "available_losses",
     "get_loss",

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from secure_kd.losses.params import LossParams, NoParams
 from secure_kd.registry import Registry
 
 LOSSES: Registry[Any] = Registry("loss")
@@ -30,6 +31,9 @@ class LossInfo:
                      "optional" (`uld`: takes `alignment=`, `teacher_labels=`, `vocab=` for a teacher
                      with another tokenizer, pairs positions in order without them) or "required"
                      (`span_aligned`). See `secure_kd/losses/cross_inputs.py`.
+    params:          the objective's typed parameters (a `LossParams` model; `NoParams` when it takes
+                     none): what `kd.params` is validated by, and the keyword arguments of the call
+                     (or, for a stateful entry, of its constructor). See `params.py`.
     """
 
     name: str
@@ -39,6 +43,7 @@ class LossInfo:
     sparse_teacher: bool
     kernel_factory: Callable[..., Any] | None
     cross_tokenizer: Literal["none", "optional", "required"] = "none"
+    params: type[LossParams] = NoParams
 
 
 _INFO: dict[str, LossInfo] = {}
@@ -53,12 +58,15 @@ def register_loss(
     sparse_teacher: bool = True,
     kernel_factory: Callable[..., Any] | None = None,
     cross_tokenizer: Literal["none", "optional", "required"] = "none",
+    params: type[LossParams] = NoParams,
 ) -> Callable[[Obj], Obj]:
     """Decorator: register an objective and attach its `LossInfo` as `obj.loss_info`."""
+    if not (isinstance(params, type) and issubclass(params, LossParams)):
+        raise TypeError(f"loss {name!r}: params must be a LossParams subclass (got {params!r})")
 
     def decorator(obj: Obj) -> Obj:
         info = LossInfo(
-            name, stateful, inputs, needs_teacher, sparse_teacher, kernel_factory, cross_tokenizer
+            name, stateful, inputs, needs_teacher, sparse_teacher, kernel_factory, cross_tokenizer, params
         )
         LOSSES.register(name, obj)
         _INFO[name] = info
@@ -71,3 +79,10 @@ def register_loss(
 def loss_info(name: str) -> LossInfo:
     LOSSES.get(name)  # raises the registry's "unknown loss ..., available: ..." error
     return _INFO[name]
+
+
+def check_params(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` validated by the objective's params model: the given keys only, typed (an int given for a
+    float comes back as a float); a `LossParamsError` naming each bad key and its range otherwise."""
+    model = loss_info(name).params
+    return model.checked(name, **values).model_dump(include=set(values))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from secure_kd.losses.catalog import LOSSES, loss_info
+from secure_kd.losses.catalog import LOSSES, check_params, loss_info
 from secure_kd.losses.chunked import chunk_loss_and_grad
 from secure_kd.losses.functional import TokenKernel
 from secure_kd.losses.inputs import (
@@ -119,10 +119,7 @@ def _fusable_kernel(loss: str, params: dict) -> tuple[TokenKernel, bool]:
             f"loss {loss!r} cannot be fused (it has state or selects tokens across the chunk); "
             f"fusable: {', '.join(fusable)}. Use the unfused objective on the logits instead."
         )
-    try:
-        kernel = info.kernel_factory(**params)
-    except TypeError as err:
-        raise ValueError(f"unexpected parameters for loss {loss!r}: {sorted(params)} ({err})") from None
+    kernel = info.kernel_factory(**check_params(loss, params))  # LossParamsError names a bad or unknown one
     return kernel, not info.needs_teacher
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import Tensor, nn
 
 from secure_kd.losses.catalog import register_loss
 from secure_kd.losses.chunked import reduce_token_losses
 from secure_kd.losses.inputs import TokenLayout, check_reduction
+from secure_kd.losses.params import LossParams
 
 
-@register_loss("hidden_mse", stateful=True, inputs="hidden", sparse_teacher=False)
+class HiddenMSEParams(LossParams):
+    """The arguments of `HiddenMSE(...)`."""
+
+    student_dim: int = Field(gt=0, description="the student's hidden width (input of the projection)")
+    teacher_dim: int = Field(gt=0, description="the teacher's hidden width (output of the projection)")
+    bias: bool = Field(True, description="the projection has a bias")
+
+
+@register_loss("hidden_mse", stateful=True, inputs="hidden", sparse_teacher=False, params=HiddenMSEParams)
 class HiddenMSE(nn.Module):
     """MSE between `proj(student_hidden)` and `teacher_hidden`, with a learned Linear projection.
 
@@ -26,10 +36,8 @@ class HiddenMSE(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int, bias: bool = True) -> None:
         super().__init__()
-        for name, dim in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
-            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-                raise ValueError(f"{name} must be a positive int (the hidden width), got {dim!r}")
-        self.proj = nn.Linear(student_dim, teacher_dim, bias=bias)
+        p = HiddenMSEParams.checked("hidden_mse", student_dim=student_dim, teacher_dim=teacher_dim, bias=bias)
+        self.proj = nn.Linear(p.student_dim, p.teacher_dim, bias=p.bias)
 
     def forward(
         self,

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import Tensor
 
 from secure_kd.losses.base import logit_objective, with_common_args_doc
 from secure_kd.losses.catalog import register_loss
 from secure_kd.losses.forward_kl import forward_kl_kernel
 from secure_kd.losses.functional import TokenKernel, clamp_logs_, kl_sum, mixture_, row_dot
-from secure_kd.losses.inputs import check_fraction
+from secure_kd.losses.params import LossParams
 from secure_kd.losses.reverse_kl import reverse_kl_kernel
 from secure_kd.losses.targets import ChunkProbs
 from secure_kd.topk import TopKLogits
 
 
+class JSDParams(LossParams):
+    beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="weight of the teacher in the mixture m = beta*teacher + (1-beta)*student; "
+        "0 is KL(teacher||student), 1 is KL(student||teacher) (TRL's convention)",
+    )
+
+
 def jsd_kernel(beta: float = 0.5) -> TokenKernel:
-    beta = check_fraction("beta", beta)
+    beta = JSDParams.checked("jsd", beta=beta).beta
     # the endpoints are not limits of the mixture formula (it tends to 0 there): TRL defines them
     if beta == 0.0:
         return forward_kl_kernel()
@@ -37,7 +48,7 @@ def jsd_kernel(beta: float = 0.5) -> TokenKernel:
     return kernel
 
 
-@register_loss("jsd", kernel_factory=jsd_kernel)
+@register_loss("jsd", kernel_factory=jsd_kernel, params=JSDParams)
 @with_common_args_doc
 def jsd(
     student_logits: Tensor,

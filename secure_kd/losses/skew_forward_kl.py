@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from secure_kd.losses.base import logit_objective, with_common_args_doc
 from secure_kd.losses.catalog import register_loss
 from secure_kd.losses.forward_kl import forward_kl_kernel
 from secure_kd.losses.functional import TokenKernel, clamp_logs_, kl_sum, mixture_, through_softmax_
-from secure_kd.losses.inputs import check_fraction
+from secure_kd.losses.params import LossParams
 from secure_kd.losses.targets import ChunkProbs
 from secure_kd.topk import TopKLogits
 
 
+class SkewForwardKLParams(LossParams):
+    alpha: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="weight of the teacher in the mixture alpha*teacher + (1-alpha)*student "
+        "(DistiLLM's skew); 0 is the forward KL",
+    )
+
+
 def skew_forward_kl_kernel(alpha: float = 0.1) -> TokenKernel:
-    alpha = check_fraction("alpha", alpha, high_open=True)
+    alpha = SkewForwardKLParams.checked("skew_forward_kl", alpha=alpha).alpha
     if alpha == 0.0:
         return forward_kl_kernel()
 
@@ -33,7 +44,7 @@ def skew_forward_kl_kernel(alpha: float = 0.1) -> TokenKernel:
     return kernel
 
 
-@register_loss("skew_forward_kl", kernel_factory=skew_forward_kl_kernel)
+@register_loss("skew_forward_kl", kernel_factory=skew_forward_kl_kernel, params=SkewForwardKLParams)
 @with_common_args_doc
 def skew_forward_kl(
     student_logits: Tensor,

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from secure_kd.losses.base import logit_objective, with_common_args_doc
 from secure_kd.losses.catalog import register_loss
 from secure_kd.losses.functional import TokenKernel, clamp_logs_, mixture_, row_dot, through_softmax_
-from secure_kd.losses.inputs import check_fraction
+from secure_kd.losses.params import LossParams
 from secure_kd.losses.reverse_kl import reverse_kl_kernel
 from secure_kd.losses.targets import ChunkProbs
 from secure_kd.topk import TopKLogits
 
 
+class SkewReverseKLParams(LossParams):
+    alpha: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="weight of the student in the mixture alpha*student + (1-alpha)*teacher "
+        "(DistiLLM's skew); 0 is the reverse KL",
+    )
+
+
 def skew_reverse_kl_kernel(alpha: float = 0.1) -> TokenKernel:
-    alpha = check_fraction("alpha", alpha, high_open=True)
+    alpha = SkewReverseKLParams.checked("skew_reverse_kl", alpha=alpha).alpha
     if alpha == 0.0:
         return reverse_kl_kernel()
 
@@ -36,7 +47,7 @@ def skew_reverse_kl_kernel(alpha: float = 0.1) -> TokenKernel:
     return kernel
 
 
-@register_loss("skew_reverse_kl", kernel_factory=skew_reverse_kl_kernel)
+@register_loss("skew_reverse_kl", kernel_factory=skew_reverse_kl_kernel, params=SkewReverseKLParams)
 @with_common_args_doc
 def skew_reverse_kl(
     student_logits: Tensor,

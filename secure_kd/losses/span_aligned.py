@@ -40,13 +40,14 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from secure_kd.cross_tokenizer.alignment import TokenAlignment
 from secure_kd.cross_tokenizer.vocab import VocabPair
 from secure_kd.losses.catalog import register_loss
 from secure_kd.losses.cross_inputs import PROB_FLOOR, merged_groups, reduce_groups, sorted_l1
-from secure_kd.losses.inputs import check_fraction
+from secure_kd.losses.params import LossParams
 from secure_kd.topk import TopKLogits
 
 
@@ -73,26 +74,30 @@ def binary_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq)
 
 
-def _check_weights(matched: float | None, unmatched: float | None) -> tuple[float, float] | None:
-    if (matched is None) != (unmatched is None):
-        raise ValueError(
-            "give matched_weight and unmatched_weight both (fixed weights) or neither (weights adapted "
-            f"to the vocabulary overlap); got matched_weight={matched}, unmatched_weight={unmatched}"
-        )
-    if matched is None:
-        return None
-    for name, value in (("matched_weight", matched), ("unmatched_weight", unmatched)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(matched), float(unmatched)
+class SpanAlignedParams(LossParams):
+    beta: float = Field(0.5, ge=0, le=1, description="JSD weight on the shared tokens (TRL's convention)")
+    matched_weight: float | None = Field(
+        None,
+        ge=0,
+        description="weight of the exact term; null (with unmatched_weight null): adapted to the overlap",
+    )
+    unmatched_weight: float | None = Field(
+        None, ge=0, description="weight of the sorted term; give both or neither"
+    )
+    likelihood_weight: float = Field(0.0, ge=0, description="weight of the group-text likelihood term (ALM)")
+
+    @model_validator(mode="after")
+    def _both_weights_or_neither(self) -> SpanAlignedParams:
+        if (self.matched_weight is None) != (self.unmatched_weight is None):
+            raise ValueError(
+                "give matched_weight and unmatched_weight both (fixed weights) or neither (weights adapted "
+                f"to the vocabulary overlap); got matched_weight={self.matched_weight}, "
+                f"unmatched_weight={self.unmatched_weight}"
+            )
+        return self
 
 
-@register_loss("span_aligned", sparse_teacher=True, cross_tokenizer="required")
+@register_loss("span_aligned", sparse_teacher=True, cross_tokenizer="required", params=SpanAlignedParams)
 def span_aligned(
     student_logits: Tensor,
     teacher_logits: Tensor | TopKLogits,
@@ -116,14 +121,15 @@ def span_aligned(
     beta in [0, 1]; weights as in the module docstring; chunk_size has no effect (shared signature).
     """
     del chunk_size
-    beta = check_fraction("beta", beta)
-    fixed = _check_weights(matched_weight, unmatched_weight)
-    if (
-        isinstance(likelihood_weight, bool)
-        or not isinstance(likelihood_weight, int | float)
-        or not (math.isfinite(likelihood_weight) and likelihood_weight >= 0)
-    ):
-        raise ValueError(f"likelihood_weight must be a finite number >= 0, got {likelihood_weight!r}")
+    params = SpanAlignedParams.checked(
+        "span_aligned",
+        beta=beta,
+        matched_weight=matched_weight,
+        unmatched_weight=unmatched_weight,
+        likelihood_weight=likelihood_weight,
+    )
+    beta, likelihood_weight = params.beta, params.likelihood_weight
+    fixed = None if params.matched_weight is None else (params.matched_weight, params.unmatched_weight)
     if not isinstance(vocab, VocabPair):
         raise ValueError(
             "span_aligned needs vocab= (a secure_kd.cross_tokenizer.VocabPair, e.g. "

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from secure_kd.losses.base import logit_objective
 from secure_kd.losses.catalog import register_loss
 from secure_kd.losses.functional import TokenKernel, clamp_logs_, kl_sum
 from secure_kd.losses.inputs import check_fraction
+from secure_kd.losses.params import LossParams
 from secure_kd.losses.targets import ChunkProbs, log_softmax_
 from secure_kd.topk import TopKLogits
 
@@ -41,7 +43,23 @@ def taid_kernel(t: float) -> TokenKernel:
     return kernel
 
 
-@register_loss("taid", stateful=True)
+class TAIDParams(LossParams):
+    """The arguments of `TAID(...)`."""
+
+    t_start: float = Field(0.4, ge=0, lt=1, description="interpolation weight of the teacher at step 0")
+    t_end: float = Field(1.0, gt=0, le=1, description="the most t reaches (at the end of the schedule)")
+    alpha: float = Field(5e-4, ge=0, le=1, description="step size of the adaptive update of t")
+    beta: float = Field(0.99, ge=0, le=1, description="momentum of the relative loss change")
+    adaptive: bool = Field(True, description="false: t follows the linear schedule only")
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> TAIDParams:
+        if self.t_start > self.t_end:
+            raise ValueError(f"t_start={self.t_start} must be <= t_end={self.t_end}")
+        return self
+
+
+@register_loss("taid", stateful=True, params=TAIDParams)
 class TAID(nn.Module):
     """TAID objective with its adaptive interpolation parameter `t` (a buffer, saved in state_dict).
 
@@ -73,14 +91,11 @@ class TAID(nn.Module):
         adaptive: bool = True,
     ) -> None:
         super().__init__()
-        check_fraction("t_start", t_start, high_open=True)
-        check_fraction("t_end", t_end, low_open=True)
-        if t_start > t_end:
-            raise ValueError(f"t_start={t_start} must be <= t_end={t_end}")
-        self.t_start, self.t_end = float(t_start), float(t_end)
-        self.alpha = check_fraction("alpha", alpha)
-        self.beta = check_fraction("beta", beta)
-        self.adaptive = bool(adaptive)
+        p = TAIDParams.checked(
+            "taid", t_start=t_start, t_end=t_end, alpha=alpha, beta=beta, adaptive=adaptive
+        )
+        self.t_start, self.t_end = p.t_start, p.t_end
+        self.alpha, self.beta, self.adaptive = p.alpha, p.beta, p.adaptive
         self.register_buffer("t", torch.tensor(self.t_start, dtype=torch.float64))
         self.register_buffer("prev_loss", torch.tensor(math.inf, dtype=torch.float64))
         self.register_buffer("momentum", torch.tensor(0.0, dtype=torch.float64))

@@ -8,17 +8,28 @@ student. The exact rule below is secure-kd's own.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from secure_kd.losses.base import token_losses_and_aux, with_common_args_doc
 from secure_kd.losses.catalog import register_loss
 from secure_kd.losses.forward_kl import forward_kl_kernel
 from secure_kd.losses.functional import clamp_logs_, entropy
-from secure_kd.losses.inputs import TokenLayout, check_fraction
+from secure_kd.losses.inputs import TokenLayout
+from secure_kd.losses.params import LossParams
 from secure_kd.losses.targets import ChunkProbs
 from secure_kd.topk import TopKLogits
 
 _forward_kl = forward_kl_kernel()
+
+
+class TokenSelectiveParams(LossParams):
+    ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of each example's kept tokens to select (those with the largest gap)",
+    )
 
 
 def _kl_and_entropy_gap(c: ChunkProbs, want_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -56,7 +67,7 @@ def _reduce_selected(losses: Tensor, selected: Tensor, layout: TokenLayout, redu
     return totals / counts.clamp_min(1)
 
 
-@register_loss("token_selective")
+@register_loss("token_selective", params=TokenSelectiveParams)
 @with_common_args_doc
 def token_selective(
     student_logits: Tensor,
@@ -85,7 +96,7 @@ def token_selective(
 
     ratio: fraction of each example's kept tokens to select, in (0, 1].
     """
-    ratio = check_fraction("ratio", ratio, low_open=True)
+    ratio = TokenSelectiveParams.checked("token_selective", ratio=ratio).ratio
     losses, gaps, layout = token_losses_and_aux(
         _kl_and_entropy_gap,
         student_logits,
