@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -20,6 +21,10 @@ from secure_kd.config import LoraConfig, ModelConfig, TinyModelConfig
 from secure_kd.seeding import seeded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# transformers builds the model on the meta device through process-wide state: two threads loading at
+# once can get each other's empty tensors ("Cannot copy out of meta tensor"). Loads take turns.
+_LOADING = threading.Lock()
 
 
 class ModelLoadError(ValueError):
@@ -140,9 +145,10 @@ def load_pretrained(
                 f"{exc}. For the SmolLM2 asset: `secure-kd assets fetch-smollm2 --force` converts it again"
             ) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        with _LOADING:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError, SafetensorError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {exc}") from None
     return model

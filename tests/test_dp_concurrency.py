@@ -86,7 +86,9 @@ def test_two_processes_training_on_one_dataset_never_exceed_its_budget(tmp_path)
     allowed = steps_that_fit(q, delta)
     assert allowed < STEPS  # alone, one run would stop here; together they must share it
     history = Ledger.open(KEY, tmp_path / "ledgers").history()
-    assert len(history) == 2 and all(s > 0 for _, _, s in history)
+    # Both runs usually share the budget; on a loaded machine one may reserve every step before the other
+    # takes its first (it then records no entry). Either way the total is exactly the budget.
+    assert 1 <= len(history) <= 2 and all(s > 0 for _, _, s in history)
     assert sum(s for _, _, s in history) == allowed  # not one step more, and none left unused
     assert stepped(history, delta) <= TARGET
     for name in ("a", "b"):
