@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,7 +14,13 @@ from secure_kd.config import TinyModelConfig
 from secure_kd.cross_tokenizer import VocabPair
 from secure_kd.data import collate, generate_corpus, train_tiny_tokenizer
 from secure_kd.data.paired import tokenize_pairs
-from secure_kd.evaluate import bits_per_byte, cross_tokenizer_agreement, paired_batches, teacher_agreement
+from secure_kd.evaluate import (
+    bits_per_byte,
+    cross_tokenizer_agreement,
+    paired_batches,
+    teacher_agreement,
+    top1_predictions,
+)
 from secure_kd.models import build_tiny
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)
@@ -53,6 +60,9 @@ def test_bits_per_byte_by_hand(byte_tok):
     assert out["bits_per_byte"] == pytest.approx((3 + 22) / 4, rel=1e-6)
     assert out["byte_perplexity"] == pytest.approx(2 ** ((3 + 22) / 4), rel=1e-6)
     assert out["nll"] == pytest.approx(25 * math.log(2), rel=1e-6)
+    rows = bits_per_byte(model, batches, eos_id=eos, per_example=True)
+    assert rows["example_bytes"] == [2, 2]
+    assert rows["example_nll"] == pytest.approx([3 * math.log(2), 22 * math.log(2)], rel=1e-6)
     # the end of sequence covers no byte: with include_eos it adds 2 * 3 bits and no byte
     with_eos = bits_per_byte(model, batches, eos_id=eos, include_eos=True)
     assert with_eos["bits_per_byte"] == pytest.approx((3 + 22 + 6) / 4, rel=1e-6)
@@ -80,9 +90,11 @@ def test_two_tokenizers_are_scored_on_the_same_bytes():
 def test_one_tokenizer_agreement_is_teacher_agreement():
     records = list(generate_corpus(10, seed=2, n_canaries=0).records)
     tok = train_tiny_tokenizer([r["text"] for r in records], 350)
-    student, teacher = build_tiny(TINY, len(tok), seed=3), build_tiny(TINY, len(tok), seed=4)
+    student = build_tiny(TINY, len(tok), seed=3)
+    teacher = copy.deepcopy(student)  # the student, its output layer perturbed: agreement in (0, 1)
+    noise = torch.randn(teacher.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        teacher.lm_head.weight.copy_(student.lm_head.weight + 0.02 * torch.randn_like(student.lm_head.weight))
+        teacher.lm_head.weight.add_(0.5 * teacher.lm_head.weight.std() * noise)
     paired = tokenize_pairs(records, tok, tok, max_length=48)
     vocab = VocabPair.from_tokenizers(tok, tok, student_width=len(tok), teacher_width=len(tok))
     cross = cross_tokenizer_agreement(
@@ -133,3 +145,14 @@ def test_agreement_compares_bytes_and_the_end_of_sequence_across_tokenizers():
     assert agreement("e", "t")["top1_agreement"] == 0.0
     assert agreement("<|stop|>", "<|endoftext|>")["top1_agreement"] == 1.0  # both: "the text ends"
     assert 0.0 < agreement("e", "e")["coverage"] < 1.0
+    # the teacher's predictions computed once give the same answer as the teacher model
+    teacher = constant(tok_a, "e")
+    once = top1_predictions(teacher, [p.teacher for p in paired.pairs], real_size=len(tok_a), pad_id=0)
+    assert all(len(t) == len(p.teacher) for t, p in zip(once, paired.pairs, strict=True))
+    kwargs = dict(
+        student_tokenizer=tok_b, teacher_tokenizer=tok_a, vocab=vocab, student_pad_id=0, teacher_pad_id=0
+    )
+    student = constant(tok_b, "e")
+    assert cross_tokenizer_agreement(student, once, paired.pairs, **kwargs) == cross_tokenizer_agreement(
+        student, teacher, paired.pairs, **kwargs
+    )

@@ -3,7 +3,7 @@ and canary exposure; bits per byte and agreement across tokenizers."""
 
 from secure_kd.evaluate.bytes import bits_per_byte, paired_batches
 from secure_kd.evaluate.candidates import canary_exposure, score_candidates
-from secure_kd.evaluate.cross_agreement import cross_tokenizer_agreement
+from secure_kd.evaluate.cross_agreement import cross_tokenizer_agreement, top1_predictions
 from secure_kd.evaluate.language_model import per_example_loss, perplexity, teacher_agreement
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "perplexity",
     "score_candidates",
     "teacher_agreement",
+    "top1_predictions",
 ]

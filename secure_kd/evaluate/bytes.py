@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,16 +57,20 @@ def bits_per_byte(
     eos_id: int | None = None,
     include_eos: bool = False,
     device: str | torch.device | None = None,
-) -> dict[str, float | int]:
+    per_example: bool = False,
+) -> dict[str, Any]:
     """Bits per byte and per-byte perplexity of `model` on the text the batches' byte spans cover.
 
     Batches hold input_ids, attention_mask, labels and `byte_spans` (see `paired_batches`). A position
     t is scored when its target (token t + 1) has a label and a span in the text; a zero-width target
     equal to `eos_id` (the appended end of sequence) only with `include_eos`. Returns `bits_per_byte`,
-    `byte_perplexity`, `nll` (total, nats), `bytes` and `tokens` (scored).
+    `byte_perplexity`, `nll` (total, nats), `bytes` and `tokens` (scored); with `per_example`, also
+    `example_nll` and `example_bytes`, one entry per row of the batches in order (for paired bootstraps).
     """
     target = resolve_device(model, device)
     total_nll, total_bytes, total_tokens = 0.0, 0, 0
+    example_nll: list[float] = []
+    example_bytes: list[int] = []
     with evaluation_mode(model):
         for index, raw in enumerate(batches):
             if "byte_spans" not in raw:
@@ -82,16 +87,23 @@ def bits_per_byte(
                 keep &= ~((next_ids == eos_id) & (width == 0))
             log_probs = torch.log_softmax(logits, dim=-1)
             nll = -log_probs.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
-            total_nll += float(nll[keep].double().sum())
-            total_bytes += int(width[keep].sum())
+            row_nll = nll.double().masked_fill(~keep, 0.0).sum(-1)
+            row_bytes = width.masked_fill(~keep, 0).sum(-1)
+            example_nll += row_nll.tolist()
+            example_bytes += row_bytes.tolist()
+            total_nll += float(row_nll.sum())
+            total_bytes += int(row_bytes.sum())
             total_tokens += int(keep.sum())
     if total_bytes == 0:
         raise ValueError("no text to score: no target token has a byte span (or every label is -100)")
     nats_per_byte = total_nll / total_bytes
-    return {
+    out: dict[str, Any] = {
         "bits_per_byte": nats_per_byte / math.log(2),
         "byte_perplexity": math.exp(nats_per_byte),
         "nll": total_nll,
         "bytes": total_bytes,
         "tokens": total_tokens,
     }
+    if per_example:
+        out.update(example_nll=example_nll, example_bytes=example_bytes)
+    return out
