@@ -345,3 +345,10 @@ def test_a_cross_tokenizer_job_resumes(tmp_path):
     again = base + [f"out={tmp_path / 'r'}", "train.max_steps=6"]
     resumed = run_distill(load_config("configs/tiny.yaml", again), resume=True, **QUIET)
     assert resumed.resumed_from == 3 and resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+
+
+def test_the_example_config_validates_and_names_the_fix_for_jsd():
+    job = load_config("configs/cross-tokenizer-tiny.yaml")
+    assert job.tokenizers_differ() is True and job.kd.loss == "span_aligned"
+    with pytest.raises(ConfigError, match="use kd.loss: uld or kd.loss: span_aligned"):
+        load_config("configs/cross-tokenizer-tiny.yaml", ["kd.loss=jsd"])
