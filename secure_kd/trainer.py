@@ -383,6 +383,7 @@ def fit_in_scratch(
     teacher: nn.Module | None = None,
     targets: TeacherTargets | None = None,
     progress: bool = False,
+    vocab: VocabPair | None = None,
 ) -> FitResult:
     """Train `student` in place and keep nothing on disk: a temporary directory, no checkpoints.
 
@@ -406,6 +407,7 @@ def fit_in_scratch(
             seed=seed,
             device=device,
             progress=progress,
+            vocab=vocab,
         ).fit()
     student.eval()
     return fit
