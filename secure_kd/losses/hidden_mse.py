@@ -14,8 +14,8 @@ from secure_kd.losses.params import LossParams
 class HiddenMSEParams(LossParams):
     """The arguments of `HiddenMSE(...)`."""
 
-    student_dim: int = Field(gt=0, description="the student's hidden width (input of the projection)")
-    teacher_dim: int = Field(gt=0, description="the teacher's hidden width (output of the projection)")
+    student_dim: int = Field(gt=0, examples=[576], description="student hidden width")
+    teacher_dim: int = Field(gt=0, examples=[576], description="teacher hidden width")
     bias: bool = Field(True, description="the projection has a bias")
 
 
