@@ -5,6 +5,11 @@ Layout: `<out>/checkpoints/step-000050/{student.safetensors, state.pt, trainer.j
 `torch.load(weights_only=True)`. A checkpoint directory is written under a temporary name and
 renamed when complete, so a kill mid-save leaves the previous checkpoint intact.
 
+Data-parallel runs (`secure_kd.distributed`): only rank 0 writes (`save_checkpoint` on another rank
+writes nothing and returns the path rank 0 writes), and on resume rank 0 picks the checkpoint and
+every rank loads that same one, so `out` must be on a filesystem every process sees (one machine,
+or a shared mount across nodes); a rank that cannot see it stops with a message saying so.
+
 Checkpoints are as private as the training data (weights trained on it; under DP, `state.pt` holds
 the run's secret sampling and noise seed): `checkpoints/` and every `step-*` directory are 0700,
 every file 0600, also when the directory existed before with looser modes.
@@ -24,6 +29,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from secure_kd.distributed import Distributed
+from secure_kd.distributed import current as current_distributed
 from secure_kd.paths import PRIVATE_FILE_MODE, atomic_write_json, chmod_private_tree, private_dir
 
 KEEP_LAST = 2
@@ -59,7 +66,25 @@ def checkpoint_root(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def latest_checkpoint(out: Path) -> Path | None:
+def latest_checkpoint(out: Path, *, distributed: Distributed | None = None) -> Path | None:
+    """The newest complete checkpoint in `out`, or None; under data parallelism, rank 0's choice."""
+    dist = distributed if distributed is not None else current_distributed()
+    found = _latest_on_disk(out) if dist.is_main else None
+    if not dist.enabled:
+        return found
+    name = dist.broadcast_str(found.name if found is not None else None)
+    if name is None:
+        return None
+    path = checkpoint_root(out) / name
+    if not (path / "trainer.json").is_file():
+        raise ResumeError(
+            f"rank {dist.rank} cannot see checkpoint {path}, which rank 0 resumes from: every process must "
+            "see the same --out directory (run on one machine, or put --out on a filesystem all nodes mount)"
+        )
+    return path
+
+
+def _latest_on_disk(out: Path) -> Path | None:
     root = checkpoint_root(out)
     done = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file()) if root.is_dir() else []
     return done[-1] if done else None
@@ -76,6 +101,11 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     extra_state: dict[str, Any] | None = None,
 ) -> Path:
+    """Write `<out>/checkpoints/step-N` (temp dir, then rename; the last KEEP_LAST are kept); its path.
+
+    Under data parallelism only rank 0 writes; other ranks return the path rank 0 writes."""
+    if not current_distributed().is_main:
+        return checkpoint_root(out) / f"step-{step:06d}"
     root = private_dir(checkpoint_root(out))
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"

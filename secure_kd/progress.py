@@ -1,15 +1,28 @@
-"""Progress bars for long work (rich): step, loss, tokens/s and ETA."""
+"""Progress bars for long work (rich): step, loss, tokens/s and ETA.
+
+Under data parallelism (`secure_kd.distributed`) only rank 0 draws bars: N processes writing to
+one terminal would interleave N bars."""
 
 from __future__ import annotations
 
+import sys
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def _is_main_process() -> bool:
+    if "torch" not in sys.modules:  # no torch loaded: no process group either
+        return True
+    from secure_kd.distributed import current
+
+    return current().is_main
 
 
 class TrainProgress:
     def __init__(
         self, total: int, *, start: int = 0, enabled: bool = True, description: str = "distill"
     ) -> None:
-        self.enabled = enabled
+        self.enabled = enabled = enabled and _is_main_process()
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -36,6 +49,7 @@ class TrainProgress:
 
 def task_progress(description: str, total: int | None, *, enabled: bool = True) -> Progress:
     """A generic bar for batch work (teacher caching, evaluation)."""
+    enabled = enabled and _is_main_process()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

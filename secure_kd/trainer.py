@@ -17,6 +17,7 @@ widths: give `vocab` and any objective runs on the logits trimmed to the real vo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -34,6 +35,8 @@ from secure_kd.config import KDConfig, TrainConfig
 from secure_kd.cross_teacher import CrossTokenizerObjective, PaddedVocabObjective, padded_to_other_width
 from secure_kd.cross_tokenizer.vocab import VocabPair
 from secure_kd.data import TokenizedExample, collate, epoch_order
+from secure_kd.distributed import Distributed, data_parallel, to_device
+from secure_kd.distributed import current as current_distributed
 from secure_kd.generation import generate_continuations
 from secure_kd.losses import fused_linear_kd_loss, get_loss, loss_info
 from secure_kd.progress import TrainProgress
@@ -120,6 +123,12 @@ class Distiller:
         progress: a progress bar with loss, tokens/s and ETA; on_step(step, loss) after every step.
         vocab: the student's and teacher's vocabularies (`VocabPair.from_tokenizers`); needed with
             cross-tokenizer targets, and where one tokenizer's logits are padded to two widths.
+        distributed: this process's rank among data-parallel processes (`secure_kd.distributed`;
+            default: the process group already started, else one process). With N > 1 processes the
+            global batch `train.batch_size` is split across the ranks (rank r takes its contiguous
+            slice of the same global batch), gradients are averaged by DDP with each rank's loss
+            weighted by its share of the global batch's trained tokens, so every step equals the
+            one-process step; only rank 0 writes checkpoints and shows progress (docs/distributed.md).
 
     `fit(resume=False) -> FitResult` trains for `total_steps`, checkpoints every `checkpoint_every`
     steps and at the end, and on Ctrl-C saves a checkpoint and raises `TrainingInterrupted`.
@@ -144,6 +153,7 @@ class Distiller:
         progress: bool = True,
         on_step: Callable[[int, float], None] | None = None,
         vocab: VocabPair | None = None,
+        distributed: Distributed | None = None,
     ) -> None:
         if not examples:
             raise ValueError("no training examples: the dataset is empty after tokenization")
@@ -169,6 +179,8 @@ class Distiller:
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, train, self.total_steps)
         self.autocast_dtype = self._autocast_dtype()
+        self.dist = distributed if distributed is not None else current_distributed()
+        self._forward_module = self._data_parallel_module()
 
     # -- setup -------------------------------------------------------------------------------------
     def _build_objective(self):
@@ -228,14 +240,39 @@ class Distiller:
             return torch.bfloat16
         return None  # CPU autocast in bf16 is slower than fp32 on most CPUs
 
+    def _data_parallel_module(self) -> nn.Module | None:
+        """DDP over the student (and a stateful objective) when distributed; None in one process."""
+        if not self.dist.enabled:
+            return None
+        return data_parallel(self.student, self.objective_module, final_hidden_states, self.device)
+
+    def _student_forward(self, batch: dict[str, Tensor], *, hidden_only: bool = False) -> Tensor:
+        """The student's logits (or final hidden states), through DDP when distributed."""
+        if self._forward_module is not None:
+            return self._forward_module(batch["input_ids"], batch["attention_mask"], hidden_only=hidden_only)
+        if hidden_only:
+            return final_hidden_states(self.student, batch)
+        return self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
     # -- data ----------------------------------------------------------------------------------------
     def micro_batch(self, index: int) -> dict[str, Tensor]:
+        """Micro-batch `index` of the run (this rank's slice of it when distributed), on the device."""
+        return self._rank_micro_batch(index)[0]
+
+    def _rank_micro_batch(self, index: int) -> tuple[dict[str, Tensor], bool]:
+        """(this rank's slice of global micro-batch `index`, whether it is a stand-in for an empty slice).
+
+        A rank whose slice is empty (a last batch smaller than the world) still runs a forward and
+        backward, on the global batch's first example with weight 0, so that DDP's collectives match."""
         epoch, position = divmod(index, self.batches_per_epoch)
         order = epoch_order(len(self.examples), epoch, self.seed)
         ids = order[position * self.cfg.batch_size : (position + 1) * self.cfg.batch_size]
+        stand_in = False
+        if self.dist.enabled:
+            ids, stand_in = (self.dist.shard(ids), False) if self.dist.shard(ids) else (ids[:1], True)
         batch = collate([self.examples[i] for i in ids], pad_id=self.pad_id)
         batch["example_index"] = torch.tensor(ids, dtype=torch.long)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return to_device(batch, self.device), stand_in
 
     # -- one step --------------------------------------------------------------------------------------
     def _policy_batch(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
@@ -265,7 +302,7 @@ class Distiller:
             enabled=self.autocast_dtype is not None,
         ):
             if kd.fused:
-                hidden = final_hidden_states(self.student, batch)
+                hidden = self._student_forward(batch, hidden_only=True)
                 weight = output_layer(self.student).weight
                 if kd.kd_weight > 0:
                     kd_weight = weight[: self.vocab.student.real_size] if self.padded_vocab else weight
@@ -278,9 +315,7 @@ class Distiller:
                         hidden, weight, None, labels, loss="ce", chunk_size=kd.chunk_size
                     )
             else:
-                logits = self.student(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
+                logits = self._student_forward(batch)
                 if kd.kd_weight > 0:
                     kd_loss = self.objective(logits, teacher, labels, **common, **self._call_params())
                     loss = loss + kd.kd_weight * kd_loss * self._t2()
@@ -297,14 +332,17 @@ class Distiller:
     def train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches: (mean loss, target tokens)."""
         self.optimizer.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
-        for micro in range(self.cfg.grad_accum):
-            batch = self.micro_batch(step * self.cfg.grad_accum + micro)
-            batch = self._policy_batch(batch, step)
-            loss, n = self.loss_on(batch)
-            (loss / self.cfg.grad_accum).backward()
-            total += float(loss.detach()) / self.cfg.grad_accum
-            tokens += n
+        if self.dist.enabled:
+            total, tokens = self._data_parallel_backward(step)
+        else:
+            total, tokens = 0.0, 0
+            for micro in range(self.cfg.grad_accum):
+                batch = self.micro_batch(step * self.cfg.grad_accum + micro)
+                batch = self._policy_batch(batch, step)
+                loss, n = self.loss_on(batch)
+                (loss / self.cfg.grad_accum).backward()
+                total += float(loss.detach()) / self.cfg.grad_accum
+                tokens += n
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.max_grad_norm
@@ -314,6 +352,30 @@ class Distiller:
         if self.objective_module is not None and hasattr(self.objective_module, "update"):
             self.objective_module.update(total, step + 1, self.total_steps)
         return total, tokens
+
+    def _data_parallel_backward(self, step: int) -> tuple[float, int]:
+        """The gradients of one step under DDP; (the global batch's mean loss, its target tokens).
+
+        DDP averages the ranks' gradients: mean_r(grad L_r). For that to be the gradient of the global
+        batch's token mean, rank r's loss (the mean over its n_r tokens) is weighted by
+        world_size * n_r / N, N the tokens of the global micro-batch (all-reduced before backward).
+        The loss reported is sum_r n_r * L_r / N, the same number one process computes."""
+        world, accum = self.dist.world_size, self.cfg.grad_accum
+        weighted, global_tokens = [], []
+        for micro in range(accum):
+            batch, stand_in = self._rank_micro_batch(step * accum + micro)
+            batch = self._policy_batch(batch, step)
+            n_local = 0 if stand_in else int((shift_labels(batch["labels"]) != -100).sum())
+            (n_global,) = self.dist.sum([n_local], dtype=torch.int64)
+            sync = contextlib.nullcontext() if micro == accum - 1 else self._forward_module.no_sync()
+            with sync:
+                loss, _ = self.loss_on(batch)
+                share = n_local / max(n_global, 1)
+                (loss * (share * world / accum)).backward()
+            weighted.append(float(loss.detach()) * share)
+            global_tokens.append(n_global)
+        total = sum(self.dist.sum(weighted)) / accum
+        return total, int(sum(global_tokens))
 
     # -- loop ----------------------------------------------------------------------------------------
     def _save(self, step: int, losses: list[float]) -> Path:
@@ -334,7 +396,7 @@ class Distiller:
     def fit(self, *, resume: bool = False) -> FitResult:
         """Train to `total_steps` (from the latest checkpoint in `out` when `resume`); see the class."""
         start, losses, resumed_from = 0, [], None
-        if resume and (ckpt := latest_checkpoint(self.out)) is not None:
+        if resume and (ckpt := latest_checkpoint(self.out, distributed=self.dist)) is not None:
             start, meta, extra = load_checkpoint(
                 ckpt,
                 model=self.student,

@@ -21,6 +21,13 @@ every chat turn), that over-clipped such examples (ghost) and trained a row that
 freezes (hooks). The row's per-example gradients are then exactly zero, and the DP optimizer also
 zeroes the noise there (post-processing of a coordinate no record can influence), unless the matrix
 is tied to another layer (a tied output layer does train the row).
+
+Data-parallel (`distributed=` with N > 1 processes): Opacus' distributed DP optimizers. Each rank
+clips its own examples' gradients and sums them; rank 0 alone adds the Gaussian noise (of std
+`noise_multiplier * max_grad_norm`, once for the global batch); each rank divides by
+`expected_batch_size / N` and the gradients are averaged over the ranks, so the update is
+(sum of every clipped gradient + one noise draw) / expected_batch_size, as in one process. Ghost
+clipping and book-keeping run per rank on that rank's examples (the clip factors are per example).
 """
 
 from __future__ import annotations
@@ -36,10 +43,16 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_samp
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers import (
+    DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from torch import Tensor, nn
 
+from secure_kd.distributed import Distributed
 from secure_kd.dp.bookkeeping import BookKeeper
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
@@ -135,6 +148,22 @@ class _DPOptimizer(_FrozenRowsMixin, DPOptimizer):
 
 class _DPOptimizerFastGradientClipping(_FrozenRowsMixin, DPOptimizerFastGradientClipping):
     pass
+
+
+class _DistributedDPOptimizer(_FrozenRowsMixin, DistributedDPOptimizer):
+    pass
+
+
+class _DistributedDPOptimizerFastGradientClipping(
+    _FrozenRowsMixin, DistributedDPOptimizerFastGradientClipping
+):
+    pass
+
+
+def _optimizer_class(mode: str, world_size: int) -> type[DPOptimizer]:
+    if world_size > 1:
+        return _DistributedDPOptimizerFastGradientClipping if mode == "ghost" else _DistributedDPOptimizer
+    return _DPOptimizerFastGradientClipping if mode == "ghost" else _DPOptimizer
 
 
 def tied_trainable_embedding(model: nn.Module) -> nn.Parameter | None:
@@ -246,7 +275,8 @@ class PrivateStudent:
     example's gradient to `max_grad_norm`, sums, and, at the end of a logical batch, adds Gaussian
     noise of std `noise_multiplier * max_grad_norm` and divides by `expected_batch_size`), then
     `optimizer.zero_grad()`. An empty Poisson batch still takes a (noise-only) step: call
-    `prepare_empty_batch()` instead of `backward`.
+    `prepare_empty_batch()` instead of `backward`. With `distributed` over N > 1 processes, every rank
+    calls the same sequence on its share of the logical batch (see the module docstring).
     """
 
     def __init__(
@@ -260,6 +290,7 @@ class PrivateStudent:
         mode: str = "hooks",
         secure_mode: bool = False,
         bookkeeping: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         register_samplers()
         check_supported(model, mode)
@@ -275,12 +306,13 @@ class PrivateStudent:
         self._branch_starts = _BranchStarts(model) if mode == "ghost" else None
         self._bookkeeper = BookKeeper(model) if mode == "ghost" and bookkeeping else None
         self.last_second_pass: str | None = None  # ghost mode: "bookkeeping" or "backward"
-        optimizer_class = _DPOptimizerFastGradientClipping if mode == "ghost" else _DPOptimizer
-        self.optimizer: DPOptimizer = optimizer_class(
+        world = distributed.world_size if distributed is not None else 1
+        self.optimizer: DPOptimizer = _optimizer_class(mode, world)(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
+            # as Opacus' PrivacyEngine does: each rank averages over its share; the ranks are then averaged
+            expected_batch_size=expected_batch_size / world if world > 1 else expected_batch_size,
             loss_reduction="mean",
             secure_mode=secure_mode,
         )

@@ -11,6 +11,13 @@ What changes from `Distiller`:
 - with `target_epsilon`, the noise is calibrated to the budget left in the ledger and training
   stops, saves and says so before a step that would exceed it; `<out>/privacy.json` is written.
 
+Data-parallel (torchrun / accelerate launch, `secure_kd.distributed`): every rank draws the same
+Poisson sample of the whole dataset (the run's secret is rank 0's, broadcast once) and trains on its
+contiguous slice of it; each rank clips its own examples, rank 0 alone adds the noise, once per step
+(`engine.py`), and the ranks' gradients are averaged: the update, and so epsilon, are those of the
+one-process run. Rank 0 alone reads and writes the ledger (one reservation per step, not per rank),
+calibrates the noise, plans the budget and writes privacy.json; the others receive its decisions.
+
 Off-policy KD (live teacher or cache), on-policy KD (DP-OPD: the student samples continuations of
 private prompts, the teacher scores them), sequence-level KD and DP-SFT (ce only) all go through
 the same per-example loss.
@@ -27,10 +34,12 @@ from typing import Any
 import torch
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from secure_kd.checkpoint import ResumeError, latest_checkpoint, save_checkpoint
 from secure_kd.config import KDConfig
 from secure_kd.data import assert_one_record_per_sequence, collate
+from secure_kd.distributed import to_device
 from secure_kd.dp.accounting import (
     PrivacyBudgetExhausted,
     epsilon,
@@ -68,6 +77,10 @@ def check_private_objective(kd: KDConfig) -> None:
         )
 
 
+def _silent(message: str) -> None:
+    pass
+
+
 class DPDistiller(Distiller):
     """`Distiller` with DP-SGD. Takes Distiller's arguments, `train.privacy` set, plus `dataset_key`
     (`secure_kd.dp.ledger.dataset_key` of the private dataset's records before any split: the
@@ -93,14 +106,18 @@ class DPDistiller(Distiller):
         register_samplers()
         check_supported(student, privacy.grad_sample_mode)
         super().__init__(**kwargs)
+        if not self.dist.is_main:
+            log = _silent  # one process speaks for the run
         self.privacy, self.log, self.extra_caveats = privacy, log, list(caveats)
         self.n_records = len(self.examples)
         self.expected_batch_size = train.batch_size * train.grad_accum
         self.sample_rate = min(1.0, self.expected_batch_size / self.n_records)
         self.physical_batch_size = privacy.max_physical_batch_size or train.batch_size
         self.delta = resolve_delta(privacy.delta, self.n_records)
-        self.ledger = Ledger.open(
-            privacy.ledger_key or dataset_key, privacy.ledger_dir, data_fingerprint=dataset_key
+        self.ledger = Ledger.open(  # only rank 0 reads or writes it
+            privacy.ledger_key or dataset_key,
+            privacy.ledger_dir,
+            data_fingerprint=dataset_key if self.dist.is_main else None,
         )
         self.planned_steps = self.total_steps
         self.noise_multiplier: float | None = None
@@ -113,6 +130,28 @@ class DPDistiller(Distiller):
         self._seen_others: list = []
         self._allowed = self.planned_steps
         self._losses, self._tokens = [], 0
+
+    def _data_parallel_module(self) -> None:
+        """No DDP: Opacus' distributed optimizer reduces the clipped, noised gradients; same start weights."""
+        self.dist.broadcast_parameters(self.student)
+        return None
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` on rank 0 only (None elsewhere); a user error there stops every rank with its message."""
+        if not self.dist.enabled:
+            return fn()
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except ValueError as exc:
+                error = exc
+        message = self.dist.broadcast_str(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise ValueError(message)
+        return result
 
     # -- per-example loss --------------------------------------------------------------------------------
     def per_example_objective(self, batch: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
@@ -154,7 +193,14 @@ class DPDistiller(Distiller):
     def _collate(self, indices: list[int]) -> dict[str, Tensor]:
         batch = collate([self.examples[i] for i in indices], pad_id=self.pad_id)
         batch["example_index"] = torch.tensor(indices, dtype=torch.long)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return to_device(batch, self.device)
+
+    def _rank_loader(self, loader: DataLoader) -> DataLoader:
+        """This rank's contiguous slice of the step's logical batch (the same sample on every rank)."""
+        if not self.dist.enabled:
+            return loader
+        (logical,) = list(loader)
+        return DataLoader(range(self.n_records), batch_sampler=[self.dist.shard(logical)], collate_fn=list)
 
     # -- one DP step ---------------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[float, int]:
@@ -170,6 +216,7 @@ class DPDistiller(Distiller):
             randomness=self.randomness,
             poisson=self.privacy.poisson_sampling,
         )
+        loader = self._rank_loader(loader)
         loss_sum, n_examples, tokens = 0.0, 0, 0
         with BatchMemoryManager(
             data_loader=loader, max_physical_batch_size=self.physical_batch_size, optimizer=private.optimizer
@@ -186,6 +233,9 @@ class DPDistiller(Distiller):
                 private.optimizer.step()  # clips and accumulates; noise and update at the logical batch's end
                 private.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.dist.enabled:
+            loss_sum, n_examples, tokens = self.dist.sum([loss_sum, n_examples, tokens])
+            n_examples, tokens = int(n_examples), int(tokens)
         loss = loss_sum / n_examples if n_examples else 0.0
         self._losses.append(loss)
         self._tokens += tokens
@@ -219,6 +269,13 @@ class DPDistiller(Distiller):
         )
 
     def _plan_budget(self, start: int) -> None:
+        self._on_main(lambda: self._plan_budget_on_main(start))
+        if self.dist.enabled:
+            self.total_steps = self.dist.broadcast_int(self.total_steps)
+            self._allowed = self.dist.broadcast_int(self._allowed)
+            self.stop_reason = self.dist.broadcast_str(self.stop_reason)
+
+    def _plan_budget_on_main(self, start: int) -> None:
         self.total_steps = self.planned_steps
         self._others = self.ledger.history(exclude=self.entry_id)
         if self.privacy.target_epsilon is None:
@@ -248,12 +305,20 @@ class DPDistiller(Distiller):
         return self._eps_after(steps, others) <= self.privacy.target_epsilon
 
     def _reserve(self, step: int) -> None:
-        """Count step `step` (0-based) in the ledger before any of it is computed, or stop the run."""
-        if self.ledger.reserve(self.entry_id, step + 1, self._fits):
+        """Count step `step` (0-based) in the ledger before any of it is computed, or stop the run.
+
+        Under data parallelism rank 0 reserves, once for the global batch, and tells the others."""
+        reserved = self.ledger.reserve(self.entry_id, step + 1, self._fits) if self.dist.is_main else True
+        if self.dist.enabled:
+            reserved = bool(self.dist.broadcast_int(int(reserved)))
+        if reserved:
             return
-        self._others = self._seen_others
-        meanwhile = " (another run spent budget on this dataset meanwhile)"
-        raise _BudgetTakenConcurrently(step, self._stop_message(step) + meanwhile)
+        reason = None
+        if self.dist.is_main:
+            self._others = self._seen_others
+            meanwhile = " (another run spent budget on this dataset meanwhile)"
+            reason = self._stop_message(step) + meanwhile
+        raise _BudgetTakenConcurrently(step, self.dist.broadcast_str(reason))
 
     # -- fresh start or resume ----------------------------------------------------------------------------
     def _resume_record(self) -> dict:
@@ -269,9 +334,13 @@ class DPDistiller(Distiller):
 
     def _start_fresh(self) -> int:
         self.randomness = SecretRandomness()
+        if self.dist.enabled:  # one sample and one noise for the global batch: rank 0's secret
+            self.randomness = SecretRandomness(self.dist.broadcast_int(self.randomness.secret))
         self.noise_multiplier = self.privacy.noise_multiplier
         if self.noise_multiplier is None:
-            self.noise_multiplier = self._calibrated_noise()
+            self.noise_multiplier = self._on_main(self._calibrated_noise)
+            if self.dist.enabled:
+                self.noise_multiplier = self.dist.broadcast_float(self.noise_multiplier)
         self._losses, self._tokens = [], 0
         return 0
 
@@ -348,26 +417,26 @@ class DPDistiller(Distiller):
 
     # -- the run -------------------------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> FitResult:
-        checkpoint = latest_checkpoint(self.out) if resume else None
+        checkpoint = latest_checkpoint(self.out, distributed=self.dist) if resume else None
         start = self._restore(checkpoint) if checkpoint is not None else self._start_fresh()
         self._plan_budget(start)
         if self.entry_id is None:
-            self.entry_id = self.ledger.record(
-                kind="run",
-                label=str(self.out.resolve()),
-                noise_multiplier=self.noise_multiplier,
-                sample_rate=self.sample_rate,
-                steps=0,
-                max_grad_norm=self.privacy.max_grad_norm,
-                n_records=self.n_records,
-                sampling="poisson" if self.privacy.poisson_sampling else "shuffle",
+            self.entry_id = self._on_main(
+                lambda: self.ledger.record(
+                    kind="run",
+                    label=str(self.out.resolve()),
+                    noise_multiplier=self.noise_multiplier,
+                    sample_rate=self.sample_rate,
+                    steps=0,
+                    max_grad_norm=self.privacy.max_grad_norm,
+                    n_records=self.n_records,
+                    sampling="poisson" if self.privacy.poisson_sampling else "shuffle",
+                )
             )
-        self.log(
-            f"DP-SGD: noise_multiplier={self.noise_multiplier:.4g}, sample_rate={self.sample_rate:.4g} "
-            f"(expected batch {self.expected_batch_size} of {self.n_records} records), clip "
-            f"{self.privacy.max_grad_norm:g}, delta={self.delta:g}; epsilon after {self.total_steps} steps: "
-            f"{self._eps_after(self.total_steps):.4f} ({self.privacy.accountant}, ledger {self.ledger.path})"
-        )
+            if self.dist.enabled:
+                self.entry_id = self.dist.broadcast_str(self.entry_id)
+        if self.dist.is_main:
+            self._log_plan()
         self._private = PrivateStudent(
             self.student,
             self.optimizer,
@@ -376,7 +445,19 @@ class DPDistiller(Distiller):
             expected_batch_size=self.expected_batch_size,
             mode=self.privacy.grad_sample_mode,
             secure_mode=self.privacy.secure_mode,
+            distributed=self.dist,
         )
+        return self._fit_private(resume, start)
+
+    def _log_plan(self) -> None:
+        self.log(
+            f"DP-SGD: noise_multiplier={self.noise_multiplier:.4g}, sample_rate={self.sample_rate:.4g} "
+            f"(expected batch {self.expected_batch_size} of {self.n_records} records), clip "
+            f"{self.privacy.max_grad_norm:g}, delta={self.delta:g}; epsilon after {self.total_steps} steps: "
+            f"{self._eps_after(self.total_steps):.4f} ({self.privacy.accountant}, ledger {self.ledger.path})"
+        )
+
+    def _fit_private(self, resume: bool, start: int) -> FitResult:
         plain_optimizer, self.optimizer = self.optimizer, self._private.optimizer
         started = time.perf_counter()
         try:
@@ -394,7 +475,7 @@ class DPDistiller(Distiller):
         finally:
             self._private.close()
             self.optimizer, self._private = plain_optimizer, None
-        self.report = self._write_report()
+        self.report = self._write_report() if self.dist.is_main else None  # rank 0's privacy.json
         if self.stop_reason:
             self.log(self.stop_reason)
         return result
