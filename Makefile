@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-slow bench reproduce lint lock clean chromium
 
-$(STAMP): pyproject.toml constraints.txt requirements.lock
+$(STAMP): pyproject.toml setup.py constraints.txt requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[dev]'
@@ -64,7 +64,7 @@ reproduce: install
 	$(BIN)/python benchmarks/experiments/backdoor_unlearning.py
 
 lint: install
-	$(BIN)/ruff check secure_kd federation attacks defenses tests benchmarks
+	$(BIN)/ruff check secure_kd federation attacks defenses tests benchmarks configs setup.py
 
 ## Refresh the lock of tested versions from the current environment.
 lock:

@@ -46,6 +46,9 @@ INDEPENDENT: frozenset[tuple[str, str]] = frozenset(
     {("attacks", "defenses"), ("defenses", "attacks"), ("federation", "attacks"), ("federation", "defenses")}
 )
 SCRIPT_DIRS = ("benchmarks", "benchmarks/experiments")
+# Top-level directories with an __init__.py that hold data, not code: configs/ is the installed package
+# secure_kd.resources.configs (setup.py); test_data_packages_hold_no_code keeps it that way.
+DATA_PACKAGES = ("configs",)
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,9 @@ def build_graph(root: Path, packages: list[str] | None = None) -> Graph:
     """Every import between first-party modules of the packages under `root` (default: every top-level
     directory with an `__init__.py`)."""
     if packages is None:
-        packages = sorted(p.parent.name for p in root.glob("*/__init__.py"))
+        packages = sorted(
+            p.parent.name for p in root.glob("*/__init__.py") if p.parent.name not in DATA_PACKAGES
+        )
     graph = Graph(root)
     for package in packages:
         for path in sorted((root / package).rglob("*.py")):
@@ -309,6 +314,14 @@ def test_no_import_cycles_in_the_packages_or_the_benchmarks():
     assert not cycles, "import cycles (move the shared definitions into a lower module):\n" + "\n".join(
         cycles
     )
+
+
+def test_data_packages_hold_no_code():
+    for package in DATA_PACKAGES:
+        modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / package).rglob("*.py"))
+        assert modules == [f"{package}/__init__.py"], f"{package}/ is data: no code there ({modules})"
+        tree = ast.parse((ROOT / package / "__init__.py").read_text(encoding="utf-8"))
+        assert all(isinstance(n, ast.Expr) for n in tree.body), f"{package}/__init__.py: a docstring only"
 
 
 def test_the_checker_sees_the_app_layer_reach_the_services():

@@ -352,6 +352,24 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="where ev
         raise typer.Exit(4)
 
 
+@app.command("examples")
+@user_errors
+def examples_cmd(
+    copy: Path | None = typer.Option(
+        None, "--copy", help="write every example to DIR/configs/ (no overwrite)"
+    ),
+) -> None:
+    """List the example configs shipped in the package (`secure-kd validate` takes their paths), or copy
+    them out to edit."""
+    from secure_kd.app.examples import copy_examples, listing
+
+    if copy is None:
+        typer.echo("\n".join(listing()))
+        return
+    written = copy_examples(copy)
+    typer.echo(f"{len(written)} example files written to {copy / 'configs'}")
+
+
 @app.command("audit")
 @user_errors
 def audit_cmd(

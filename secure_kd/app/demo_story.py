@@ -38,8 +38,9 @@ from rich.table import Table
 from secure_kd.config import DistillJob, load_config
 from secure_kd.data.synthetic import generate_corpus
 from secure_kd.paths import atomic_write_json
+from secure_kd.resources import configs_dir, packaged_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = configs_dir()  # the packaged examples (secure_kd.resources): a wheel install runs the demo too
 
 
 class DemoRow(BaseModel):
@@ -110,7 +111,7 @@ def demo_audit_config(
     if attacks is not None:
         raw["suite"] = [entry for entry in raw["suite"] if entry["attack"] in attacks]
     for entry in raw["suite"]:
-        entry["config_file"] = str(CONFIGS.parent / entry["config_file"])
+        entry["config_file"] = str(packaged_config(entry["config_file"]) or entry["config_file"])
         data = entry.get("config", {}).get("data", {})
         if data.get("members") == "MEMBERS":
             data.update(members=str(private), nonmembers=str(heldout))

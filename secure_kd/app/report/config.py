@@ -124,7 +124,11 @@ DEFAULT_THRESHOLDS: dict[str, Threshold] = {
 class SuiteEntry(Strict):
     attack: str = Field(..., description="a registered attack (`secure-kd attack list`)")
     id: str | None = Field(None, description="unique name in the suite; default: the attack name")
-    config_file: str | None = Field(None, description="the attack's YAML; default: its built-in defaults")
+    config_file: str | None = Field(
+        None,
+        description="the attack's YAML (default: its built-in defaults); a relative configs/... path that is "
+        "not in the working directory is the packaged example of that name",
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="nested overrides of the attack config")
     target: Literal["model", "teacher", "none"] = Field(
         "model", description="which audited model goes into the attack's model field; none = keep its own"

@@ -24,6 +24,7 @@ from secure_kd.app.report.config import AuditConfig, SuiteEntry
 from secure_kd.app.report.targets import BINDINGS, DATA, model_kind, ran_on, skip_reason
 from secure_kd.config import ConfigError, read_yaml
 from secure_kd.plugins import Plugin
+from secure_kd.resources import packaged_config
 
 # These fields take a directory, not the 'smollm2' asset name.
 _DIRECTORY_FIELDS = {"model.source", "target.source", "model"}
@@ -51,13 +52,23 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
+def suite_config_file(name: str) -> Path:
+    """An entry's `config_file`: as given (absolute, or relative to the working directory); a relative
+    `configs/...` name that is not there is the packaged example of that name (secure_kd.resources), so
+    a packaged audit config validates and runs from any directory."""
+    path = Path(name)
+    if path.is_absolute() or path.exists():
+        return path
+    return packaged_config(path) or path
+
+
 def audited_model(config: AuditConfig, entry: SuiteEntry) -> str | None:
     return {"model": config.model, "teacher": config.teacher, "none": None}[entry.target]
 
 
 def attack_config(config: AuditConfig, entry: SuiteEntry, seed: int, out: Path) -> dict[str, Any]:
     """The attack's config dict: its file, the entry's overrides, the audited model/data/budget, seed, out."""
-    data = read_yaml(entry.config_file) if entry.config_file else {}
+    data = read_yaml(suite_config_file(entry.config_file)) if entry.config_file else {}
     binding = BINDINGS.get(entry.attack)
     model = audited_model(config, entry)
     takes_model = model is not None and binding is not None and binding.model is not None
