@@ -192,6 +192,24 @@ def test_forward_kl_by_autograd_equals_the_builtin_analytic_forward_kl(kind, dty
             torch.testing.assert_close(a, c, rtol=tol, atol=tol)
 
 
+@autograd_loss("example_forward_kl_by_matmul")
+def forward_kl_by_matmul(d: TokenDists) -> Tensor:
+    """Forward KL with the sum over the vocabulary as a matmul (which autocast would run in bf16)."""
+    return (d.teacher * (d.log_teacher - d.log_student)) @ torch.ones(
+        d.log_student.shape[1], dtype=d.log_student.dtype
+    )
+
+
+def test_under_autocast_it_still_computes_in_float32():
+    student, teacher, labels = inputs(torch.float32, seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = value_and_grad(get_loss("example_forward_kl_by_matmul")(student, teacher, labels), student)
+    builtin = value_and_grad(get_loss("forward_kl")(student, teacher, labels), student)
+    for a, b in zip(ours, builtin, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_the_function_only_ever_sees_one_chunk():
     student, teacher, labels = inputs(seed=3)
     CHUNKS_SEEN.clear()

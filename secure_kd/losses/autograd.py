@@ -94,7 +94,8 @@ PerToken = Callable[..., Tensor]
 
 def _losses_and_grad(fn: PerToken, name: str, z: Tensor, make_input, params: dict, want_grad: bool):
     """Run `fn` on one chunk under autograd; (losses [n], d losses_i / d z_i or None)."""
-    with torch.enable_grad():
+    # in the compute dtype (float32 or float64) even inside the trainer's autocast region
+    with torch.enable_grad(), torch.autocast(z.device.type, enabled=False):
         leaf = z.detach().requires_grad_(want_grad)
         losses = fn(make_input(leaf), **params)
         n = z.shape[0]
