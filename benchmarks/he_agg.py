@@ -1,4 +1,4 @@
-"""Encrypted aggregation (federation/he.py) vs plaintext aggregation vs a raw TenSEAL loop.
+"""Encrypted aggregation (federation/crypto/he.py) vs plaintext aggregation vs a raw TenSEAL loop.
 
 Setup: 10 clients, each with a float32 update of 1M parameters drawn from N(0, 1) and a weight
 (its number of examples) drawn from [100, 1000]. Every variant computes the weighted mean

@@ -22,7 +22,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-from federation.he import InvalidCiphertextError, PublicContext, aggregate
+from federation.crypto.he import InvalidCiphertextError, PublicContext, aggregate
 
 # RDP orders for the conversion: dense near 1 (large budgets) and out to 10^4 (tiny ones).
 RDP_ORDERS = np.unique(np.concatenate([1.0 + np.logspace(-3, 4, 4000), np.arange(2, 257, dtype=float)]))

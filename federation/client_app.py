@@ -32,10 +32,10 @@ from federation import client_p2p, client_rounds
 from federation.client_decrypt import new_keyring
 from federation.client_guard import current_workspace, guarded, org_root
 from federation.config import FederatedJob
+from federation.crypto.he import Keyring
+from federation.crypto.identity import PublicBundle
+from federation.crypto.keys import open_from, seal_for
 from federation.faults import before_handling
-from federation.he import Keyring
-from federation.identity import PublicBundle
-from federation.keys import open_from, seal_for
 from federation.messages import CONFIG, METRICS, MessageRejected, read_config
 from federation.workspace import OrgWorkspace, flat_parameters, job_digest, node_org_index
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 import numpy as np
 
 from federation.client_errors import ClientFailure, Code
-from federation.codec import PayloadFormatError, PayloadKind
 from federation.config import FederatedJob
-from federation.he import (
+from federation.crypto.codec import PayloadFormatError, PayloadKind
+from federation.crypto.he import (
     CkksParameters,
     Keyring,
     choose_release_parameters,

@@ -1,7 +1,7 @@
 """ClientApp handlers of p2p mode (KNEXA-FL style): a private profile for the matchmaker, soft labels
 sealed end to end for the matched peer, and distillation from what the peer sealed for us.
 
-The sealed payload binds run, round, sender and recipient (`federation.keys`), so the relaying server
+The sealed payload binds run, round, sender and recipient (`federation.crypto.keys`), so the relaying server
 can neither read it, alter it, substitute a peer's key, nor replay it into another round.
 """
 
@@ -14,9 +14,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from federation.client_rounds import fit_metrics
 from federation.client_training import distill_from, evaluate, mean_loss, train_locally
+from federation.crypto.identity import PublicBundle
+from federation.crypto.keys import open_from, seal_for
 from federation.faults import sabotaged
-from federation.identity import PublicBundle
-from federation.keys import open_from, seal_for
 from federation.messages import (
     ARRAYS,
     CONFIG,

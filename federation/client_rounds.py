@@ -18,8 +18,8 @@ from federation.adversary import install_backdoor_data, malicious_weights, poiso
 from federation.client_decrypt import open_aggregate
 from federation.client_filtering import ensemble_from_weighted_sum, transfer_weights
 from federation.client_training import LocalFit, distill_from, evaluate, train_locally
+from federation.crypto.he import Keyring, encrypt
 from federation.faults import sabotaged
-from federation.he import Keyring, encrypt
 from federation.messages import (
     ARRAYS,
     CONFIG,

@@ -287,7 +287,7 @@ def _problems(job: FederatedJob) -> list[str]:
     if job.data.packing:
         found.append("data.packing mixes records of one organization into blocks; set data.packing: false")
     if job.organizations:
-        from federation.identity import check_org
+        from federation.crypto.identity import check_org
 
         names, distinct = len(job.organizations), len(set(job.organizations))
         if names != job.n_organizations or distinct != names:

@@ -14,7 +14,7 @@ Files (private keys are written 0600 in 0700 directories, and never replaced wit
               <dir>/trust/<org>.json       registered organizations' identity bundles (HE key ceremony)
               <dir>/nodes/<org>.pub        registered organizations' SuperNode public keys
               <dir>/registry.json          org -> Flower node id, key fingerprints
-    organization: <dir>/keys/              Ed25519 identity + X25519 key exchange (federation.identity)
+    organization: <dir>/keys/              Ed25519 identity + X25519 key exchange (federation.crypto.identity)
               <dir>/node-auth/supernode.key  the SuperNode authentication key (OpenSSH, ECDSA P-384,
                                              the type `flower-supernode --auth-supernode-private-key` and
                                              `flwr supernode register` accept: a NIST curve, SSH format)
@@ -23,8 +23,8 @@ Files (private keys are written 0600 in 0700 directories, and never replaced wit
               <dir>/approved-apps.json       the FAB hashes this organization approved (federation.app_gate)
 
 Key rotation (`rotate_keys`): a new key-exchange key under the same identity, one epoch later, with a
-new expiry (federation.identity); once the operator has registered the new bundle and every organization
-holds the new trust/, a bundle of an older epoch is refused.
+new expiry (federation.crypto.identity); once the operator has registered the new bundle and every
+organization holds the new trust/, a bundle of an older epoch is refused.
 
 Removing an organization (`remove_org`) deletes its SuperNode key from the SuperLink (`flwr supernode
 unregister`, done by the launcher) and its identity from the trust directory. The CKKS key is not
@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation.identity import DEFAULT_VALID_DAYS, OrgKeys, check_org
+from federation.crypto.identity import DEFAULT_VALID_DAYS, OrgKeys, check_org
 from secure_kd.paths import atomic_write_text
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"

@@ -30,8 +30,8 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from federation.crypto.identity import CeremonyError
         from federation.deploy import DeployError
-        from federation.identity import CeremonyError
         from secure_kd.config import ConfigError
 
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from federation.crypto.identity import PublicBundle, check_org
 from federation.deploy import (
     MAX_REGISTRATION_BYTES,
     REGISTRATION_FORMAT,
@@ -30,7 +31,6 @@ from federation.deploy import (
     node_key_fingerprint,
     write_file,
 )
-from federation.identity import PublicBundle, check_org
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from federation.codec import PayloadFormatError, PayloadKind
-from federation.he import PublicContext, check_payload
+from federation.crypto.codec import PayloadFormatError, PayloadKind
+from federation.crypto.he import PublicContext, check_payload
 from federation.soft_labels import SoftLabelLayout, check_soft_labels
 
 CONFIG = "config"

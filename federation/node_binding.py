@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from federation.identity import check_org
+from federation.crypto.identity import check_org
 
 NODE_IDS_KEY = "node-ids"
 MAX_NODE_ID = 2**64 - 1

@@ -27,7 +27,7 @@ from pathlib import Path
 from federation.client_app import build_client_app
 from federation.client_errors import read_failures
 from federation.config import FederatedJob
-from federation.identity import OrgKeys
+from federation.crypto.identity import OrgKeys
 from federation.results import FederatedResult
 from federation.server_app import FederationFailed, build_server_app
 from secure_kd.paths import atomic_write_text

@@ -25,8 +25,8 @@ from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from federation.config import FederatedJob
-from federation.he import load_public_context
-from federation.identity import PublicBundle
+from federation.crypto.he import load_public_context
+from federation.crypto.identity import PublicBundle
 from federation.messages import CONFIG, MessageRejected, read_config
 from federation.node_binding import NODE_IDS_KEY, claim_refusal, parse_node_ids
 from federation.results import FederatedResult, RoundRecord

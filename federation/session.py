@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from federation.client_errors import parse_reason
 from federation.config import FederatedJob
-from federation.he import PublicContext
+from federation.crypto.he import PublicContext
 from federation.messages import MessageRejected, check_size, content_bytes
 from federation.results import ClientRound, Dropped, RoundRecord, summarize
 from federation.workspace import JobData, job_data

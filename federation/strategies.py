@@ -10,7 +10,7 @@
   every transfer position; the server releases GNMax labels, accounts for them, and trains the
   student on the released labels only.
 - `P2PStrategy`: the server is a matchmaker (`federation.matchmaking`); paired peers exchange soft
-  labels sealed end to end (`federation.keys`), which the server relays as opaque bytes.
+  labels sealed end to end (`federation.crypto.keys`), which the server relays as opaque bytes.
 
 A strategy talks to the clients through the server `Session` (session.py), which drops any client
 that fails, times out or sends a message that does not pass `federation.messages`.

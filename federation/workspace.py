@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from federation.config import FederatedJob
-from federation.identity import OrgKeys, TrustStore
+from federation.crypto.identity import OrgKeys, TrustStore
 from federation.partition import FederatedSplit, OrganizationData, federated_split, split_own_records
 from federation.soft_labels import SoftLabelLayout, build_layout
 from federation.student_store import load_student_file, save_student_file

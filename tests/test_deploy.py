@@ -21,6 +21,9 @@ from typer.testing import CliRunner
 
 from federation.app_gate import approve, gated_commands
 from federation.config import FederatedJob, load_federated_job
+from federation.crypto.he import Keyring, decrypt, encrypt
+from federation.crypto.identity import OrgKeys, TrustStore
+from federation.crypto.keys import CeremonyError, KeySubstitutionError, open_from, seal_for
 from federation.deploy import (
     DeployError,
     init_org,
@@ -38,9 +41,6 @@ from federation.deploy_launch import (
     supernode_command,
 )
 from federation.deploy_registry import Registration, add_org, copy_trust, remove_org
-from federation.he import Keyring, decrypt, encrypt
-from federation.identity import OrgKeys, TrustStore
-from federation.keys import CeremonyError, KeySubstitutionError, open_from, seal_for
 from federation.workspace import OrgWorkspace, node_org_index
 from secure_kd.app.cli import app
 
@@ -725,7 +725,7 @@ def test_rotated_bundles_are_registered_and_stale_or_expired_ones_refused(tmp_pa
     import shutil
     import time
 
-    from federation.identity import ExpiredBundleError, StaleBundleError
+    from federation.crypto.identity import ExpiredBundleError, StaleBundleError
 
     link = init_superlink(tmp_path / "link", ["127.0.0.1"])
     org = init_org("alpha", tmp_path / "alpha")

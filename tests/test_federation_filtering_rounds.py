@@ -14,7 +14,7 @@ from test_federation_apps import _arrays, federate, tiny_job
 
 from federation.client_filtering import ensemble_from_weighted_sum, transfer_weights
 from federation.config import FilteringConfig
-from federation.he import Keyring, decrypt, decrypt_mean
+from federation.crypto.he import Keyring, decrypt, decrypt_mean
 from federation.soft_labels import build_layout
 from federation.workspace import SECRET_CONTEXT_FILE, job_data
 from secure_kd.config import TinyModelConfig

@@ -23,8 +23,8 @@ import federation.client_decrypt as client_decrypt
 from federation.aggregation import aggregate_encrypted
 from federation.client_errors import read_failures
 from federation.client_guard import current_workspace
-from federation.codec import PayloadKind, iter_chunks, pack_payload
-from federation.he import check_payload
+from federation.crypto.codec import PayloadKind, iter_chunks, pack_payload
+from federation.crypto.he import check_payload
 from federation.messages import CONFIG
 from federation.strategies import FedDistillStrategy
 from federation.workspace import OrgWorkspace

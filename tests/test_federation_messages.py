@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from federation.he import Keyring, encrypt, load_public_context
+from federation.crypto.he import Keyring, encrypt, load_public_context
 from federation.messages import (
     MessageRejected,
     check_size,

@@ -14,7 +14,14 @@ import pytest
 from test_federation_apps import tiny_job
 
 from federation.client_decrypt import keyring_parameters, release_decimals_at_min_weight
-from federation.he import Keyring, aggregate, decrypt_aggregate, encrypt, mean_release_decimals, release
+from federation.crypto.he import (
+    Keyring,
+    aggregate,
+    decrypt_aggregate,
+    encrypt,
+    mean_release_decimals,
+    release,
+)
 
 MARGIN = 2.0**20
 

@@ -11,7 +11,7 @@ from test_federation_apps import federate, tiny_job
 
 from federation.adversary import AdversaryConfig, malicious_weights, poisoned_records, poisoned_soft_labels
 from federation.aggregation import mean_soft_labels
-from federation.he import Keyring, decrypt_mean
+from federation.crypto.he import Keyring, decrypt_mean
 from federation.robust import AggregationConfig, clip_update, robust_aggregate
 from federation.workspace import SECRET_CONTEXT_FILE, build_student, flat_parameters, job_data
 

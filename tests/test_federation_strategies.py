@@ -17,7 +17,7 @@ from federation.aggregation import (
     vote_counts,
     weighted_average,
 )
-from federation.he import Keyring, decrypt, decrypt_weight, encrypt, load_public_context
+from federation.crypto.he import Keyring, decrypt, decrypt_weight, encrypt, load_public_context
 from federation.soft_labels import EnsembleTargets, build_layout, relabeled, soft_labels, votes
 from secure_kd.data import TokenizedExample
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from federation import codec, he
-from federation.codec import PayloadFormatError
+from federation.crypto import codec, he
+from federation.crypto.codec import PayloadFormatError
 
 
 @pytest.fixture(scope="module")

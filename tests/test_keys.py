@@ -14,8 +14,8 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from federation import he
-from federation.keys import (
+from federation.crypto import he
+from federation.crypto.keys import (
     SEAL_SIGNATURE_DOMAIN,
     CeremonyError,
     ExpiredBundleError,

@@ -12,7 +12,7 @@ the same identity) and the expiry (`not_after`, Unix seconds) bounds how long a 
 good for. A bundle is trusted only if its identity key is the registered one, its signature
 verifies under it, its epoch is not older than the registered bundle's (a bundle from before
 a rotation is a `StaleBundleError`), and it has not expired (`ExpiredBundleError`); anything
-else is a `KeySubstitutionError`. federation/keys.py uses these to seal the CKKS secret
+else is a `KeySubstitutionError`. federation/crypto/keys.py uses these to seal the CKKS secret
 context from one client to another.
 """
 

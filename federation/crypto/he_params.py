@@ -20,7 +20,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from federation.codec import max_ciphertext_bytes
+from federation.crypto.codec import max_ciphertext_bytes
 
 # SEAL's 128-bit security limit on the total coefficient modulus bits (HE standard).
 MAX_MODULUS_BITS = {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}

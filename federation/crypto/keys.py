@@ -1,10 +1,10 @@
 """The authenticated key ceremony: how the CKKS secret context reaches the other clients.
 
-The dealer (one client) generates the CKKS keyring (federation/he.py) and, for each other
+The dealer (one client) generates the CKKS keyring (federation/crypto/he.py) and, for each other
 client, calls `seal_for(recipient_bundle, dealer_keys, run_id, keyring.secret_context(),
 trust=trust)`; the server relays the bytes; the recipient calls `open_from(...)` and
 `Keyring.from_secret_context(...)`. Identities, bundles and the trust store are in
-federation/identity.py (re-exported here).
+federation/crypto/identity.py (re-exported here).
 
 Sealing is ECIES-style: an ephemeral X25519 key agrees a secret with the recipient's signed
 kex key, HKDF-SHA256 (info: run id, sender, recipient and the public keys) derives an
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from federation.identity import (
+from federation.crypto.identity import (
     KEY_BYTES,
     SIGNATURE_BYTES,
     CeremonyError,

@@ -1,6 +1,6 @@
 """Wire formats of the homomorphic-aggregation layer: framed CKKS payloads and contexts.
 
-Nothing here is cryptography; it is the byte layout that `federation/he.py` puts around
+Nothing here is cryptography; it is the byte layout that `federation/crypto/he.py` puts around
 TenSEAL's serialized objects, and the size checks made before any of those bytes reach a
 deserializer. Both formats are little-endian, versioned and self-describing; neither uses
 pickle.
