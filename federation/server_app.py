@@ -27,8 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from federation.config import FederatedJob
 from federation.crypto.he import load_public_context
 from federation.crypto.identity import PublicBundle
+from federation.deploy.node_binding import NODE_IDS_KEY, claim_refusal, parse_node_ids
 from federation.messages import CONFIG, MessageRejected, read_config
-from federation.node_binding import NODE_IDS_KEY, claim_refusal, parse_node_ids
 from federation.results import FederatedResult, RoundRecord
 from federation.run_config import job_from_run_config
 from federation.session import FederationFailed, Org, Session

@@ -65,7 +65,7 @@ class Session:
         self.grid, self.job, self.run_id = grid, job, run_id
         self.data = data if data is not None else job_data(job)
         self.orgs: dict[int, Org] = {}
-        # org -> registered Flower node id (federation.node_binding); None: names are not bound to nodes
+        # org -> registered Flower node id (federation.deploy.node_binding); None: names not bound to nodes
         self.expected_nodes: dict[str, int] | None = None
         self.public: PublicContext | None = None
         self._drops: list[Dropped] = []

@@ -19,12 +19,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from federation.app_gate import approve, gated_commands
 from federation.config import FederatedJob, load_federated_job
 from federation.crypto.he import Keyring, decrypt, encrypt
 from federation.crypto.identity import OrgKeys, TrustStore
 from federation.crypto.keys import CeremonyError, KeySubstitutionError, open_from, seal_for
-from federation.deploy import (
+from federation.deploy.app_gate import approve, gated_commands
+from federation.deploy.files import (
     DeployError,
     init_org,
     init_superlink,
@@ -32,7 +32,7 @@ from federation.deploy import (
     rotate_keys,
     write_demo_data,
 )
-from federation.deploy_launch import (
+from federation.deploy.launch import (
     approved_apps_file,
     explain_refusal,
     gateway_command,
@@ -40,7 +40,7 @@ from federation.deploy_launch import (
     superlink_command,
     supernode_command,
 )
-from federation.deploy_registry import Registration, add_org, copy_trust, remove_org
+from federation.deploy.registry import Registration, add_org, copy_trust, remove_org
 from federation.workspace import OrgWorkspace, node_org_index
 from secure_kd.app.cli import app
 
@@ -400,7 +400,7 @@ def _through_gateway(requests: list[tuple[str, str, bytes]]):
 
     import httpx
 
-    from federation.fleet_gateway import FleetGateway
+    from federation.deploy.fleet_gateway import FleetGateway
 
     upstream, seen = _fake_superlink()
 
@@ -436,7 +436,7 @@ def test_gateway_forwards_the_fleet_api_and_refuses_the_control_and_runtime_apis
         ("GET", "/docs", b""),
         ("GET", "/health", b""),
     ]
-    from federation.fleet_gateway import REFUSED
+    from federation.deploy.fleet_gateway import REFUSED
 
     answers, seen, count = _through_gateway(fleet + refused)
     for answer, (_, path, _) in zip(answers[:2], fleet, strict=True):
@@ -454,7 +454,7 @@ def test_gateway_refuses_an_oversized_request_before_the_superlink_reads_it():
 
     import httpx
 
-    from federation.fleet_gateway import FleetGateway
+    from federation.deploy.fleet_gateway import FleetGateway
 
     upstream, seen = _fake_superlink()
 
@@ -473,7 +473,7 @@ def test_gateway_paths_are_fleet_routes_flower_serves():
     from flwr.superlink.routers.fleet.router import router
     from flwr.supernode.fleet_http_client import FleetHttpClient
 
-    from federation.fleet_gateway import FLEET_PATHS
+    from federation.deploy.fleet_gateway import FLEET_PATHS
 
     served = {route.path for route in router.routes}
     assert FLEET_PATHS <= served
@@ -508,7 +508,7 @@ def test_approve_app_records_the_hash_flwr_run_submits(tmp_path):
 
     from flwr.cli.build import build_fab_from_disk
 
-    from federation.app_gate import load_approved
+    from federation.deploy.app_gate import load_approved
 
     app_dir = _tiny_app(tmp_path / "app", "reviewed")
     result = CliRunner().invoke(
@@ -537,7 +537,7 @@ def test_app_gate_installs_only_approved_fabs(tmp_path, monkeypatch):
     import flwr.supernode.runtime.run_clientapp as runtime
     from flwr.cli.build import build_fab_from_disk
 
-    from federation.app_gate import AppNotApproved, install_gate
+    from federation.deploy.app_gate import AppNotApproved, install_gate
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     good = build_fab_from_disk(_tiny_app(tmp_path / "good", "reviewed"))
@@ -561,7 +561,7 @@ def test_app_gate_installs_only_approved_fabs(tmp_path, monkeypatch):
 def test_gate_stubs_refuse_every_other_task_type(tmp_path):
     import subprocess
 
-    from federation.app_gate import write_gate
+    from federation.deploy.app_gate import write_gate
 
     gate = write_gate(tmp_path / "gate", tmp_path / "approved-apps.json")
     done = subprocess.run([str(gate / "flwr-agentapp"), "--token", "t"], capture_output=True, text=True)
@@ -605,7 +605,7 @@ class HelloGrid:
 
 
 def test_an_impostor_node_claiming_another_orgs_name_is_refused(tmp_path):
-    from federation.node_binding import format_node_ids, parse_node_ids
+    from federation.deploy.node_binding import format_node_ids, parse_node_ids
     from federation.server_app import Session, introduce
 
     job = load_federated_job(ROOT / "configs" / "deploy-tiny.yaml", [f"out={tmp_path / 'run'}"])
@@ -642,8 +642,8 @@ def test_an_impostor_node_claiming_another_orgs_name_is_refused(tmp_path):
 def test_run_config_hands_the_registry_to_the_server_app():
     from flwr.common.config import parse_config_args
 
-    from federation.deploy_launch import run_config
-    from federation.node_binding import NODE_IDS_KEY, parse_node_ids
+    from federation.deploy.launch import run_config
+    from federation.deploy.node_binding import NODE_IDS_KEY, parse_node_ids
 
     text = run_config("configs/deploy-tiny.yaml", ["rounds=1", "out=/srv/run"], "alpha=9;beta=12")
     parsed = parse_config_args([text])  # what `flwr run --run-config` makes of it
@@ -762,8 +762,8 @@ def test_rotated_bundles_are_registered_and_stale_or_expired_ones_refused(tmp_pa
 def test_node_config_and_the_deploy_cli_keep_private_things_private(tmp_path):
     """Issue 13 item 9: node config (data path, policy, ledger dir) is 0600; issue 19 item 3: the deploy
     sub-app, like every typer app, prints no traceback locals."""
-    from federation.deploy_cli import deploy_app
-    from federation.deploy_launch import write_node_config
+    from federation.deploy.cli import deploy_app
+    from federation.deploy.launch import write_node_config
 
     old = os.umask(0o022)
     try:

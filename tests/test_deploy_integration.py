@@ -34,10 +34,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from federation.app_gate import approve, fab_bytes_of_app, fab_hash_of_app
 from federation.config import load_federated_job
-from federation.deploy import DeployError, init_org, init_superlink, write_demo_data
-from federation.deploy_launch import (
+from federation.deploy.app_gate import approve, fab_bytes_of_app, fab_hash_of_app
+from federation.deploy.files import DeployError, init_org, init_superlink, write_demo_data
+from federation.deploy.launch import (
     approved_apps_file,
     explain_refusal,
     flower_env,
@@ -49,8 +49,8 @@ from federation.deploy_launch import (
     supernode_command,
     write_connection,
 )
-from federation.deploy_registry import copy_trust
-from federation.node_binding import format_node_ids
+from federation.deploy.node_binding import format_node_ids
+from federation.deploy.registry import copy_trust
 from secure_kd.app.cli import app
 
 pytestmark = pytest.mark.integration

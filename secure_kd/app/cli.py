@@ -470,9 +470,9 @@ def bench(
     raise typer.Exit(subprocess.call([sys.executable, str(script), *(args or [])], cwd=root.parent))
 
 
-# `secure-kd deploy ...` (docs/deploy.md): a typer sub-app next to federation/deploy.py; it imports only
+# `secure-kd deploy ...` (docs/deploy.md): a typer sub-app next to federation/deploy/files.py; it imports only
 # typer at load time, the commands import the rest.
-from federation.deploy_cli import deploy_app  # noqa: E402
+from federation.deploy.cli import deploy_app  # noqa: E402
 
 app.add_typer(deploy_app, name="deploy")
 

@@ -7,7 +7,7 @@
 
 registry.json maps each organization to its Flower node id and key fingerprints, and the key epoch of
 its registered bundle; `secure-kd deploy run` hands the org -> node id map to the ServerApp
-(federation.node_binding), so a node that claims another organization's name is refused.
+(federation.deploy.node_binding), so a node that claims another organization's name is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.crypto.identity import PublicBundle, check_org
-from federation.deploy import (
+from federation.deploy.files import (
     MAX_REGISTRATION_BYTES,
     REGISTRATION_FORMAT,
     REGISTRATION_VERSION,

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from federation.deploy import DeployError
+from federation.deploy.files import DeployError
 
 # Lines of a launched process's log kept for explaining its exit: the SuperNode's own reason can be
 # followed by a long traceback of the flower-superexec it started, so a short tail can miss it.

@@ -6,7 +6,7 @@ has no authentication: whoever reaches that port can submit apps to every SuperN
 their logs. So `secure-kd deploy superlink` binds `flower-superlink` to 127.0.0.1 and runs this gateway
 on the public interface:
 
-    python -m federation.fleet_gateway --listen 0.0.0.0:9092 --upstream 127.0.0.1:9093 \\
+    python -m federation.deploy.fleet_gateway --listen 0.0.0.0:9092 --upstream 127.0.0.1:9093 \\
         --ca ca.pem --cert server.pem --key server.key
 
 It terminates TLS with the SuperLink's own certificate, forwards a request to the SuperLink (over TLS,

@@ -12,10 +12,10 @@
 Flower 1.41 serves the Fleet, Control and Runtime APIs of the SuperLink on ONE HTTPS port (`--host`,
 `--port`), and the open-source Control API has no authentication. So the SuperLink always listens on
 127.0.0.1 (the operator's `flwr` runs there, or through an SSH tunnel), and SuperNodes on other machines
-dial `federation.fleet_gateway`, which forwards the Fleet API's paths only. Node authentication: the
+dial `federation.deploy.fleet_gateway`, which forwards the Fleet API's paths only. Node authentication: the
 SuperLink runs with `--enable-supernode-auth` (which Flower only accepts with TLS) and admits a
 SuperNode only if its ECDSA public key was registered with `flwr supernode register`. Each SuperNode
-runs only the apps its organization approved (`federation.app_gate`).
+runs only the apps its organization approved (`federation.deploy.app_gate`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import tomli_w
 
-from federation.deploy import LOOPBACK, DeployError, OrgFiles, SuperLinkFiles
-from federation.deploy_process import explain_refusal, flower_env, flower_executable, launch
+from federation.deploy.files import LOOPBACK, DeployError, OrgFiles, SuperLinkFiles
+from federation.deploy.process import explain_refusal, flower_env, flower_executable, launch
 from secure_kd.paths import atomic_write_text
 
 __all__ = [
@@ -115,8 +115,8 @@ def superlink_command(
 def gateway_command(
     superlink_dir: str | Path, *, listen: str, upstream_port: int = DEFAULT_PORT
 ) -> list[str]:
-    """The Fleet-only TLS gateway (`federation.fleet_gateway`) on `listen` (HOST:PORT, e.g. 0.0.0.0:9092),
-    in front of the SuperLink on 127.0.0.1:`upstream_port`."""
+    """The Fleet-only TLS gateway (`federation.deploy.fleet_gateway`) on `listen` (HOST:PORT, e.g.
+    0.0.0.0:9092), in front of the SuperLink on 127.0.0.1:`upstream_port`."""
     files = _operator_files(superlink_dir)
     host, sep, listen_port = listen.rpartition(":")
     if not sep or not host or not listen_port.isdigit():
@@ -124,7 +124,7 @@ def gateway_command(
     if host.strip("[]") in (LOOPBACK, "localhost") and int(listen_port) == upstream_port:
         raise DeployError(f"--fleet-address {listen} is the SuperLink's own port: pick another port")
     return [
-        sys.executable, "-m", "federation.fleet_gateway",
+        sys.executable, "-m", "federation.deploy.fleet_gateway",
         "--listen", listen,
         "--upstream", f"{LOOPBACK}:{upstream_port}",
         "--ca", str(files.ca_cert),
@@ -153,7 +153,7 @@ def _check_policy(values: Mapping[str, str]) -> None:
 
 
 def approved_apps_file(org_dir: str | Path) -> Path:
-    from federation.app_gate import APPROVED_FILE
+    from federation.deploy.app_gate import APPROVED_FILE
 
     return Path(org_dir).resolve() / APPROVED_FILE
 
@@ -176,12 +176,12 @@ def supernode_command(
     authentication key, its node config (org-name, org-dir, data-path, trust-dir, ledger-dir, and
     `extra_node_config`, e.g. the organization's `policy-*` keys, checked here), and
     `<org-dir>/app-gate` first on its PATH, so that it runs only the apps in
-    `<org-dir>/approved-apps.json` (federation.app_gate).
+    `<org-dir>/approved-apps.json` (federation.deploy.app_gate).
 
     `node_key`: the SuperNode key's path (default `<org-dir>/node-auth/supernode.key`), or "-" to read it
     from standard input once at startup (then the key file need not be readable by the account that runs
     the SuperNode and its apps)."""
-    from federation.app_gate import load_approved, write_gate
+    from federation.deploy.app_gate import load_approved, write_gate
 
     files = OrgFiles(Path(org_dir).resolve(), org)
     data, trust_dir, ca_cert = Path(data).resolve(), Path(trust_dir).resolve(), Path(ca_cert).resolve()
@@ -291,8 +291,8 @@ def unregister_node(
 
 def run_config(config: str | Path, overrides: list[str], node_ids: str = "") -> str:
     """`flwr run --run-config` for a job: its path, its `--set` overrides, and the operator's org -> node
-    id map (federation.node_binding), which binds each organization's name to its registered node."""
-    from federation.node_binding import NODE_IDS_KEY, parse_node_ids
+    id map (federation.deploy.node_binding), which binds each organization's name to its registered node."""
+    from federation.deploy.node_binding import NODE_IDS_KEY, parse_node_ids
 
     for item in [*overrides, str(config)]:
         if ";" in item or "'" in item:

@@ -3,7 +3,7 @@
 An organization names itself in `query.hello` (its node config `org-name`), but that name is only a claim:
 any SuperNode the SuperLink admits could make it. The operator registered each organization's SuperNode key
 with `flwr supernode register`, which returned the node id, and `registry.json` keeps org -> node id
-(federation.deploy_registry). `secure-kd deploy run` passes that map as the run-config entry `node-ids`
+(federation.deploy.registry). `secure-kd deploy run` passes that map as the run-config entry `node-ids`
 (`"alpha=123;beta=456"`); the ServerApp then accepts an organization's hello only from its registered node:
 
     expected = parse_node_ids(run_config["node-ids"])      # {"alpha": 123, "beta": 456}

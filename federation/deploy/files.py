@@ -3,14 +3,14 @@
 One party (the operator) runs Flower's SuperLink; each organization runs a Flower SuperNode next to its
 private data. Nothing here is a transport: the processes are `flower-superlink`, `flower-supernode`
 and `flwr` (Flower 1.41); this module makes their keys and certificates and builds their command lines
-(launchers in `federation.deploy_launch`). docs/deploy.md is the step-by-step.
+(launchers in `federation.deploy.launch`). docs/deploy.md is the step-by-step.
 
 Files (private keys are written 0600 in 0700 directories, and never replaced without `force`):
 
     operator: <dir>/ca.pem ca.key          a private CA (P-384 ECDSA, self-signed)
               <dir>/server.pem server.key  the SuperLink's TLS certificate, SANs = the given addresses and
                                            127.0.0.1 (the SuperLink itself listens on loopback only; the
-                                           fleet gateway, federation.fleet_gateway, faces the network)
+                                           fleet gateway, federation.deploy.fleet_gateway, faces the network)
               <dir>/trust/<org>.json       registered organizations' identity bundles (HE key ceremony)
               <dir>/nodes/<org>.pub        registered organizations' SuperNode public keys
               <dir>/registry.json          org -> Flower node id, key fingerprints
@@ -20,7 +20,7 @@ Files (private keys are written 0600 in 0700 directories, and never replaced wit
                                              `flwr supernode register` accept: a NIST curve, SSH format)
               <dir>/node-auth/supernode.pub
               <dir>/<org>.registration.json  the public bundle for the operator: public keys only
-              <dir>/approved-apps.json       the FAB hashes this organization approved (federation.app_gate)
+              <dir>/approved-apps.json       the FAB hashes this organization approved (app_gate.py)
 
 Key rotation (`rotate_keys`): a new key-exchange key under the same identity, one epoch later, with a
 new expiry (federation.crypto.identity); once the operator has registered the new bundle and every

@@ -22,7 +22,7 @@ deploy_app = typer.Typer(
 console = Console(stderr=True)
 USER_ERROR_EXIT = 2
 CONNECTION = "secure-kd-deploy"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _errors(fn):
@@ -31,7 +31,7 @@ def _errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from federation.crypto.identity import CeremonyError
-        from federation.deploy import DeployError
+        from federation.deploy.files import DeployError
         from secure_kd.config import ConfigError
 
         try:
@@ -83,7 +83,7 @@ def init_superlink_cmd(
 ) -> None:
     """Create a private CA and the SuperLink's TLS certificate (SANs = the addresses, and 127.0.0.1 where
     the SuperLink itself listens); keys 0600."""
-    from federation.deploy import init_superlink
+    from federation.deploy.files import init_superlink
 
     hosts = [h.strip() for item in address for h in item.split(",") if h.strip()]
     files = init_superlink(out, hosts, force=force, days=days)
@@ -100,7 +100,7 @@ def init_org_cmd(
     valid_days: float = typer.Option(90, help="validity of the signed key-exchange bundle"),
 ) -> None:
     """Create the SuperNode authentication key and the HE identity/key-exchange keys of one organization."""
-    from federation.deploy import init_org
+    from federation.deploy.files import init_org
 
     files = init_org(org, out, force=force, valid_days=valid_days)
     console.print(f"send to the operator (public keys only): {files.registration}")
@@ -118,7 +118,7 @@ def rotate_keys_cmd(
     epochs are refused."""
     import datetime as dt
 
-    from federation.deploy import rotate_keys
+    from federation.deploy.files import rotate_keys
 
     files, keys = rotate_keys(org_dir, valid_days=valid_days)
     until = dt.datetime.fromtimestamp(keys.not_after, dt.UTC).strftime("%Y-%m-%d")
@@ -142,8 +142,8 @@ def approve_app_cmd(
     in <org-dir>/approved-apps.json, checked before any of the app's code is installed or imported."""
     import hashlib
 
-    from federation.app_gate import APPROVED_FILE, approve, check_hash, fab_bytes_of_app, fab_id_of
-    from federation.app_gate import revoke as revoke_app
+    from federation.deploy.app_gate import APPROVED_FILE, approve, check_hash, fab_bytes_of_app, fab_id_of
+    from federation.deploy.app_gate import revoke as revoke_app
 
     given = [x for x in (app_dir, fab, sha256) if x is not None]
     if len(given) != 1:
@@ -178,7 +178,7 @@ def connection_cmd(
     flwr_home: Path | None = HOME_OPTION,
 ) -> None:
     """Write a TLS connection for the `flwr` CLI (`flwr run . NAME`, `flwr supernode ...`)."""
-    from federation.deploy_launch import write_connection
+    from federation.deploy.launch import write_connection
 
     if not ca.is_file():
         raise FileNotFoundError(f"--ca {ca} does not exist: copy the operator's ca.pem here")
@@ -196,9 +196,9 @@ def register_org_cmd(
 ) -> None:
     """Register an organization: `flwr supernode register` its node key, trust its identity bundle. A
     bundle from `rotate-keys` (same SuperNode key and identity, newer key epoch) replaces the trusted one."""
-    from federation.deploy import SuperLinkFiles
-    from federation.deploy_launch import register_node, unregister_node
-    from federation.deploy_registry import Registration, add_org, is_rotation, remove_org, set_node_id
+    from federation.deploy.files import SuperLinkFiles
+    from federation.deploy.launch import register_node, unregister_node
+    from federation.deploy.registry import Registration, add_org, is_rotation, remove_org, set_node_id
     from secure_kd.config import require_file
 
     expected = "the organization's <org>.registration.json file (made by `secure-kd deploy init-org`)"
@@ -239,9 +239,9 @@ def remove_org_cmd(
 ) -> None:
     """Revoke an organization's node key and drop it from the trust store (the next run's CKKS key
     ceremony excludes it)."""
-    from federation.deploy import SuperLinkFiles
-    from federation.deploy_launch import unregister_node
-    from federation.deploy_registry import remove_org
+    from federation.deploy.files import SuperLinkFiles
+    from federation.deploy.launch import unregister_node
+    from federation.deploy.registry import remove_org
 
     entry = SuperLinkFiles(superlink_dir).read_registry().get(org, {})
     if entry.get("node_id") is not None:
@@ -272,8 +272,8 @@ def superlink_cmd(
 ) -> None:
     """Start Flower's SuperLink on 127.0.0.1 with TLS and SuperNode authentication (its Control API has no
     authentication, so it never listens elsewhere), and the Fleet-only gateway (runs until interrupted)."""
-    from federation.deploy import SuperLinkFiles
-    from federation.deploy_launch import gateway_command, launch, superlink_command, write_connection
+    from federation.deploy.files import SuperLinkFiles
+    from federation.deploy.launch import gateway_command, launch, superlink_command, write_connection
 
     command = superlink_command(directory, port=port, database=database)
     companions = []
@@ -317,7 +317,7 @@ def supernode_cmd(
 ) -> None:
     """Start Flower's SuperNode for one organization: TLS, its auth key, its data path as node config,
     and the app gate (only apps in <org-dir>/approved-apps.json run)."""
-    from federation.deploy_launch import launch, supernode_command
+    from federation.deploy.launch import launch, supernode_command
 
     extra = {}
     for item in node_config:
@@ -348,7 +348,7 @@ def demo_data_cmd(
 ) -> None:
     """Demo only: write each organization's share of the job's synthetic corpus to <out>/<org>.jsonl."""
     from federation.config import load_federated_job
-    from federation.deploy import write_demo_data
+    from federation.deploy.files import write_demo_data
 
     for org, path in write_demo_data(load_federated_job(config), out).items():
         typer.echo(f"{org} {path}")
@@ -367,9 +367,9 @@ def run_cmd(
 ) -> None:
     """`flwr run` this app on the deployed federation (absolute job path; streams the log). The ServerApp
     accepts each organization only from the Flower node registered for it."""
-    from federation.deploy import SuperLinkFiles
-    from federation.deploy_launch import flower_env, run_config
-    from federation.node_binding import format_node_ids
+    from federation.deploy.files import SuperLinkFiles
+    from federation.deploy.launch import flower_env, run_config
+    from federation.deploy.node_binding import format_node_ids
 
     if not config.is_file():
         raise FileNotFoundError(f"--config {config} does not exist")
@@ -388,6 +388,6 @@ def run_cmd(
 
 
 def _flwr_executable() -> str:
-    from federation.deploy_launch import flower_executable
+    from federation.deploy.launch import flower_executable
 
     return flower_executable("flwr")

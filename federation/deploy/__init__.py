@@ -1,0 +1,1 @@
+"""Deployment with Flower's own engine (`secure-kd deploy`, docs/deploy.md): files, registry, launchers."""
