@@ -92,26 +92,28 @@ def cross_targets(
         pad = pad_id_of(teacher_tokenizer)
         return LiveCrossTeacher(teacher, paired.pairs, top_k=job.kd.top_k, vocab=vocab, pad_id=pad), None
     from secure_kd.cache import LogitCache, build_cache
+    from secure_kd.distributed import current as current_distributed
 
     cache_dir = Path(job.cache_dir) if job.cache_dir else Path(job.out) / "teacher-cache"
     sequences = [pair.teacher.input_ids for pair in paired.pairs]
     tok_fp, data_fp = tokenizer_fingerprint(teacher_tokenizer), token_dataset_fingerprint(sequences)
     padded = vocab.teacher.padding > 0
-    build_cache(
-        teacher,
-        sequences,
-        cache_dir,
-        k=job.kd.top_k,
-        teacher_id=job.teacher.source,
-        tokenizer_fingerprint=tok_fp,
-        dataset_fingerprint=data_fp,
-        batch_size=job.train.batch_size,
-        device=str(device),
-        progress=progress,
-        byte_spans=[pair.teacher_spans for pair in paired.pairs],
-        text_fingerprint=paired.text_fingerprint,
-        vocab_size=vocab.teacher.real_size if padded else None,
-    )
+    if current_distributed().is_main:  # data parallel: rank 0 builds, the others read (distill_job)
+        build_cache(
+            teacher,
+            sequences,
+            cache_dir,
+            k=job.kd.top_k,
+            teacher_id=job.teacher.source,
+            tokenizer_fingerprint=tok_fp,
+            dataset_fingerprint=data_fp,
+            batch_size=job.train.batch_size,
+            device=str(device),
+            progress=progress,
+            byte_spans=[pair.teacher_spans for pair in paired.pairs],
+            text_fingerprint=paired.text_fingerprint,
+            vocab_size=vocab.teacher.real_size if padded else None,
+        )
     cache = LogitCache.open(
         cache_dir,
         expect_tokenizer=tok_fp,

@@ -9,6 +9,12 @@ A student with its own tokenizer (`student.tokenizer`) tokenizes the same text a
 byte offsets (`secure_kd.data.paired`) and distils by `uld` or `span_aligned`; the steps that differ
 are in `secure_kd.distill_cross`, and results.json gains a `cross_tokenizer` section (bits per byte,
 agreement on aligned groups). Over one tokenizer, logits padded to two widths are trimmed.
+
+Launched by torchrun or accelerate launch (`secure_kd.distributed`), every process runs this job on
+the same data (checked: the ranks' training data fingerprints must agree) and trains one share of
+each global batch; rank 0 alone builds the teacher cache (the others wait, then read it) and writes
+the tokenizer, checkpoints, the student, results.json and privacy.json. Every rank evaluates (on
+its own device, at the same time: no wall-clock cost) and returns the same result.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from secure_kd.distill_cross import (
     pad_id_of,
     same_tokenizer_targets,
 )
+from secure_kd.distributed import Distributed, launched
 from secure_kd.evaluate import perplexity, teacher_agreement
 from secure_kd.fingerprint import tokenizer_fingerprint
 from secure_kd.models import (
@@ -155,7 +162,8 @@ def _tokenizer(
         return load_tokenizer(job.teacher.source, trust_remote_code=job.teacher.trust_remote_code)
     if spec.startswith("tiny:"):
         tok = train_tiny_tokenizer(texts, vocab_size=int(spec.split(":", 1)[1]))
-        tok.save_pretrained(out / name)
+        if _is_main_process():
+            tok.save_pretrained(out / name)
         return tok
     if not (Path(spec) / "config.json").is_file():  # a tokenizer saved on its own
         return load_tokenizer_dir(spec)
@@ -178,27 +186,68 @@ def _build_cache(
     from secure_kd.cache import LogitCache, build_cache
 
     cache_dir = Path(job.cache_dir) if job.cache_dir else Path(job.out) / "teacher-cache"
-    build_cache(
-        teacher,
-        [ex.input_ids for ex in examples],
-        cache_dir,
-        k=job.kd.top_k,
-        teacher_id=job.teacher.source,
-        tokenizer_fingerprint=tok_fp,
-        dataset_fingerprint=data_fp,
-        batch_size=job.train.batch_size,
-        device=str(device),
-        progress=progress,
-        vocab_size=vocab_size,
-    )
+    if _is_main_process():  # under data parallelism the others read it once rank 0 built it
+        build_cache(
+            teacher,
+            [ex.input_ids for ex in examples],
+            cache_dir,
+            k=job.kd.top_k,
+            teacher_id=job.teacher.source,
+            tokenizer_fingerprint=tok_fp,
+            dataset_fingerprint=data_fp,
+            batch_size=job.train.batch_size,
+            device=str(device),
+            progress=progress,
+            vocab_size=vocab_size,
+        )
     return LogitCache.open(cache_dir, expect_tokenizer=tok_fp, expect_dataset=data_fp, expect_k=job.kd.top_k)
 
 
+def _is_main_process() -> bool:
+    from secure_kd.distributed import current
+
+    return current().is_main
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _check_same_data(dist: Distributed, data_fp: str) -> None:
+    """Every rank must train on the same sequences, or the shards of a global batch mean nothing."""
+    if not dist.enabled:
+        return
+    main_fp = dist.broadcast_str(data_fp)
+    (differ,) = dist.sum([int(main_fp != data_fp)], dtype=torch.int64)
+    if differ:
+        raise ValueError(
+            f"the {dist.world_size} processes do not have the same training data ({differ} of them differ "
+            "from rank 0 after tokenization): every process must read the same data files with the same "
+            "config and tokenizer; a tokenizer trained per process (tokenizer: tiny:N) must come out "
+            "identical on each, else train it once and give its directory"
+        )
+
+
 def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True, log=print) -> DistillResult:
+    """Run the job (data parallel when launched by torchrun or accelerate launch); see the module."""
+    with launched(resolve_device(job.device)) as (dist, device):
+        return _run_distill(
+            job,
+            dist,
+            device,
+            resume=resume,
+            progress=progress and dist.is_main,
+            log=log if dist.is_main else _silent,
+        )
+
+
+def _run_distill(
+    job: DistillJob, dist: Distributed, device: torch.device, *, resume: bool, progress: bool, log
+) -> DistillResult:
     out = Path(job.out)
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new run directory: its owner's only
+    if dist.is_main:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new run directory: its owner's only
     seed_everything(job.seed)
-    device = resolve_device(job.device)
 
     train_records, heldout_records, data_info, source_records = _records(job)
     # A tokenizer trained on the canaries can learn a secret as one token and fake high exposure.
@@ -275,12 +324,15 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         ]
 
     tok_fp, data_fp = tokenizer_fingerprint(tokenizer), fingerprint_examples(train)
+    _check_same_data(dist, data_fp)
     cache_info = None
     if cross:
-        targets, cache_info = cross_targets(job, teacher, paired, vocab, teacher_tok, device, progress)
+        with dist.main_first():  # rank 0 builds a cache, the others then read it
+            targets, cache_info = cross_targets(job, teacher, paired, vocab, teacher_tok, device, progress)
     elif job.kd.teacher_targets == "cache":
         real_size = vocab.teacher.real_size if padded else None
-        cache = _build_cache(job, teacher, train, tok_fp, data_fp, device, progress, real_size)
+        with dist.main_first():
+            cache = _build_cache(job, teacher, train, tok_fp, data_fp, device, progress, real_size)
         targets = CachedTeacher(cache, device)
         cache_info = {
             "dir": str(cache.directory),
@@ -366,8 +418,9 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
 
     student_dir = out / "student"
     to_save = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
-    to_save.save_pretrained(student_dir, safe_serialization=True)
-    tokenizer.save_pretrained(student_dir)
+    if dist.is_main:
+        to_save.save_pretrained(student_dir, safe_serialization=True)
+        tokenizer.save_pretrained(student_dir)
 
     result = DistillResult(
         config=job.model_dump(mode="json"),
@@ -407,5 +460,6 @@ def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True,
         cross_tokenizer=cross_info,
     )
     # private: losses and evaluations on private text are not covered by DP (docs/privacy.md)
-    atomic_write_json(out / "results.json", result.model_dump(mode="json"), mode=0o600)
+    if dist.is_main:
+        atomic_write_json(out / "results.json", result.model_dump(mode="json"), mode=0o600)
     return result
