@@ -59,6 +59,11 @@ class TopKLogits:
         return (1.0 - _at_least_float32(self.values).exp().sum(-1)).clamp(0.0, 1.0)
 
     def to(self, device: torch.device | str) -> TopKLogits:
+        """On `device`; to CUDA from pinned host memory without blocking (the cache reader's batches)."""
+        device = torch.device(device)
+        if device.type == "cuda" and self.values.device.type == "cpu":
+            values, indices = self.values.pin_memory(), self.indices.pin_memory()
+            return TopKLogits(values.to(device, non_blocking=True), indices.to(device, non_blocking=True))
         return TopKLogits(self.values.to(device), self.indices.to(device))
 
     def __getitem__(self, item) -> TopKLogits:
