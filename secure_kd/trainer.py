@@ -200,7 +200,7 @@ class Distiller:
         if info.stateful:
             self.objective_module = entry(**self.kd.params).to(self.device)
             entry = self.objective_module
-        if self.vocab is not None and padded_to_other_width(self.vocab):
+        if self.kd.kd_weight > 0 and self.vocab is not None and padded_to_other_width(self.vocab):
             self.padded_vocab = True
             return PaddedVocabObjective(entry, self.vocab)
         return entry
