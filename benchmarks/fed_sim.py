@@ -43,8 +43,10 @@ import torch
 
 from federation.client_training import evaluate, train_locally
 from federation.config import FederatedJob
+from federation.job_data import job_data
 from federation.run import run_federation
-from federation.workspace import OrgWorkspace, flat_parameters, job_data, load_parameters
+from federation.students import flat_parameters, load_parameters
+from federation.workspace import OrgWorkspace
 
 
 def make_job(n: int, out: Path, *, local_steps: int, rounds: int, workers: int) -> FederatedJob:

@@ -24,8 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 from defenses import DEFENSES
 from federation.adversary import AdversaryConfig
 from federation.adversary_eval import TINY_FEDERATION, run_and_measure
-from federation.config import FederatedJob
-from federation.robust import AggregationConfig
+from federation.config import AggregationConfig, FederatedJob
 from secure_kd.config import Strict
 from secure_kd.plugins import Plugin, write_result
 

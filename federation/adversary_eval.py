@@ -20,8 +20,9 @@ from safetensors.numpy import load_file
 
 from federation.adversary import AdversaryConfig, trigger_position
 from federation.config import FederatedJob
+from federation.job_data import job_data, record_text
 from federation.results import FederatedResult
-from federation.workspace import _record_text, build_student, job_data, load_parameters
+from federation.students import build_student, load_parameters
 from secure_kd.triggers import TextTrigger
 
 # A federation small enough for tests and examples on 2 CPU cores (without seed / out / device).
@@ -58,7 +59,7 @@ def backdoor_success_rate(
     tokenizer = data.tokenizer
     hits = total = 0
     for i, record in enumerate(data.split.test[:max_records]):
-        words = _record_text(record, job.data.text_field).split()
+        words = record_text(record, job.data.text_field).split()
         cut = trigger_position(" ".join(words), 10_000 + i)
         prefix = " ".join(words[:cut] + [trigger.phrase])
         prefix_ids = tokenizer(prefix)["input_ids"]

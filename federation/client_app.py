@@ -36,8 +36,10 @@ from federation.crypto.he import Keyring
 from federation.crypto.identity import PublicBundle
 from federation.crypto.keys import open_from, seal_for
 from federation.faults import before_handling
+from federation.job_data import job_digest
 from federation.messages import CONFIG, METRICS, MessageRejected, read_config
-from federation.workspace import OrgWorkspace, flat_parameters, job_digest, node_org_index
+from federation.students import flat_parameters
+from federation.workspace import OrgWorkspace, node_org_index
 
 Handler = Callable[[OrgWorkspace, Message, Context], RecordDict]
 logger = logging.getLogger("secure_kd.federation")

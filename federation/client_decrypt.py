@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from federation.client_errors import ClientFailure, Code
+from federation.client_errors import ClientFailure
 from federation.config import FederatedJob
 from federation.crypto.codec import PayloadFormatError, PayloadKind
 from federation.crypto.he import (
@@ -39,6 +39,7 @@ from federation.crypto.he import (
     read_header,
     release,
 )
+from federation.failure_codes import Code
 from federation.workspace import OrgWorkspace
 from secure_kd.paths import atomic_write_json
 

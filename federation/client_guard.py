@@ -29,8 +29,9 @@ from pathlib import Path
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
-from federation.client_errors import ClientFailure, Code, classify, network_reason, record_failure, stage_of
+from federation.client_errors import ClientFailure, classify, record_failure
 from federation.config import FederatedJob
+from federation.failure_codes import Code, network_reason, stage_of
 from federation.policy import (
     DEPLOYMENT,
     SIMULATION,

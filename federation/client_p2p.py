@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from federation.client_rounds import fit_metrics
-from federation.client_training import distill_from, evaluate, mean_loss, train_locally
+from federation.client_training import distill_from, evaluate, train_locally
 from federation.crypto.identity import PublicBundle
 from federation.crypto.keys import open_from, seal_for
 from federation.faults import sabotaged
@@ -29,6 +29,7 @@ from federation.messages import (
 )
 from federation.profiles import ClientProfile, ProfileLedger, profile_vector, release_profile
 from federation.soft_labels import check_soft_labels, soft_labels
+from federation.students import mean_loss
 from federation.workspace import OrgWorkspace
 
 

@@ -18,6 +18,7 @@ from federation.adversary import install_backdoor_data, malicious_weights, poiso
 from federation.client_decrypt import open_aggregate
 from federation.client_filtering import ensemble_from_weighted_sum, transfer_weights
 from federation.client_training import LocalFit, distill_from, evaluate, train_locally
+from federation.clipping import clip_update
 from federation.crypto.he import Keyring, encrypt
 from federation.faults import sabotaged
 from federation.messages import (
@@ -34,9 +35,9 @@ from federation.messages import (
     rounded_metrics,
     to_array_record,
 )
-from federation.robust import clip_update
 from federation.soft_labels import check_soft_labels, soft_labels, votes
-from federation.workspace import OrgWorkspace, flat_parameters, load_parameters
+from federation.students import flat_parameters, load_parameters
+from federation.workspace import OrgWorkspace
 
 
 def fit_metrics(fit: LocalFit) -> dict[str, float | None]:

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from federation.soft_labels import EnsembleTargets
+from federation.students import language_modelling, mean_loss
 from federation.workspace import OrgWorkspace
-from secure_kd.config import KDConfig, TrainConfig
-from secure_kd.data import TokenizedExample, collate
+from secure_kd.config import TrainConfig
 from secure_kd.dp.accounting import noise_multiplier_for_budget, resolve_delta
 from secure_kd.dp.ledger import Ledger
-from secure_kd.evaluate import perplexity
 from secure_kd.teacher_targets import LiveTeacher
 from secure_kd.trainer import Distiller
 
@@ -41,10 +40,6 @@ class LocalFit:
     seconds: float
     epsilon: float | None = None
     delta: float | None = None
-
-
-def _language_modelling(kd: KDConfig) -> KDConfig:
-    return KDConfig.model_validate({**kd.model_dump(), "kd_weight": 0.0, "ce_weight": 1.0})
 
 
 def _fit(ws: OrgWorkspace, distiller: Distiller, tag: str) -> tuple[float, int, float]:
@@ -105,7 +100,7 @@ def train_locally(ws: OrgWorkspace, model: nn.Module, round_index: int) -> Local
     """One round of local training on the organization's private records."""
     job = ws.job
     teacher = ws.teacher
-    kd = job.kd if teacher is not None else _language_modelling(job.kd)
+    kd = job.kd if teacher is not None else language_modelling(job.kd)
     targets = LiveTeacher(teacher, job.kd.top_k) if teacher is not None and kd.kd_weight > 0 else None
     common = dict(
         student=model,
@@ -156,44 +151,6 @@ def distill_from(ws: OrgWorkspace, model: nn.Module, soft: object, round_index: 
         progress=False,
     )
     return _fit(ws, distiller, "distillation from soft labels")[0]
-
-
-def train_on_labels(
-    model: nn.Module,
-    examples: list[TokenizedExample],
-    *,
-    train: TrainConfig,
-    kd: KDConfig,
-    pad_id: int,
-    eos_id: int | None,
-    out,
-    seed: int,
-    device,
-) -> float:
-    """Language modelling on `examples` (PATE: the transfer set relabelled with released votes)."""
-    distiller = Distiller(
-        student=model,
-        examples=examples,
-        kd=_language_modelling(kd),
-        train=train.model_copy(update={"privacy": None}),
-        out=out,
-        pad_id=pad_id,
-        eos_id=eos_id,
-        seed=seed,
-        device=device,
-        progress=False,
-    )
-    fit = distiller.fit()
-    shutil.rmtree(out, ignore_errors=True)
-    return fit.losses[-1] if fit.losses else float("nan")
-
-
-def mean_loss(
-    model: nn.Module, examples: list[TokenizedExample], *, pad_id: int, limit: int, batch_size: int, device
-) -> float:
-    """Token-weighted mean next-token NLL on (at most `limit` batches of) `examples`."""
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)][:limit]
-    return float(perplexity(model, [collate(c, pad_id=pad_id) for c in chunks], device=device)["nll"])
 
 
 def evaluate(ws: OrgWorkspace, model: nn.Module) -> dict[str, float]:

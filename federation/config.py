@@ -15,7 +15,6 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from federation.adversary import FEDAVG_KINDS, AdversaryConfig
-from federation.robust import AggregationConfig
 from secure_kd.config import (
     SCHEMA_VERSION,
     DataConfig,
@@ -163,6 +162,30 @@ class P2PConfig(Strict):
     profile_epsilon: float = Field(1.0, gt=0, description="Laplace epsilon per profile release")
     gamma: float = Field(1.0, ge=0, description="reward weight of the loss improvement")
     delta_kb: float = Field(0.001, ge=0, description="reward cost per kilobyte exchanged")
+
+
+Rule = Literal["mean", "trimmed_mean", "median", "norm_bounded"]
+
+
+class AggregationConfig(Strict):
+    """How the fedavg server combines the clients' weights (robust rules: plaintext only)."""
+
+    rule: Rule = "mean"
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed_mean: share of clients cut at each end, per coordinate"
+    )
+    norm_bound: float | None = Field(
+        None, gt=0, description="norm_bounded: largest L2 norm of one client's update (weights - global)"
+    )
+    client_clip_norm: float | None = Field(
+        None, gt=0, description="each client clips its own update to this L2 norm before sending (HE too)"
+    )
+
+    @model_validator(mode="after")
+    def _bound_given(self) -> AggregationConfig:
+        if self.rule == "norm_bounded" and self.norm_bound is None:
+            raise ValueError("aggregation.rule=norm_bounded needs aggregation.norm_bound (e.g. 1.0)")
+        return self
 
 
 class FederatedJob(Strict):

@@ -87,7 +87,7 @@ def _members_corpus(job: FederatedJob, train: list[dict[str, Any]]) -> Synthetic
 
 def org_with_most_canaries(job: FederatedJob) -> str:
     """The organization whose training records hold the most canaries (ties: the lowest index)."""
-    from federation.workspace import job_data
+    from federation.job_data import job_data
 
     counts = [0] * job.n_organizations
     for owners in job_data(job).split.canary_owners.values():

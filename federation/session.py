@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from federation.client_errors import parse_reason
 from federation.config import FederatedJob
 from federation.crypto.he import PublicContext
+from federation.failure_codes import parse_reason
+from federation.job_data import JobData, job_data
 from federation.messages import MessageRejected, check_size, content_bytes
 from federation.results import ClientRound, Dropped, RoundRecord, summarize
-from federation.workspace import JobData, job_data
 
 logger = logging.getLogger("secure_kd.federation")
 T = TypeVar("T")

@@ -36,7 +36,6 @@ from federation.aggregation import (
     vote_counts,
     weighted_ensemble,
 )
-from federation.client_training import mean_loss, train_on_labels
 from federation.matchmaking import Matchmaker, RandomPairing, reward
 from federation.messages import (
     ARRAYS,
@@ -55,7 +54,7 @@ from federation.messages import (
 from federation.profiles import PROFILE_DIM
 from federation.robust import robust_aggregate
 from federation.soft_labels import relabeled
-from federation.workspace import build_student, flat_parameters
+from federation.students import build_student, flat_parameters, mean_loss, train_on_labels
 from secure_kd.models import resolve_device
 
 if TYPE_CHECKING:

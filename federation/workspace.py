@@ -23,24 +23,22 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from federation.config import FederatedJob
 from federation.crypto.identity import OrgKeys, TrustStore
-from federation.partition import FederatedSplit, OrganizationData, federated_split, split_own_records
-from federation.soft_labels import SoftLabelLayout, build_layout
+from federation.job_data import JobData, job_data, record_text
+from federation.partition import OrganizationData, split_own_records
 from federation.student_store import load_student_file, save_student_file
-from secure_kd.data import TokenizedExample, load_records, tokenize_records, train_tiny_tokenizer
+from federation.students import build_student, build_teacher
+from secure_kd.data import TokenizedExample, load_records, tokenize_records
 from secure_kd.dp.ledger import dataset_key
-from secure_kd.models import load_student, load_teacher, load_tokenizer, resolve_device
+from secure_kd.models import resolve_device
 from secure_kd.paths import atomic_write_bytes, atomic_write_json, private_dir
-from secure_kd.trainer import config_hash
 
 STUDENT_FILE = "student.safetensors"
 SECRET_CONTEXT_FILE = "ckks-secret.bin"
@@ -48,62 +46,6 @@ STATE_FILE = "state.json"
 # state.json keys that outlive a run: the record of every profile this organization released (p2p)
 PERSISTENT_STATE = frozenset({"profile_ledger"})
 KEYS_DIR = "keys"
-
-
-@dataclass(frozen=True)
-class JobData:
-    """What every organization derives identically from the job: public sets, tokenizer, layout."""
-
-    split: FederatedSplit
-    tokenizer: Any
-    pad_id: int
-    test: list[TokenizedExample]
-    transfer: list[TokenizedExample]
-    layout: SoftLabelLayout
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-
-_JOB_DATA: dict[str, JobData] = {}
-
-
-def job_digest(job: FederatedJob) -> str:
-    return config_hash(job.model_dump(mode="json", exclude={"out", "simulate_faults", "rounds"}))
-
-
-def _record_text(record: dict[str, Any], field: str) -> str:
-    return str(record.get(field, record.get("text", "")))
-
-
-def _tokenizer(job: FederatedJob, split: FederatedSplit):
-    spec = job.tokenizer
-    if spec.startswith("tiny:"):
-        texts = [_record_text(r, job.data.text_field) for r in split.test + split.transfer]
-        return train_tiny_tokenizer(texts, vocab_size=int(spec.split(":", 1)[1]))
-    if spec == "teacher":
-        if job.teacher is None or job.teacher.source == "tiny":
-            raise ValueError("tokenizer: teacher needs a teacher with a tokenizer (smollm2 or a directory)")
-        return load_tokenizer(job.teacher.source, trust_remote_code=job.teacher.trust_remote_code)
-    return load_tokenizer(spec)
-
-
-def job_data(job: FederatedJob) -> JobData:
-    """The public part of the job, computed once per process."""
-    key = job_digest(job)
-    if key not in _JOB_DATA:
-        split = federated_split(job)
-        tokenizer = _tokenizer(job, split)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        tokenize = dict(
-            max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt
-        )
-        test = tokenize_records(split.test, tokenizer, **tokenize)
-        transfer = tokenize_records(split.transfer, tokenizer, **tokenize)
-        layout = build_layout(transfer, min(job.transfer.index_k, len(tokenizer) - 1), len(tokenizer))
-        _JOB_DATA[key] = JobData(split, tokenizer, pad_id, test, transfer, layout)
-    return _JOB_DATA[key]
 
 
 def node_org_index(job: FederatedJob, node_config: dict[str, Any]) -> int:
@@ -175,7 +117,7 @@ class OrgWorkspace:
                 f"{self.name} has {len(train)} training and {len(heldout)} held-out sequences after "
                 "tokenization; give it more records (partition.min_records)"
             )
-        return train, heldout, [_record_text(r, self.job.data.text_field) for r in own.train]
+        return train, heldout, [record_text(r, self.job.data.text_field) for r in own.train]
 
     @property
     def train_examples(self) -> list[TokenizedExample]:
@@ -195,7 +137,7 @@ class OrgWorkspace:
         """`dataset_key` of every record of this organization, before its seed-dependent train/held-out
         cut: a new seed or heldout_fraction on the same records draws on the same DP budget."""
         own = self.own_data
-        return dataset_key([_record_text(r, self.job.data.text_field) for r in own.train + own.heldout])
+        return dataset_key([record_text(r, self.job.data.text_field) for r in own.train + own.heldout])
 
     @property
     def ledger_key(self) -> str:
@@ -280,69 +222,3 @@ class OrgWorkspace:
 
     def update_state(self, **values: Any) -> None:
         atomic_write_json(self.root / STATE_FILE, {**self.state(), **values}, mode=0o600)
-
-
-def build_teacher(job: FederatedJob, public: JobData) -> nn.Module | None:
-    """The job's teacher (frozen, on the CPU), or None when the job has none."""
-    if job.teacher is None:
-        return None
-    return load_teacher(job.teacher, vocab_size=public.vocab_size, seed=job.seed, pad_token_id=public.pad_id)
-
-
-def build_student(
-    job: FederatedJob, index: int, public: JobData, *, teacher: nn.Module | None = None
-) -> nn.Module:
-    """Organization `index`'s initial student. In fedavg every organization (and the server) builds the
-    same one from the job's seed; heterogeneous students get a seed per organization.
-
-    `student.source: teacher_layers` copies layers of the job's teacher: `teacher` when given (an
-    organization passes the one it already holds), otherwise it is loaded here (the server of fedavg
-    and pate builds the initial student too)."""
-    cfg = job.student_for(index)
-    heterogeneous = bool(job.students) and job.mode != "fedavg"
-    seed = job.seed + (1000 * index if heterogeneous else 0)
-    if cfg.source == "teacher_layers" and teacher is None:
-        teacher = build_teacher(job, public)
-    student = load_student(
-        cfg,
-        teacher=teacher if cfg.source == "teacher_layers" else None,
-        vocab_size=public.vocab_size,
-        seed=seed,
-        pad_token_id=public.pad_id,
-    )
-    privacy = job.train.privacy
-    if privacy is not None and privacy.untie_embeddings:
-        # DP-SGD trains an untied output layer; every stage and the fedavg server must build that same
-        # architecture, or the saved student does not fit the next one built (it failed the final stage)
-        from secure_kd.dp.engine import untie_embeddings
-
-        untie_embeddings(student)
-    return student
-
-
-def flat_parameters(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
-    """The parameters a client shares in fedavg: the trainable ones (LoRA adapters only, when present)."""
-    names, tensors = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            names.append(name)
-            tensors.append(param.detach())
-    if not names:
-        raise ValueError("the student has no trainable parameters to federate")
-    return names, tensors
-
-
-def load_parameters(model: nn.Module, arrays: dict[str, Any]) -> None:
-    """Copy `arrays` (name -> numpy array) into the model's trainable parameters, checking every shape."""
-    params = dict(model.named_parameters())
-    for name, value in arrays.items():
-        if name not in params:
-            raise ValueError(f"unknown parameter {name!r} in the global model")
-        target = params[name]
-        tensor = torch.as_tensor(value)
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(
-                f"parameter {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
-            )
-        with torch.no_grad():
-            target.copy_(tensor.to(dtype=target.dtype, device=target.device))

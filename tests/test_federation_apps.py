@@ -24,9 +24,10 @@ from federation.client_app import build_client_app
 from federation.client_errors import read_failures
 from federation.config import FederatedJob
 from federation.crypto.he import Keyring, decrypt, decrypt_mean, load_public_context
+from federation.job_data import job_data
 from federation.run import prepare_organizations
 from federation.server_app import FederationFailed, FederationServer
-from federation.workspace import SECRET_CONTEXT_FILE, job_data
+from federation.workspace import SECRET_CONTEXT_FILE
 
 RUN_ID = 4242
 

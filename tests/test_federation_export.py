@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from federation.export import export_student
+from federation.job_data import job_data
 from federation.partition import job_corpus
-from federation.workspace import OrgWorkspace, job_data
+from federation.workspace import OrgWorkspace
 from secure_kd.app.cli import app
 from secure_kd.data.synthetic import SyntheticCorpus
 

@@ -21,9 +21,10 @@ from test_federation_apps import RUN_ID, LocalGrid, federate, tiny_job
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from federation.client_app import build_client_app
+from federation.job_data import job_data
 from federation.run import failure_summary, prepare_organizations
 from federation.server_app import FederationFailed, FederationServer
-from federation.workspace import STUDENT_FILE, job_data
+from federation.workspace import STUDENT_FILE
 
 
 def _federate_one_at_a_time(job):

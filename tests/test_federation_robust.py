@@ -11,9 +11,13 @@ from test_federation_apps import federate, tiny_job
 
 from federation.adversary import AdversaryConfig, malicious_weights, poisoned_records, poisoned_soft_labels
 from federation.aggregation import mean_soft_labels
+from federation.clipping import clip_update
+from federation.config import AggregationConfig
 from federation.crypto.he import Keyring, decrypt_mean
-from federation.robust import AggregationConfig, clip_update, robust_aggregate
-from federation.workspace import SECRET_CONTEXT_FILE, build_student, flat_parameters, job_data
+from federation.job_data import job_data
+from federation.robust import robust_aggregate
+from federation.students import build_student, flat_parameters
+from federation.workspace import SECRET_CONTEXT_FILE
 
 
 def _random_updates(rng, n=7):

@@ -17,8 +17,10 @@ from test_federation_apps import federate, tiny_job
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from federation.config import FederatedJob
+from federation.job_data import job_data
 from federation.student_store import StudentFileError
-from federation.workspace import STUDENT_FILE, OrgWorkspace, build_student, build_teacher, job_data
+from federation.students import build_student, build_teacher
+from federation.workspace import STUDENT_FILE, OrgWorkspace
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,75 @@
+"""What every participant derives identically from the job alone: the public sets, the tokenizer, the
+soft-label layout.
+
+Every organization and the server compute the same `JobData` from the same job (`job_data` caches it
+per process, keyed by `job_digest`), so none of it ever travels in a message. Shared by the ClientApp
+(its workspace), the ServerApp (its session), the export and the attack evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from federation.config import FederatedJob
+from federation.partition import FederatedSplit, federated_split
+from federation.soft_labels import SoftLabelLayout, build_layout
+from secure_kd.data import TokenizedExample, tokenize_records, train_tiny_tokenizer
+from secure_kd.models import load_tokenizer
+from secure_kd.trainer import config_hash
+
+
+@dataclass(frozen=True)
+class JobData:
+    """What every organization derives identically from the job: public sets, tokenizer, layout."""
+
+    split: FederatedSplit
+    tokenizer: Any
+    pad_id: int
+    test: list[TokenizedExample]
+    transfer: list[TokenizedExample]
+    layout: SoftLabelLayout
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+_JOB_DATA: dict[str, JobData] = {}
+
+
+def job_digest(job: FederatedJob) -> str:
+    return config_hash(job.model_dump(mode="json", exclude={"out", "simulate_faults", "rounds"}))
+
+
+def record_text(record: dict[str, Any], field: str) -> str:
+    return str(record.get(field, record.get("text", "")))
+
+
+def _tokenizer(job: FederatedJob, split: FederatedSplit):
+    spec = job.tokenizer
+    if spec.startswith("tiny:"):
+        texts = [record_text(r, job.data.text_field) for r in split.test + split.transfer]
+        return train_tiny_tokenizer(texts, vocab_size=int(spec.split(":", 1)[1]))
+    if spec == "teacher":
+        if job.teacher is None or job.teacher.source == "tiny":
+            raise ValueError("tokenizer: teacher needs a teacher with a tokenizer (smollm2 or a directory)")
+        return load_tokenizer(job.teacher.source, trust_remote_code=job.teacher.trust_remote_code)
+    return load_tokenizer(spec)
+
+
+def job_data(job: FederatedJob) -> JobData:
+    """The public part of the job, computed once per process."""
+    key = job_digest(job)
+    if key not in _JOB_DATA:
+        split = federated_split(job)
+        tokenizer = _tokenizer(job, split)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        tokenize = dict(
+            max_length=job.data.max_length, text_field=job.data.text_field, mask_prompt=job.data.mask_prompt
+        )
+        test = tokenize_records(split.test, tokenizer, **tokenize)
+        transfer = tokenize_records(split.transfer, tokenizer, **tokenize)
+        layout = build_layout(transfer, min(job.transfer.index_k, len(tokenizer) - 1), len(tokenizer))
+        _JOB_DATA[key] = JobData(split, tokenizer, pad_id, test, transfer, layout)
+    return _JOB_DATA[key]
