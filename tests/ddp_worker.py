@@ -52,13 +52,16 @@ def tiny(seed: int, hidden: int = 32, tie: bool = True):
     return model
 
 
-def build(spec: dict[str, Any], out: Path, ledger_dir: Path | None = None):
-    """The Distiller or DPDistiller of one scenario (`spec`: kind, kd, train, privacy, fused, ...)."""
+def build(
+    spec: dict[str, Any], out: Path, ledger_dir: Path | None = None, device: torch.device | None = None
+):
+    """The Distiller or DPDistiller of one scenario (`spec`: kd, train, privacy, untied, secret, device)."""
     from secure_kd.config import KDConfig, TrainConfig
     from secure_kd.teacher_targets import LiveTeacher
 
-    teacher = tiny(seed=1, hidden=48).eval()
-    student = tiny(seed=2, tie=not spec.get("untied", False))
+    device = device if device is not None else torch.device(spec.get("device", "cpu"))
+    teacher = tiny(seed=1, hidden=48).eval().to(device)
+    student = tiny(seed=2, tie=not spec.get("untied", False)).to(device)
     kd = KDConfig(**spec.get("kd", {}))
     privacy = spec.get("privacy")
     train_args = dict(spec.get("train", {}))
@@ -77,6 +80,7 @@ def build(spec: dict[str, Any], out: Path, ledger_dir: Path | None = None):
         pad_id=0,
         eos_id=None,
         seed=3,
+        device=device,
         progress=False,
         run_hash="ddp-test",
     )
@@ -100,9 +104,16 @@ def _fixed_secret(cls, secret: int):
     return Fixed
 
 
-def run(spec: dict[str, Any], out: Path, report: Path, rank: int = 0, ledger_dir: Path | None = None) -> dict:
+def run(
+    spec: dict[str, Any],
+    out: Path,
+    report: Path,
+    rank: int = 0,
+    ledger_dir: Path | None = None,
+    device: torch.device | None = None,
+) -> dict:
     """Train the scenario (resuming when spec['resume']); write and return what the test compares."""
-    distiller = build(spec, out, ledger_dir)
+    distiller = build(spec, out, ledger_dir, device)
     stop_at = spec.get("interrupt_at")
     if stop_at is not None:
 
@@ -119,7 +130,7 @@ def run(spec: dict[str, Any], out: Path, report: Path, rank: int = 0, ledger_dir
         if type(exc).__name__ != "TrainingInterrupted":
             raise
         interrupted, losses = True, None
-    params = {n: p.detach().double() for n, p in distiller.student.named_parameters()}
+    params = {n: p.detach().double().cpu() for n, p in distiller.student.named_parameters()}
     result = {
         "rank": rank,
         "losses": losses,
@@ -133,7 +144,9 @@ def run(spec: dict[str, Any], out: Path, report: Path, rank: int = 0, ledger_dir
     return result
 
 
-def spawned(rank: int, world: int, port: int, scenarios: list[dict], report: str) -> None:
+def spawned(
+    rank: int, world: int, port: int, scenarios: list[dict], report: str, device: str = "cpu"
+) -> None:
     """One rank: the launcher's environment, the process group, each scenario in turn, the teardown.
 
     A scenario: {"name", "spec", "out", "ledgers"}; `out` and `ledgers` may hold `{rank}`, giving each
@@ -149,12 +162,14 @@ def spawned(rank: int, world: int, port: int, scenarios: list[dict], report: str
     from secure_kd import distributed
 
     try:
-        distributed.init_from_environment("cpu")
+        _, rank_device = distributed.init_from_environment(device)
         for scenario in scenarios:
             out = Path(scenario["out"].format(rank=rank))
             ledgers = Path(scenario.get("ledgers", str(out) + "-ledgers").format(rank=rank))
             with counted_reservations() as reservations:
-                result = run(scenario["spec"], out, Path(report) / scenario["name"], rank, ledgers)
+                result = run(
+                    scenario["spec"], out, Path(report) / scenario["name"], rank, ledgers, rank_device
+                )
             result["reservations"] = reservations[0]
             (Path(report) / scenario["name"] / f"rank-{rank}.json").write_text(json.dumps(result))
     except BaseException:
@@ -187,12 +202,14 @@ class counted_reservations:
         Ledger.reserve = self.original
 
 
-def run_ranks(scenarios: list[dict], report: Path, world: int = 2) -> dict[str, list[dict]]:
+def run_ranks(
+    scenarios: list[dict], report: Path, world: int = 2, device: str = "cpu"
+) -> dict[str, list[dict]]:
     """The scenarios on `world` real processes: {name: each rank's report} (raises with their tracebacks)."""
     import torch.multiprocessing as mp
 
     try:
-        mp.spawn(spawned, args=(world, free_port(), scenarios, str(report)), nprocs=world, join=True)
+        mp.spawn(spawned, args=(world, free_port(), scenarios, str(report), device), nprocs=world, join=True)
     except Exception as exc:
         errors = "\n".join(p.read_text() for p in sorted(report.glob("rank-*.error")))
         raise AssertionError(f"a rank failed: {exc}\n{errors}") from None
