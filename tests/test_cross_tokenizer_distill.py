@@ -352,3 +352,19 @@ def test_the_example_config_validates_and_names_the_fix_for_jsd():
     assert job.tokenizers_differ() is True and job.kd.loss == "span_aligned"
     with pytest.raises(ConfigError, match="use kd.loss: uld or kd.loss: span_aligned"):
         load_config("configs/cross-tokenizer-tiny.yaml", ["kd.loss=jsd"])
+
+
+def test_a_ce_only_student_with_its_own_tokenizer_needs_no_teacher(tmp_path, paired, vocab):
+    """The experiment's baseline arm: no KD term, so the two vocabularies are never compared."""
+    d = Distiller(
+        student=build_tiny(TINY, vocab.student.width, seed=2),
+        examples=paired.students,
+        kd=KDConfig(loss="ce", kd_weight=0.0, ce_weight=1.0),
+        train=TrainConfig(max_steps=2, batch_size=8),
+        out=tmp_path,
+        pad_id=0,
+        eos_id=0,
+        vocab=vocab,
+        progress=False,
+    )
+    assert d.fit().steps == 2

@@ -126,3 +126,45 @@ def test_secure_kd_distill_with_a_padded_teacher(tmp_path, targets):
     if targets == "cache":
         manifest = json.loads((out / "teacher-cache" / "manifest.json").read_text())
         assert manifest["vocab_size"] == 384 and manifest["logits_width"] == 448
+
+
+@pytest.mark.slow
+def test_smollm2_padded_to_49216_distils_with_its_own_targets(tmp_path):
+    """The issue's case: SmolLM2 (Q4_1) with its output layer padded from 49,152 to 49,216 columns and a
+    student of width 49,152, one tokenizer. The trimmed targets are the unpadded teacher's targets."""
+    from secure_kd.assets import asset_dir, asset_info
+    from secure_kd.models import load_pretrained, load_tokenizer
+
+    if asset_info(asset_dir()) is None:
+        pytest.skip("the SmolLM2 asset is absent: run `secure-kd assets fetch-smollm2`")
+    tok = load_tokenizer("smollm2")
+    teacher = load_pretrained("smollm2").eval()
+    records = [{"text": "Knowledge distillation trains a small student to match a larger teacher."}] * 4
+    examples = tokenize_records(records, tok, max_length=32)
+    batch = collate(examples, pad_id=tok.pad_token_id)
+    batch["example_index"] = torch.arange(len(examples))
+    with torch.no_grad():
+        reference = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    teacher.resize_token_embeddings(49_216)  # 64 padding rows (tied: input and output)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    vocab = VocabPair.from_tokenizers(tok, tok, student_width=49_152, teacher_width=49_216)
+    assert (vocab.teacher.real_size, vocab.teacher.padding, vocab.student.padding) == (49_152, 64, 0)
+    targets = TrimmedLiveTeacher(teacher, 16, vocab.teacher.real_size)
+    top, expected = targets(batch), reference.log_softmax(-1).topk(16)
+    assert torch.equal(top.indices, expected.indices)
+    assert torch.allclose(top.values, expected.values, atol=1e-4)
+    student = build_tiny(TINY, 49_152, seed=0)
+    d = Distiller(
+        student=student,
+        examples=examples,
+        kd=KDConfig(loss="forward_kl", top_k=16),
+        train=TrainConfig(max_steps=2, batch_size=4),
+        out=tmp_path,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        targets=targets,
+        vocab=vocab,
+        progress=False,
+    )
+    assert d.fit().steps == 2
