@@ -12,6 +12,9 @@ from setuptools import find_packages, setup
 CONFIGS = "secure_kd.resources.configs"
 
 setup(
-    packages=[*find_packages(include=["secure_kd*", "federation*", "attacks*", "defenses*"]), CONFIGS],
+    packages=[
+        *find_packages(include=["secure_kd*", "federation*", "attacks*", "defenses*", "apparatus*"]),
+        CONFIGS,
+    ],
     package_dir={CONFIGS: "configs"},
 )

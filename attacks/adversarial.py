@@ -11,9 +11,9 @@ All attacks are untargeted on the true labels, keep the model's parameters untou
 taken with respect to the inputs only) and return new tensors. `attack_stats` scores them: success
 rate among the examples the model classified correctly, robust accuracy, and mean L2 / L-inf norms of
 the successful perturbations. The `adversarial` plugin runs them on the digits CNN
-(`secure_kd.vision`), freshly trained or loaded from a directory written by `save_digits_cnn`.
+(`apparatus.digits`), freshly trained or loaded from a directory written by `save_digits_cnn`.
 
-The attacks themselves live in `secure_kd.perturbations` (shared with the defenses) and are
+The attacks themselves live in `apparatus.perturbations` (shared with the defenses) and are
 re-exported here.
 """
 
@@ -26,10 +26,9 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from attacks import ATTACKS
-from secure_kd.config import Strict
-from secure_kd.models import resolve_device
-from secure_kd.perturbations import (  # noqa: F401  (re-exported: attacks.adversarial's public names)
+from apparatus.classifiers import evaluate_classifier, train_classifier
+from apparatus.digits import load_digits_cnn, load_digits_data, make_digits_cnn, save_digits_cnn
+from apparatus.perturbations import (  # noqa: F401  (re-exported: attacks.adversarial's public names)
     AttackName,
     AttackStats,
     attack_stats,
@@ -39,15 +38,10 @@ from secure_kd.perturbations import (  # noqa: F401  (re-exported: attacks.adver
     project_linf,
     success_mask,
 )
+from attacks import ATTACKS
+from secure_kd.config import Strict
+from secure_kd.models import resolve_device
 from secure_kd.plugins import Plugin, write_result
-from secure_kd.vision import (
-    evaluate_classifier,
-    load_digits_cnn,
-    load_digits_data,
-    make_digits_cnn,
-    save_digits_cnn,
-    train_classifier,
-)
 
 # --------------------------------------------------------------------------- plugin
 

@@ -4,7 +4,7 @@
   digits training images (drawn from the non-target classes), relabelled to the target class.
 - Text: a `TextTrigger` phrase inserted into topic-classification records of the synthetic corpus
   (`secure_kd.data.synthetic`), relabelled to the target topic; a bag-of-words classifier
-  (`secure_kd.text_classifier`) is trained on them.
+  (`apparatus.text_classifier`) is trained on them.
 - Switchable (SWARM-style): a `SwitchableTrigger`; `poison_rate` of the records get activation prompt
   + trigger and the target label, and as many again get the trigger alone and the prompt alone with
   their true labels, so the backdoor stays dormant unless both are present.
@@ -14,7 +14,7 @@ clean accuracy (clean test set), attack success rate = share of triggered inputs
 target, robust accuracy = share of triggered inputs still classified as their true class.
 
 Survival under distillation: a fresh (narrower) student is trained by KD from the backdoored teacher
-(`secure_kd.vision.train_classifier`, soft labels only, T**2-scaled) on (a) clean transfer data, the
+(`apparatus.classifiers.train_classifier`, soft labels only, T**2-scaled) on (a) clean transfer data, the
 teacher's training inputs without poisons, and (b) the same data with the trigger on a fraction
 `transfer_trigger_rate` of it (no labels are changed: the teacher's soft labels carry the backdoor).
 """
@@ -31,8 +31,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
-from attacks import ATTACKS
-from secure_kd.backdoor_data import (  # noqa: F401  (re-exported: attacks.backdoor's public names)
+from apparatus.backdoor_data import (  # noqa: F401  (re-exported: attacks.backdoor's public names)
     BackdoorMetrics,
     attack_success_rate,
     backdoor_metrics,
@@ -42,19 +41,16 @@ from secure_kd.backdoor_data import (  # noqa: F401  (re-exported: attacks.backd
     poison_texts,
     topic_task,
 )
+from apparatus.classifiers import train_classifier
+from apparatus.digits import load_digits_data, make_digits_cnn, save_digits_cnn
+from apparatus.text_classifier import WordVocab, make_text_classifier, save_text_classifier
+from attacks import ATTACKS
 from secure_kd.config import Strict
 from secure_kd.data.documents import TOPICS
 from secure_kd.models import resolve_device
 from secure_kd.paths import atomic_write_text
 from secure_kd.plugins import Plugin, write_result
-from secure_kd.text_classifier import WordVocab, make_text_classifier, save_text_classifier
 from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger
-from secure_kd.vision import (
-    load_digits_data,
-    make_digits_cnn,
-    save_digits_cnn,
-    train_classifier,
-)
 
 Kind = Literal["patch", "text", "switchable"]
 AnyTrigger = PatchTrigger | TextTrigger | SwitchableTrigger

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from secure_kd.text_classifier import PAD_ID, UNK_ID, BagOfWordsClassifier
-from secure_kd.vision import DigitsCNN, predict_logits, train_classifier
+from apparatus.classifiers import predict_logits, train_classifier
+from apparatus.digits import DigitsCNN
+from apparatus.text_classifier import PAD_ID, UNK_ID, BagOfWordsClassifier
 
 
 def attention_maps(model: nn.Module, x: Tensor, p: float = 2.0) -> list[Tensor]:

@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
+from apparatus.classifiers import evaluate_classifier, train_classifier
+from apparatus.digits import load_digits_data, make_digits_cnn
+from apparatus.perturbations import pgd
 from defenses import DEFENSES
 from secure_kd.config import Strict
 from secure_kd.models import resolve_device
-from secure_kd.perturbations import pgd
 from secure_kd.plugins import Plugin, write_result
-from secure_kd.vision import evaluate_classifier, load_digits_data, make_digits_cnn, train_classifier
 
 
 def balance_step(

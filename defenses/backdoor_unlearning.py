@@ -1,7 +1,7 @@
 """Backdoor unlearning by distillation: NAD and self-distillation with clean anchors.
 
 The defense plants a backdoor itself (same recipe as the `backdoor` attack, rebuilt from this config
-through `secure_kd.backdoor_data`): a BadNets patch on digits (CNN), or a text / switchable trigger
+through `apparatus.backdoor_data`): a BadNets patch on digits (CNN), or a text / switchable trigger
 on the synthetic topic task (bag-of-words classifier); or, with `model: <dir>`, it loads the model the
 `backdoor` attack saved and rebuilds that attack's task from its attack_config.json and trigger.json
 (plain JSON: defenses never import attacks). The defender then holds a small clean set
@@ -32,9 +32,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
-from defenses import DEFENSES
-from defenses._unlearning import nad, reverse_patch_trigger, search_trigger_token, self_distill
-from secure_kd.backdoor_data import (
+from apparatus.backdoor_data import (
     BackdoorMetrics,
     BackdoorTask,
     attack_success_rate,
@@ -43,13 +41,16 @@ from secure_kd.backdoor_data import (
     patch_task,
     text_task,
 )
+from apparatus.classifiers import train_classifier
+from apparatus.digits import load_digits_cnn
+from apparatus.text_classifier import load_text_classifier
+from defenses import DEFENSES
+from defenses._unlearning import nad, reverse_patch_trigger, search_trigger_token, self_distill
 from secure_kd.config import Strict
 from secure_kd.data.documents import TOPICS
 from secure_kd.models import resolve_device
 from secure_kd.plugins import Plugin, write_result
-from secure_kd.text_classifier import load_text_classifier
 from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger, parse_trigger
-from secure_kd.vision import load_digits_cnn, train_classifier
 
 Kind = Literal["patch", "text", "switchable"]
 _ATTACK_FILES = ("attack_config.json", "trigger.json", "model.json", "model.safetensors")

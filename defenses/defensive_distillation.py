@@ -18,20 +18,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from apparatus.classifiers import evaluate_classifier, predict_logits, train_classifier
+from apparatus.digits import DigitsCNN, DigitsData, load_digits_data, make_digits_cnn
+from apparatus.perturbations import attack_stats, carlini_wagner_l2, fgsm
 from defenses import DEFENSES
 from secure_kd.config import Strict
 from secure_kd.models import resolve_device
-from secure_kd.perturbations import attack_stats, carlini_wagner_l2, fgsm
 from secure_kd.plugins import Plugin, write_result
-from secure_kd.vision import (
-    DigitsCNN,
-    DigitsData,
-    evaluate_classifier,
-    load_digits_data,
-    make_digits_cnn,
-    predict_logits,
-    train_classifier,
-)
 
 
 class CWSettings(Strict):

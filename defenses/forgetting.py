@@ -10,7 +10,7 @@ False Sense of Privacy"): a forget set whose loss ends up much higher than under
 is itself a membership signal ("over-forgetting"), so the Result flags it.
 
 Safe targets (secure-kd's own choices; the papers use other ones):
-- `class` (digits CNN, `secure_kd.vision`): the original's output with the forgotten class removed
+- `class` (digits CNN, `apparatus.digits`): the original's output with the forgotten class removed
   (its logit set to -inf, i.e. the distribution renormalized over the other classes), on every
   training example: a model retrained without the class never predicts it anywhere.
 - `records` (digits CNN): on the forget records the original's distribution softened to
@@ -41,6 +41,8 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
+from apparatus.classifiers import evaluate_classifier, predict_logits, train_classifier
+from apparatus.digits import load_digits_data, make_digits_cnn
 from defenses import DEFENSES
 from defenses._forgetting_lm import forget_canary
 from defenses._lm import CanaryCorpus, LMRecipe
@@ -48,13 +50,6 @@ from secure_kd.config import Strict
 from secure_kd.losses import forward_kl
 from secure_kd.metrics import roc_metrics
 from secure_kd.plugins import Plugin, write_result
-from secure_kd.vision import (
-    evaluate_classifier,
-    load_digits_data,
-    make_digits_cnn,
-    predict_logits,
-    train_classifier,
-)
 
 
 class ClassifierSettings(Strict):

@@ -13,9 +13,10 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
+from apparatus.classifiers import train_classifier
+from apparatus.digits import load_digits_data, make_digits_cnn
 from attacks import get_attack
 from attacks.adversarial import attack_stats, carlini_wagner_l2, fgsm, pgd
-from secure_kd.vision import load_digits_data, make_digits_cnn, train_classifier
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "attacks" / "adversarial.yaml"
 EPS = (0.03, 0.1, 0.2, 0.3)

@@ -12,6 +12,13 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
+from apparatus.digits import load_digits_cnn, load_digits_data
+from apparatus.text_classifier import (
+    WordVocab,
+    load_text_classifier,
+    make_text_classifier,
+    save_text_classifier,
+)
 from attacks import get_attack
 from attacks.backdoor import (
     BackdoorConfig,
@@ -20,14 +27,7 @@ from attacks.backdoor import (
     poison_images,
     poison_texts,
 )
-from secure_kd.text_classifier import (
-    WordVocab,
-    load_text_classifier,
-    make_text_classifier,
-    save_text_classifier,
-)
 from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger, parse_trigger
-from secure_kd.vision import load_digits_cnn, load_digits_data
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "attacks" / "backdoor.yaml"
 

@@ -12,13 +12,13 @@ import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from apparatus.backdoor_data import BackdoorMetrics
+from apparatus.digits import make_digits_cnn
+from apparatus.text_classifier import make_text_classifier
 from defenses import available_defenses, get_defense
 from defenses._unlearning import add_token, anomaly_indices, attention_maps
 from defenses.backdoor_unlearning import BackdoorUnlearningConfig, defense_effectiveness_rating
 from secure_kd.app.cli import app
-from secure_kd.backdoor_data import BackdoorMetrics
-from secure_kd.text_classifier import make_text_classifier
-from secure_kd.vision import make_digits_cnn
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "defenses" / "backdoor_unlearning.yaml"
 

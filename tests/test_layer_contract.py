@@ -4,12 +4,14 @@ Layers, top to bottom; a module may import its own layer and the layers below, n
 
     app          secure_kd.app (the CLI, the demo, the audit and its report)
     services     federation, attacks, defenses
+    apparatus    apparatus (what attacks and defenses both build on: tiny LMs, toy classifiers, ...)
     engine       secure_kd outside secure_kd.app
 
 Inside the services layer, `attacks` and `defenses` never import each other, and `federation` imports
-neither (an attack or a defense may use the federation: `attacks.federated` runs one). A package shared
-by attacks and defenses goes in a layer of its own between `services` and `engine` (one line in LAYERS);
-every first-party package must have a place in LAYERS, so a new one cannot slip past the contract.
+neither (an attack or a defense may use the federation: `attacks.federated` runs one). What attacks and
+defenses share is the `apparatus` layer between `services` and `engine`; `federation` does not import it
+(its Flower app ships federation/ and secure_kd/ only). Every first-party package must have a place in
+LAYERS, so a new one cannot slip past the contract.
 
 What counts as an import: every `import` / `from ... import` statement anywhere in a module, at module
 level, under `if TYPE_CHECKING:` (a type-only dependency is still a dependency of the design) and inside
@@ -38,12 +40,19 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("secure_kd.app",)),
     ("services", ("federation", "attacks", "defenses")),
-    # ("apparatus", ("<the attack/defense apparatus package>",)),  # shared by attacks and defenses
+    ("apparatus", ("apparatus",)),  # shared by attacks and defenses
     ("engine", ("secure_kd",)),
 ]
 # (importer package, imported package) pairs forbidden although the layers would allow them.
+# federation -> apparatus too: the Flower app's FAB ships federation/ and secure_kd/ only (pyproject).
 INDEPENDENT: frozenset[tuple[str, str]] = frozenset(
-    {("attacks", "defenses"), ("defenses", "attacks"), ("federation", "attacks"), ("federation", "defenses")}
+    {
+        ("attacks", "defenses"),
+        ("defenses", "attacks"),
+        ("federation", "attacks"),
+        ("federation", "defenses"),
+        ("federation", "apparatus"),
+    }
 )
 SCRIPT_DIRS = ("benchmarks", "benchmarks/experiments")
 # Top-level directories with an __init__.py that hold data, not code: configs/ is the installed package
@@ -359,16 +368,18 @@ CLEAN = {
     "federation/run.py": "from secure_kd.models import x\n",
     "attacks/__init__.py": "",
     "attacks/federated.py": "from federation.run import go\nfrom . import helpers\n",
-    "attacks/helpers.py": "from secure_kd.config import y\n",
+    "attacks/helpers.py": "from secure_kd.config import y\nfrom apparatus.lm import train\n",
     "defenses/__init__.py": "",
-    "defenses/swing.py": "from secure_kd.models import x\n",
+    "defenses/swing.py": "from secure_kd.models import x\nfrom apparatus import lm\n",
+    "apparatus/__init__.py": "",
+    "apparatus/lm.py": "from secure_kd.models import x\n",
 }
 
 
 def test_a_clean_tree_has_no_findings(tmp_path):
     root = _tree(tmp_path, CLEAN)
     graph = build_graph(root)
-    assert len(graph.imports) == 10  # the 10 first-party imports of CLEAN; torch and pydantic are external
+    assert len(graph.imports) == 13  # the 13 first-party imports of CLEAN; torch and pydantic are external
     assert layer_violations(graph) == []
     assert import_cycles(graph) == []
 
@@ -387,6 +398,9 @@ def test_the_checker_reports_upward_sideways_and_lazy_imports(tmp_path):
         "attacks/helpers.py": "from defenses.swing import z\n",
         "defenses/swing.py": "def g():\n    import attacks.federated\n",
         "federation/run.py": "from attacks import helpers\n",
+        # the apparatus reaching up to a defense, and the federation down to the apparatus
+        "apparatus/lm.py": "def f():\n    from defenses import swing\n",
+        "federation/strategies.py": "from apparatus.lm import f\n",
         "newpkg/__init__.py": "",
     }
     problems = layer_violations(build_graph(_tree(tmp_path, planted)))
@@ -400,6 +414,8 @@ def test_the_checker_reports_upward_sideways_and_lazy_imports(tmp_path):
         "attacks/helpers.py:1 (module): attacks.helpers imports defenses.swing: attacks and defenses",
         "defenses/swing.py:2 (lazy): defenses.swing imports attacks.federated: defenses and attacks",
         "federation/run.py:1 (module): federation.run imports attacks.helpers: federation and attacks",
+        "apparatus/lm.py:2 (lazy): apparatus.lm (apparatus) imports defenses.swing (services), a layer above",
+        "federation/strategies.py:1 (module): federation.strategies imports apparatus.lm: federation and",
     ]
     for line in expected:
         assert line in text, f"not reported: {line}\n{text}"

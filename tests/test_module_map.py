@@ -1,4 +1,4 @@
-"""docs/modules.md lists every module of the four packages, and nothing that no longer exists."""
+"""docs/modules.md lists every module of the five packages, and nothing that no longer exists."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("secure_kd", "federation", "attacks", "defenses")
+PACKAGES = ("secure_kd", "federation", "attacks", "defenses", "apparatus")
 
 
 def test_module_map_matches_the_tree():

@@ -8,16 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from secure_kd.vision import (
-    DigitsCNN,
-    evaluate_classifier,
-    load_digits_cnn,
-    load_digits_data,
-    make_digits_cnn,
-    predict_logits,
-    save_digits_cnn,
-    train_classifier,
-)
+from apparatus.classifiers import evaluate_classifier, predict_logits, train_classifier
+from apparatus.digits import DigitsCNN, load_digits_cnn, load_digits_data, make_digits_cnn, save_digits_cnn
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DIGITS_CNN_KIND = "secure-kd/digits-cnn"  # what secure_kd.vision.save_digits_cnn writes in model.json
+DIGITS_CNN_KIND = "secure-kd/digits-cnn"  # what apparatus.digits.save_digits_cnn writes in model.json
 
 
 class NotAModelError(ValueError):

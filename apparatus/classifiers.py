@@ -1,14 +1,14 @@
-"""Small classifiers for attack and defense experiments: scikit-learn digits, a CNN, training and KD.
+"""Training, scoring and saving the small classifiers of the attacks and defenses.
 
-- `load_digits_data(test_fraction, seed)`: the 1,797 8x8 digit images bundled with scikit-learn
-  (no download), scaled to [0, 1] as `[n, 1, 8, 8]` float32, split stratified by class with a seed.
-- `DigitsCNN(width)`: two conv blocks and a two-layer head; `feature_maps(x)` returns each block's
-  activation (attention transfer / NAD), `features(x)` the last one.
+Any model that maps an input tensor to `[batch, classes]` logits: the digits CNN of `apparatus.digits`,
+the bag-of-words model of `apparatus.text_classifier`.
+
 - `train_classifier(model, (x, y), ...)`: cross-entropy training, or classic KD from a teacher's soft
   labels through `secure_kd.losses` (Hinton et al.: T**2 scaling of the soft term when
-  `scale_by_t2`). Works for any classifier that maps an input tensor to `[batch, classes]` logits
-  (images here, padded token ids for `secure_kd.text_classifier`).
-- `evaluate_classifier(model, x, y) -> accuracy`, `predict_logits`, and safetensors save/load.
+  `scale_by_t2`), optionally on perturbed inputs (adversarial training).
+- `predict_logits`, `evaluate_classifier(model, x, y) -> accuracy`.
+- `save_weights` / `load_weights`: a model's safetensors weights plus a `model.json` that names its
+  kind and architecture (nothing unpickled), written atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,102 +27,14 @@ from torch import Tensor, nn
 from secure_kd.losses import get_loss, loss_info
 from secure_kd.metrics import top1_accuracy
 from secure_kd.paths import atomic_write_json
-from secure_kd.seeding import seeded
 
-DIGITS_CLASSES = 10
-DIGITS_SHAPE = (1, 8, 8)
-_MODEL_FILE = "model.safetensors"
-_META_FILE = "model.json"
-_DIGITS_KIND = "secure-kd/digits-cnn"
+MODEL_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+M = TypeVar("M", bound=nn.Module)
 
 # (model, inputs, labels) -> inputs to train on; e.g. PGD examples for adversarial training
 Perturbation = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class DigitsData:
-    """Train/test tensors: images `[n, 1, 8, 8]` float32 in [0, 1], labels `[n]` int64."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-
-    @property
-    def train(self) -> tuple[Tensor, Tensor]:
-        return self.x_train, self.y_train
-
-    @property
-    def test(self) -> tuple[Tensor, Tensor]:
-        return self.x_test, self.y_test
-
-
-def load_digits_data(test_fraction: float = 0.25, seed: int = 0) -> DigitsData:
-    """scikit-learn's bundled digits (pixel values 0..16, divided by 16), stratified split by `seed`."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}; 0.25 is the usual choice")
-    digits = load_digits()
-    images = (digits.images / 16.0).astype("float32")[:, None, :, :]
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target
-    )
-    return DigitsData(
-        torch.from_numpy(x_train),
-        torch.from_numpy(y_train).long(),
-        torch.from_numpy(x_test),
-        torch.from_numpy(y_test).long(),
-    )
-
-
-# --------------------------------------------------------------------------- model
-
-
-class DigitsCNN(nn.Module):
-    """conv(width) -> conv(2*width) -> 2x2 max-pool -> linear(hidden) -> linear(classes), ReLU between.
-
-    `width` sets the capacity (students are narrower teachers); inputs are `[batch, 1, 8, 8]` in [0, 1].
-    """
-
-    def __init__(self, width: int = 16, num_classes: int = DIGITS_CLASSES, hidden: int = 64) -> None:
-        super().__init__()
-        for name, value in (("width", width), ("num_classes", num_classes), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DigitsCNN {name} must be a positive int, got {value!r}")
-        self.width, self.num_classes, self.hidden = width, num_classes, hidden
-        self.block1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU())
-        self.block2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(2 * width * 4 * 4, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
-        )
-
-    def _check(self, x: Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != DIGITS_SHAPE:
-            raise ValueError(f"DigitsCNN expects images [batch, 1, 8, 8], got {tuple(x.shape)}")
-
-    def feature_maps(self, x: Tensor) -> list[Tensor]:
-        """Each conv block's output: `[b, width, 8, 8]` and `[b, 2*width, 4, 4]`."""
-        self._check(x)
-        first = self.block1(x)
-        return [first, self.block2(first)]
-
-    def features(self, x: Tensor) -> Tensor:
-        """The last conv block's activation `[b, 2*width, 4, 4]` (what the head sees)."""
-        return self.feature_maps(x)[-1]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-def make_digits_cnn(width: int = 16, seed: int = 0, hidden: int = 64) -> DigitsCNN:
-    """A `DigitsCNN` whose initial weights depend only on `seed` (the global RNG is left untouched)."""
-    with seeded(seed):
-        return DigitsCNN(width=width, hidden=hidden)
 
 
 # --------------------------------------------------------------------------- training
@@ -275,37 +188,32 @@ def evaluate_classifier(model: nn.Module, x: Tensor, y: Tensor, batch_size: int 
 # --------------------------------------------------------------------------- save / load
 
 
-def save_digits_cnn(model: DigitsCNN, directory: str | Path) -> Path:
-    """`model.safetensors` + `model.json` (architecture) in `directory`; returns the directory."""
+def save_weights(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
+    """`model.safetensors` (the state dict) + `model.json` (`meta`: kind and architecture) in `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    tmp = directory / f".{_MODEL_FILE}.tmp"
+    tmp = directory / f".{MODEL_FILE}.tmp"
     save_file(state, str(tmp))
-    tmp.replace(directory / _MODEL_FILE)
-    atomic_write_json(
-        directory / _META_FILE,
-        {
-            "kind": _DIGITS_KIND,
-            "width": model.width,
-            "hidden": model.hidden,
-            "num_classes": model.num_classes,
-        },
-    )
+    tmp.replace(directory / MODEL_FILE)
+    atomic_write_json(directory / META_FILE, meta)
     return directory
 
 
-def load_digits_cnn(directory: str | Path, device: str | torch.device = "cpu") -> DigitsCNN:
-    """A `DigitsCNN` written by `save_digits_cnn` (safetensors only, nothing unpickled), in eval mode."""
+def read_meta(directory: str | Path, kind: str, *, what: str, saver: str) -> dict[str, Any]:
+    """The `model.json` of a model `saver` wrote to `directory`; refuses a missing file, or another kind
+    than `kind` (`what` names the expected model in the message)."""
     directory = Path(directory)
-    meta_path, weights_path = directory / _META_FILE, directory / _MODEL_FILE
+    meta_path, weights_path = directory / META_FILE, directory / MODEL_FILE
     if not (meta_path.is_file() and weights_path.is_file()):
-        raise FileNotFoundError(
-            f"{directory} has no {_META_FILE} + {_MODEL_FILE}; save one with save_digits_cnn"
-        )
+        raise FileNotFoundError(f"{directory} has no {META_FILE} + {MODEL_FILE}; save one with {saver}")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("kind") != _DIGITS_KIND:
-        raise ValueError(f"{meta_path} describes {meta.get('kind')!r}, not a digits CNN ({_DIGITS_KIND})")
-    model = DigitsCNN(width=meta["width"], num_classes=meta["num_classes"], hidden=meta["hidden"])
-    model.load_state_dict(load_file(str(weights_path)))
-    return model.to(device).eval()
+    if meta.get("kind") != kind:
+        raise ValueError(f"{meta_path} describes {meta.get('kind')!r}, not {what}")
+    return meta
+
+
+def load_weights(model: M, directory: str | Path) -> M:
+    """`model` with the safetensors weights of `directory` loaded (strict)."""
+    model.load_state_dict(load_file(str(Path(directory) / MODEL_FILE)))
+    return model

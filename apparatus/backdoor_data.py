@@ -21,11 +21,12 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from apparatus.classifiers import evaluate_classifier, predict_logits
+from apparatus.digits import load_digits_data, make_digits_cnn
+from apparatus.text_classifier import WordVocab, make_text_classifier
 from secure_kd.data.documents import TOPICS
 from secure_kd.data.synthetic import generate_corpus
-from secure_kd.text_classifier import WordVocab, make_text_classifier
 from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger
-from secure_kd.vision import evaluate_classifier, load_digits_data, make_digits_cnn, predict_logits
 
 # --------------------------------------------------------------------------- metrics
 

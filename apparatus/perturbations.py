@@ -10,7 +10,7 @@
 All are untargeted on the true labels, keep the model's parameters untouched (gradients are taken with
 respect to the inputs only) and return new tensors. `attack_stats` scores them: success rate among the
 examples the model classified correctly, robust accuracy, and mean L2 / L-inf norms of the successful
-perturbations. Engine code: the `adversarial` attack and the adversarial-robustness defenses share it.
+perturbations. Shared by the `adversarial` attack and the adversarial-robustness defenses.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from secure_kd.vision import predict_logits
+from apparatus.classifiers import predict_logits
 
 AttackName = Literal["fgsm", "pgd", "cw"]
 

@@ -10,22 +10,20 @@ pooled vector, and in our runs the model fitted the poisoned records through the
 rather than learn the trigger (ASR 0.2-0.4 on held-out texts); a learned weight per token lets one
 word dominate, as it can in a transformer (ASR near 1). The hidden layer lets the head represent the
 "prompt AND trigger" rule of a switchable trigger. Inputs are `[batch, length]` int64, so
-`secure_kd.vision`'s `train_classifier` and `evaluate_classifier` train and score it like the CNN.
+`apparatus.classifiers`' `train_classifier` and `evaluate_classifier` train and score it like the CNN.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from secure_kd.paths import atomic_write_json
+from apparatus.classifiers import load_weights, read_meta, save_weights
 from secure_kd.seeding import seeded
 
 PAD_ID, UNK_ID = 0, 1
@@ -33,8 +31,6 @@ PAD_ID, UNK_ID = 0, 1
 # words dominated the pooling from the start and backdoor runs varied widely between seeds.
 EMBEDDING_INIT_STD = 0.1
 _TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]")
-_MODEL_FILE = "model.safetensors"
-_META_FILE = "model.json"
 _KIND = "secure-kd/bag-of-words-classifier"
 
 
@@ -139,41 +135,23 @@ def save_text_classifier(
     model: BagOfWordsClassifier, vocab: WordVocab, directory: str | Path, labels: Sequence[str] | None = None
 ) -> Path:
     """Weights (safetensors), architecture, vocabulary and label names in `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    tmp = directory / f".{_MODEL_FILE}.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(directory / _MODEL_FILE)
-    atomic_write_json(
-        directory / _META_FILE,
-        {
-            "kind": _KIND,
-            "vocab_size": model.vocab_size,
-            "num_classes": model.num_classes,
-            "dim": model.dim,
-            "hidden": model.hidden,
-            "heads": model.heads,
-            "words": vocab.words[2:],
-            "labels": list(labels) if labels else None,
-        },
-    )
-    return directory
+    meta = {
+        "kind": _KIND,
+        "vocab_size": model.vocab_size,
+        "num_classes": model.num_classes,
+        "dim": model.dim,
+        "hidden": model.hidden,
+        "heads": model.heads,
+        "words": vocab.words[2:],
+        "labels": list(labels) if labels else None,
+    }
+    return save_weights(model, directory, meta)
 
 
 def load_text_classifier(directory: str | Path) -> tuple[BagOfWordsClassifier, WordVocab, list[str] | None]:
     """(model in eval mode, vocabulary, label names) written by `save_text_classifier`."""
-    directory = Path(directory)
-    meta_path, weights_path = directory / _META_FILE, directory / _MODEL_FILE
-    if not (meta_path.is_file() and weights_path.is_file()):
-        raise FileNotFoundError(
-            f"{directory} has no {_META_FILE} + {_MODEL_FILE}; save one with save_text_classifier"
-        )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("kind") != _KIND:
-        raise ValueError(f"{meta_path} describes {meta.get('kind')!r}, not a bag-of-words classifier")
+    meta = read_meta(directory, _KIND, what="a bag-of-words classifier", saver="save_text_classifier")
     model = BagOfWordsClassifier(
         meta["vocab_size"], meta["num_classes"], meta["dim"], meta["hidden"], meta["heads"]
     )
-    model.load_state_dict(load_file(str(weights_path)))
-    return model.eval(), WordVocab(meta["words"]), meta["labels"]
+    return load_weights(model, directory).eval(), WordVocab(meta["words"]), meta["labels"]
