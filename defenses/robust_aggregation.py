@@ -2,8 +2,8 @@
 
 Runs one federated setup through `federation.run.run_federation` for every (rule, attack) pair: rules
 are `FederatedJob.aggregation` blocks (`mean`, coordinate-wise `trimmed_mean` and `median` of Yin et
-al. 2018, `norm_bounded` clipping of Sun et al. 2019; see `federation.robust`), attacks are the
-federation's adversary roles (`federation.adversary`: `scale`, `sign_flip`, `backdoor`) or none. It
+al. 2018, `norm_bounded` clipping of Sun et al. 2019; see `federation.server.strategies.robust`), attacks are
+the federation's adversary roles (`federation.adversary`: `scale`, `sign_flip`, `backdoor`) or none. It
 reports, per rule, the final test loss with no attacker (the cost of robustness when everyone is
 honest, relative to `mean`) and under each attack, and the backdoor success rate of the global model.
 

@@ -29,7 +29,8 @@ from federation.client_errors import read_failures
 from federation.config import FederatedJob
 from federation.crypto.identity import OrgKeys
 from federation.results import FederatedResult
-from federation.server_app import FederationFailed, build_server_app
+from federation.server.app import build_server_app
+from federation.server.session import FederationFailed
 from secure_kd.paths import atomic_write_text
 
 logger = logging.getLogger("secure_kd.federation")

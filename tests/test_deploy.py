@@ -365,7 +365,7 @@ def test_demo_data_is_each_organizations_partition(tmp_path):
 
 
 def test_run_config_job_path_is_read_from_the_app(tmp_path, monkeypatch):
-    from federation.server_app import job_from_run_config
+    from federation.run_config import job_from_run_config
 
     monkeypatch.chdir(tmp_path)  # the ClientApp's working directory is not the project
     job = job_from_run_config({"config": "configs/deploy-tiny.yaml", "overrides": "rounds=1;out=/tmp/x"})
@@ -606,7 +606,8 @@ class HelloGrid:
 
 def test_an_impostor_node_claiming_another_orgs_name_is_refused(tmp_path):
     from federation.deploy.node_binding import format_node_ids, parse_node_ids
-    from federation.server_app import Session, introduce
+    from federation.server.app import introduce
+    from federation.server.session import Session
 
     job = load_federated_job(ROOT / "configs" / "deploy-tiny.yaml", [f"out={tmp_path / 'run'}"])
     alpha, beta = OrgKeys.generate("alpha"), OrgKeys.generate("beta")

@@ -26,7 +26,8 @@ from federation.config import FederatedJob
 from federation.crypto.he import Keyring, decrypt, decrypt_mean, load_public_context
 from federation.job_data import job_data
 from federation.run import prepare_organizations
-from federation.server_app import FederationFailed, FederationServer
+from federation.server.app import FederationServer
+from federation.server.session import FederationFailed
 from federation.workspace import SECRET_CONTEXT_FILE
 
 RUN_ID = 4242

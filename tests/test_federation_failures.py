@@ -23,7 +23,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from federation.client_app import build_client_app
 from federation.job_data import job_data
 from federation.run import failure_summary, prepare_organizations
-from federation.server_app import FederationFailed, FederationServer
+from federation.server.app import FederationServer
+from federation.server.session import FederationFailed
 from federation.workspace import STUDENT_FILE
 
 

@@ -20,13 +20,13 @@ from flwr.app import ConfigRecord, RecordDict
 from test_federation_apps import RUN_ID, federate, tiny_job
 
 import federation.client_decrypt as client_decrypt
-from federation.aggregation import aggregate_encrypted
 from federation.client_errors import read_failures
 from federation.client_guard import current_workspace
 from federation.crypto.codec import PayloadKind, iter_chunks, pack_payload
 from federation.crypto.he import check_payload
 from federation.messages import CONFIG
-from federation.strategies import FedDistillStrategy
+from federation.server.aggregation import aggregate_encrypted
+from federation.server.strategies.fed_distill import FedDistillStrategy
 from federation.workspace import OrgWorkspace
 
 

@@ -16,7 +16,9 @@ from federation.client_errors import read_failures
 from federation.policy import DEPLOYMENT, SIMULATION, OrgPolicy, PolicyConfigError, policy_from_node_config
 from federation.policy import refusals as policy_refusals
 from federation.run import prepare_organizations
-from federation.server_app import FederationFailed, FederationServer, job_from_run_config
+from federation.run_config import job_from_run_config
+from federation.server.app import FederationServer
+from federation.server.session import FederationFailed
 from secure_kd.config import ConfigError
 
 STRICT = {

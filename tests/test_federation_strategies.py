@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from federation.aggregation import (
+from federation.crypto.he import Keyring, decrypt, decrypt_weight, encrypt, load_public_context
+from federation.server.aggregation import (
     aggregate_encrypted,
     gnmax,
     gnmax_epsilon,
@@ -17,7 +18,6 @@ from federation.aggregation import (
     vote_counts,
     weighted_average,
 )
-from federation.crypto.he import Keyring, decrypt, decrypt_weight, encrypt, load_public_context
 from federation.soft_labels import EnsembleTargets, build_layout, relabeled, soft_labels, votes
 from secure_kd.data import TokenizedExample
 

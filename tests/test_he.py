@@ -304,7 +304,7 @@ def _encrypt_at_scale(keyring: he.Keyring, vector: np.ndarray, weight: float, sc
 def test_a_first_client_at_another_scale_is_dropped_and_the_honest_ones_kept(small_keyring):
     # before: the first payload became the running total and SEAL's "scale mismatch" fired when the
     # second was added, so the honest second client was blamed, then the third, leaving the bad one
-    from federation.aggregation import aggregate_encrypted
+    from federation.server.aggregation import aggregate_encrypted
 
     vectors, weights = _clients(3, 50, seed=7)
     bad = _encrypt_at_scale(small_keyring, vectors[0], weights[0], small_keyring.parameters.global_scale / 8)

@@ -2,7 +2,7 @@
 
 Rules (`aggregation.rule`), applied array by array to the clients' full weight vectors:
 
-- `mean`: FedAvg's weighted mean (`federation.aggregation.weighted_average`).
+- `mean`: FedAvg's weighted mean (`federation.server.aggregation.weighted_average`).
 - `trimmed_mean`: coordinate-wise trimmed mean (Yin et al., ICML 2018, "Byzantine-Robust Distributed
   Learning"): per coordinate, drop the `floor(trim_fraction * n)` smallest and largest client values
   and average the rest (unweighted, as `scipy.stats.trim_mean`).
@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from federation.aggregation import weighted_average
 from federation.clipping import clip_update
 from federation.config import AggregationConfig
+from federation.server.aggregation import weighted_average
 
 
 def trimmed_mean(stacked: np.ndarray, trim_fraction: float) -> np.ndarray:

@@ -31,8 +31,9 @@ from federation.deploy.node_binding import NODE_IDS_KEY, claim_refusal, parse_no
 from federation.messages import CONFIG, MessageRejected, read_config
 from federation.results import FederatedResult, RoundRecord
 from federation.run_config import job_from_run_config
-from federation.session import FederationFailed, Org, Session
-from federation.strategies import STRATEGIES, Strategy
+from federation.server.session import FederationFailed, Org, Session
+from federation.server.strategies import strategy_for
+from federation.server.strategies.base import Strategy
 from secure_kd.paths import atomic_write_json, private_dir
 
 logger = logging.getLogger("secure_kd.federation")
@@ -152,14 +153,6 @@ def key_ceremony(session: Session, n_values: int) -> dict[str, Any]:
             "max_clients": p.max_clients,
         },
     }
-
-
-def strategy_for(job: FederatedJob) -> Callable[[Session], Strategy]:
-    if job.protection == "secagg+":
-        from federation.secagg import SecAggFedAvgStrategy
-
-        return SecAggFedAvgStrategy
-    return STRATEGIES[job.mode]
 
 
 class FederationServer:

@@ -1,6 +1,6 @@
 """The server's side of the conversation with the organizations' ClientApps: `Session`.
 
-Every exchange of the ServerApp (server_app.py) and of its strategies (strategies.py, secagg.py) goes
+Every exchange of the ServerApp (app.py) and of its strategies (strategies/) goes
 through it: it drops a client that fails, times out or sends a message that fails validation, logs the
 reason, and stops the run (`FederationFailed`) if fewer than `min_clients` organizations are left in a
 round. Its own module, below the ServerApp and the strategies, so that neither imports the other to

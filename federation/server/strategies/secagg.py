@@ -26,7 +26,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from federation.results import RoundRecord
-from federation.strategies import FedAvgStrategy
+from federation.server.strategies.fedavg import FedAvgStrategy
 
 NOT_CONTRIBUTED = "did not complete the SecAgg+ protocol in this round (crashed, timed out or was dropped)"
 
