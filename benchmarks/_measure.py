@@ -13,6 +13,11 @@ fresh subprocess (no memory left over from another variant). The child:
    the step held at any moment beyond what existed before it (inputs, weights, the interpreter),
 4. times `repeats` further steps (wall clock, `time.perf_counter`).
 
+On a CUDA device (`device="cuda"`: the setup builds its tensors there) the peak is
+`torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the memory allocated
+before the step (the caching allocator's own view: what the step's tensors held at most), and every
+timed call ends with `torch.cuda.synchronize()` so that the kernels are inside the timing.
+
 Where /proc/self/clear_refs cannot be written, the fallback is `ru_maxrss` after the step minus the
 RSS before it, valid when setup's own peak was below the step's; `memory_method` says which was used.
 Timings on a shared machine are noisy: report the minimum (least disturbed run) next to the median.
@@ -86,8 +91,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_step(step: Callable[[], Any], *, repeats: int, warmup: bool) -> dict[str, Any]:
+def measure_step(
+    step: Callable[[], Any], *, repeats: int, warmup: bool, device: str = "cpu"
+) -> dict[str, Any]:
     """Peak memory of one call of `step` beyond what exists now, then `repeats` timed calls."""
+    if device.startswith("cuda"):
+        return _measure_cuda_step(step, repeats=repeats, warmup=warmup)
     if warmup:
         step()
     trim_heap()
@@ -112,6 +121,37 @@ def measure_step(step: Callable[[], Any], *, repeats: int, warmup: bool) -> dict
     }
 
 
+def _measure_cuda_step(step: Callable[[], Any], *, repeats: int, warmup: bool) -> dict[str, Any]:
+    import torch
+
+    def synchronized() -> None:
+        step()
+        torch.cuda.synchronize()
+
+    if warmup:
+        synchronized()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    synchronized()
+    first = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        synchronized()
+        times.append(time.perf_counter() - start)
+    times = times or [first]
+    return {
+        "peak_bytes_beyond_inputs": max(peak - baseline, 0),
+        "memory_method": "torch.cuda.max_memory_allocated minus memory_allocated before the step",
+        "time_min_s": min(times),
+        "time_median_s": statistics.median(times),
+        "times_s": times,
+    }
+
+
 def run_variant_in_subprocess(
     target: str,
     kwargs: dict[str, Any],
@@ -120,15 +160,26 @@ def run_variant_in_subprocess(
     warmup: bool = False,
     threads: int | None = None,
     timeout: float = 1800,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run `measure_step` in a fresh interpreter on the step returned by `module:function(**kwargs)`.
 
     The child runs this file as a script, so `module` is a script of benchmarks/ (e.g. "kd_loss"); secure-kd
     itself comes from the installed package (`make install`: an editable install of this checkout).
-    `threads`, if given, is passed to `torch.set_num_threads` in the child before setup.
+    `threads`, if given, is passed to `torch.set_num_threads` in the child before setup. With
+    `device="cuda"` the setup receives `device=` among its kwargs and the peak is the CUDA allocator's.
     """
+    if device != "cpu":
+        kwargs = {**kwargs, "device": device}
     payload = json.dumps(
-        {"target": target, "kwargs": kwargs, "repeats": repeats, "warmup": warmup, "threads": threads}
+        {
+            "target": target,
+            "kwargs": kwargs,
+            "repeats": repeats,
+            "warmup": warmup,
+            "threads": threads,
+            "device": device,
+        }
     )
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), payload],
@@ -146,10 +197,25 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return None if denominator == 0 else round(numerator / denominator, 4)
 
 
-def write_results(name: str, results: dict[str, Any]) -> Path:
-    """Write benchmarks/results/<name>.json (temp file, then rename) and print it as one JSON line."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def cuda_info() -> dict[str, Any]:
+    """The GPU a run used (name, memory, CUDA and driver-side versions), or {} without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "gpu": props.name,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "bf16_supported": torch.cuda.is_bf16_supported(),
+    }
+
+
+def write_results(name: str, results: dict[str, Any], out: Path | None = None) -> Path:
+    """Write benchmarks/results/<name>.json, or `out` (temp file, then rename); print it as one JSON line."""
+    path = Path(out) if out is not None else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -166,7 +232,9 @@ def _child(payload: str) -> None:
     module_name, function_name = spec["target"].split(":")
     setup = getattr(importlib.import_module(module_name), function_name)
     step = setup(**spec["kwargs"])
-    result = measure_step(step, repeats=spec["repeats"], warmup=spec["warmup"])
+    result = measure_step(
+        step, repeats=spec["repeats"], warmup=spec["warmup"], device=spec.get("device", "cpu")
+    )
     print(json.dumps(result))
 
 

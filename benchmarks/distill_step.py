@@ -33,6 +33,13 @@ Run from the repository root: `python benchmarks/distill_step.py` (full size, wr
 benchmarks/results/distill_step.json) or `--quick` (small vocabulary and batch, prints only).
 `--chunk-size N` overrides kd.chunk_size of secure-kd's variants, `--threads`, `--rounds`, `--steps`,
 `--variants` change the run; such runs print (or write to `--out`) and leave the recorded results alone.
+
+On a GPU: `--device cuda` puts every model, batch and cache read there (TRL's trainer with
+use_cpu=False), synchronizes before every clock read, and reports per variant the CUDA allocator's
+peak while its steps ran (`torch.cuda.max_memory_allocated`, after `reset_peak_memory_stats`), both
+in all and beyond what was allocated when its steps began (the other variants' models stay resident,
+so the second is the variant's own); `--precision bf16` runs every variant under bf16 autocast
+(TRL's `bf16=True`). Such runs print or write `--out` only.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
-from _measure import ratio, write_results
+from _measure import cuda_info, ratio, write_results
 from torch import Tensor, nn
 
 from secure_kd.config import KDConfig, TinyModelConfig, TrainConfig
@@ -95,6 +102,8 @@ class Setting:
     warmup: int
     rounds: int
     steps: int
+    device: str = "cpu"
+    precision: str = "fp32"
 
 
 FULL = Setting(
@@ -127,27 +136,38 @@ QUICK = Setting(
 )
 
 
-def timed(fn: Callable[[], object]) -> Runner:
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str = "cpu") -> Runner:
     def run(n: int) -> list[float]:
         times = []
         for _ in range(n):
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times.append(time.perf_counter() - start)
         return times
 
     return run
 
 
+def autocast(s: Setting):
+    return torch.autocast(s.device, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+
+
 # -- models and data ---------------------------------------------------------------------------------
 def make_student(s: Setting) -> nn.Module:
     cfg = TinyModelConfig(hidden_size=s.student_hidden, num_layers=s.student_layers, num_heads=s.heads)
-    return build_tiny(cfg, s.vocab, seed=1).train()
+    return build_tiny(cfg, s.vocab, seed=1).to(s.device).train()
 
 
 def make_teacher(s: Setting) -> nn.Module:
     cfg = TinyModelConfig(hidden_size=s.teacher_hidden, num_layers=s.teacher_layers, num_heads=s.heads)
-    teacher = build_tiny(cfg, s.vocab, seed=0).eval()
+    teacher = build_tiny(cfg, s.vocab, seed=0).to(s.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -171,25 +191,33 @@ def ce_runner(s: Setting, examples: list[TokenizedExample], teacher: nn.Module |
     )
 
     def step() -> None:
-        batch = next(batches)
+        batch = {k: v.to(s.device, non_blocking=True) for k, v in next(batches).items()}
         optimizer.zero_grad(set_to_none=True)
-        if teacher is not None:
-            with torch.no_grad():
-                teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = shift_labels(batch["labels"])
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        with autocast(s):
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = shift_labels(batch["labels"])
+            loss = F.cross_entropy(
+                logits.view(-1, logits.shape[-1]).float(), labels.view(-1), ignore_index=-100
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    return timed(step)
+    return timed(step, s.device)
 
 
 # -- secure-kd's Distiller ---------------------------------------------------------------------------
 def distiller_runner(s: Setting, examples, teacher, targets, kd: KDConfig, out: Path) -> Runner:
     train = TrainConfig(
-        batch_size=s.batch, lr=LR, weight_decay=0.0, schedule="constant", max_grad_norm=1.0, precision="fp32"
+        batch_size=s.batch,
+        lr=LR,
+        weight_decay=0.0,
+        schedule="constant",
+        max_grad_norm=1.0,
+        precision=s.precision,
     )
     distiller = Distiller(
         student=make_student(s),
@@ -202,10 +230,11 @@ def distiller_runner(s: Setting, examples, teacher, targets, kd: KDConfig, out: 
         pad_id=PAD_ID,
         eos_id=PAD_ID,
         seed=0,
+        device=s.device,
         progress=False,
     )
     steps = itertools.count()
-    return timed(lambda: distiller.train_step(next(steps)))
+    return timed(lambda: distiller.train_step(next(steps)), s.device)
 
 
 def jsd_config(
@@ -224,7 +253,9 @@ def jsd_config(
     )
 
 
-def open_logit_cache(teacher: nn.Module, examples: list[TokenizedExample], directory: Path):
+def open_logit_cache(
+    teacher: nn.Module, examples: list[TokenizedExample], directory: Path, device: str = "cpu"
+):
     """The teacher's top-k over `examples`, built once (not timed) and opened for reading."""
     from secure_kd.cache import LogitCache, build_cache
     from secure_kd.fingerprint import token_dataset_fingerprint
@@ -239,6 +270,7 @@ def open_logit_cache(teacher: nn.Module, examples: list[TokenizedExample], direc
         teacher_id="benchmark-teacher",
         tokenizer_fingerprint=tokenizer_id,
         dataset_fingerprint=dataset_id,
+        device=device,
         progress=False,
     )
     return LogitCache.open(
@@ -266,9 +298,11 @@ def trl_gkd_runner(s: Setting, examples: list[TokenizedExample], teacher: nn.Mod
             self.start = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            synchronize(s.device)
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize(s.device)
             self.times.append(time.perf_counter() - self.start)
 
     def stack(features: list[dict]) -> dict[str, Tensor]:
@@ -295,9 +329,9 @@ def trl_gkd_runner(s: Setting, examples: list[TokenizedExample], teacher: nn.Mod
         temperature=1.0,
         seq_kd=False,
         max_length=s.seq,
-        bf16=False,
+        bf16=s.precision == "bf16",
         fp16=False,
-        use_cpu=True,
+        use_cpu=s.device == "cpu",
         report_to="none",
         save_strategy="no",
         logging_steps=10**6,
@@ -336,7 +370,7 @@ def loss_alone_runners(s: Setting, examples, teacher: nn.Module, chunk_size: int
     chunk size (what the Distiller passes), so that it explains the step figures."""
     from trl.experimental.gkd import GKDTrainer
 
-    batch = collate(examples[: s.batch], pad_id=PAD_ID)
+    batch = {k: v.to(s.device) for k, v in collate(examples[: s.batch], pad_id=PAD_ID).items()}
     model_inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     with torch.no_grad():
         student_logits = make_student(s)(**model_inputs).logits
@@ -355,14 +389,16 @@ def loss_alone_runners(s: Setting, examples, teacher: nn.Module, chunk_size: int
         backward(GKDTrainer.generalized_jsd_loss(shifted_student, shifted_teacher, labels[:, 1:], beta=BETA))
 
     return {
-        "jsd_loss_alone_trl": timed(trl),
+        "jsd_loss_alone_trl": timed(trl, s.device),
         "jsd_loss_alone_ours_dense": timed(
-            lambda: backward(jsd(student_logits, teacher_logits, shifted, beta=BETA, chunk_size=chunk_size))
+            lambda: backward(jsd(student_logits, teacher_logits, shifted, beta=BETA, chunk_size=chunk_size)),
+            s.device,
         ),
         "jsd_loss_alone_ours_top64": timed(
             lambda: backward(
                 jsd(student_logits, teacher_topk, shifted, beta=BETA, tail="uniform", chunk_size=chunk_size)
-            )
+            ),
+            s.device,
         ),
     }
 
@@ -407,8 +443,8 @@ def build_runners(
             )
         else:  # ours_cache, ours_cache_fused: one cache, built once
             if cached is None:
-                cache = open_logit_cache(teacher, examples, root / "cache")
-                cached = CachedTeacher(cache, torch.device("cpu"))
+                cache = open_logit_cache(teacher, examples, root / "cache", s.device)
+                cached = CachedTeacher(cache, torch.device(s.device))
             kd = jsd_config(TOP_K, chunk_size, cache=True, fused=name.endswith("_fused"))
             runners[name] = distiller_runner(s, examples, None, cached, kd, root / name)
     return runners
@@ -422,16 +458,28 @@ def run(s: Setting, variants: list[str], threads: int, chunk_size: int | None) -
     teacher = make_teacher(s)
     load_before = [round(x, 2) for x in os.getloadavg()]
     times: dict[str, list[float]] = {}
+    memory: dict[str, dict[str, int]] = {}
+    cuda = s.device == "cuda"
     with tempfile.TemporaryDirectory(prefix="distill-step-") as tmp:
         runners = build_runners(s, variants, examples, teacher, Path(tmp), chunk_size)
         names = list(runners)
         for name in names:
             runners[name](s.warmup)
             times[name] = []
+            memory[name] = {"peak_bytes": 0, "peak_bytes_beyond_resident": 0}
         for round_index in range(s.rounds):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    resident = torch.cuda.memory_allocated()
                 times[name] += runners[name](s.steps)
+                if cuda:
+                    peak = torch.cuda.max_memory_allocated()
+                    memory[name]["peak_bytes"] = max(memory[name]["peak_bytes"], peak)
+                    beyond = max(memory[name]["peak_bytes_beyond_resident"], peak - resident)
+                    memory[name]["peak_bytes_beyond_resident"] = beyond
             print(
                 f"round {round_index + 1}/{s.rounds}: "
                 + ", ".join(f"{n} {statistics.median(times[n]):.3f}s" for n in names),
@@ -444,6 +492,7 @@ def run(s: Setting, variants: list[str], threads: int, chunk_size: int | None) -
             "min_s": round(min(t), 4),
             "tokens_per_s": round(tokens / statistics.median(t), 1),
             "times_s": [round(x, 4) for x in t],
+            **({"cuda_max_memory_allocated": memory[name]} if cuda else {}),
         }
         for name, t in times.items()
     }
@@ -455,6 +504,7 @@ def run(s: Setting, variants: list[str], threads: int, chunk_size: int | None) -
         "variants": results,
         "ratios": ratios(results),
         "machine": machine_info()
+        | cuda_info()
         | {"load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
     }
 
@@ -505,7 +555,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, help="kd.chunk_size of our variants (default: KDConfig's)")
     parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=ALL_VARIANTS)
     parser.add_argument("--out", type=Path, help="write the JSON here instead of benchmarks/results/")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     for name, low in positive.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
@@ -513,11 +567,14 @@ def main(argv: list[str] | None = None) -> None:
     setting = replace(
         setting,
         **{n: getattr(args, n) for n in ("warmup", "rounds", "steps") if getattr(args, n) is not None},
+        device=args.device,
+        precision=args.precision,
     )
     report = run(setting, args.variants, args.threads, args.chunk_size)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    if not args.quick and args.variants == ALL_VARIANTS and args.chunk_size is None and args.out is None:
+    recorded = args.device == "cpu" and args.precision == "fp32" and args.out is None
+    if not args.quick and args.variants == ALL_VARIANTS and args.chunk_size is None and recorded:
         write_results("distill_step", report)
     else:  # quick, partial or modified runs never overwrite the recorded results
         print(json.dumps(report, sort_keys=True))

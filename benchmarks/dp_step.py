@@ -30,6 +30,9 @@ beyond the inputs, i.e. what the step allocates on top of weights and batch).
 Target (issue 4): a DP step within 1.5x of the non-DP step, with ghost clipping where the layers allow.
 Run from the repository root: `python benchmarks/dp_step.py` (writes benchmarks/results/dp_step.json;
 with `--threads N` other than 2, dp_step_threadsN.json) or `--quick` (smaller model, prints only).
+`--device cuda` runs every variant on the GPU (each step synchronized; peak memory from
+`torch.cuda.max_memory_allocated`, see _measure.py) and writes `--out` (default
+benchmarks/results/dp_step_cuda.json).
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from _measure import ratio, run_variant_in_subprocess, write_results
+from _measure import cuda_info, ratio, run_variant_in_subprocess, write_results
 
 from secure_kd.config import TinyModelConfig
 from secure_kd.dp.engine import PrivateStudent
@@ -74,17 +78,18 @@ class Shape:
 QUICK = Shape(layers=2, hidden=64, heads=2, vocab=1000, batch=8, seq=32, top_k=16)
 
 
-def build_step(variant: str, **shape_fields: int) -> Callable[[], None]:
+def build_step(variant: str, device: str = "cpu", **shape_fields: int) -> Callable[[], None]:
     """One training step of `variant` on fixed data; called in-process and by the memory subprocess."""
     shape = Shape(**shape_fields)
     torch.manual_seed(0)
     config = TinyModelConfig(hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads)
-    student = build_tiny(config, shape.vocab, seed=0)
+    student = build_tiny(config, shape.vocab, seed=0).to(device)
     student.train()
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     teacher = TopKLogits.from_logits(3.0 * torch.randn(shape.batch, shape.seq, shape.vocab), shape.top_k)
+    ids, labels, teacher = ids.to(device), labels.to(device), teacher.to(device)
     jsd = get_loss("jsd")
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
 
@@ -121,9 +126,11 @@ def within_target(time_ratio: float | None) -> bool:
     return time_ratio is not None and time_ratio <= TARGET_RATIO
 
 
-def time_variants(shape: Shape, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+def time_variants(shape: Shape, rounds: int, steps: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Wall-clock and process CPU time per step; CPU time barely moves with other jobs' load."""
-    built = {name: build_step(name, **asdict(shape)) for name in VARIANTS}
+    built = {name: build_step(name, device, **asdict(shape)) for name in VARIANTS}
+    if device == "cuda":  # the kernels inside the timing
+        built = {name: _synchronized(step) for name, step in built.items()}
     for step in built.values():
         step()
     wall: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -146,16 +153,28 @@ def time_variants(shape: Shape, rounds: int, steps: int) -> dict[str, dict[str, 
     }
 
 
+def _synchronized(step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        step()
+        torch.cuda.synchronize()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, prints only")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the issue's figures: 2 cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, help="write the JSON here (default: benchmarks/results/)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else Shape()
-    timing = time_variants(shape, args.rounds, args.steps)
+    timing = time_variants(shape, args.rounds, args.steps, args.device)
     memory = {
         name: run_variant_in_subprocess(
             "dp_step:build_step",
@@ -163,6 +182,7 @@ def main() -> None:
             repeats=0,
             warmup=True,
             threads=args.threads,
+            device=args.device,
         )["peak_bytes_beyond_inputs"]
         for name in VARIANTS
     }
@@ -174,7 +194,8 @@ def main() -> None:
     results = {
         "benchmark": "dp_step",
         "shape": asdict(shape),
-        "device": "cpu",
+        "device": args.device,
+        **cuda_info(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "load_average_1min_at_end": os.getloadavg()[0],
@@ -191,7 +212,9 @@ def main() -> None:
             for statistic, by_name in ratios.items()
         },
     }
-    if args.quick:
+    if args.out is not None or args.device != "cpu":
+        write_results(f"dp_step_{args.device}", results, args.out)
+    elif args.quick:
         print(json.dumps(results, sort_keys=True))
     else:
         write_results("dp_step" if args.threads == 2 else f"dp_step_threads{args.threads}", results)

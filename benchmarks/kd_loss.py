@@ -1,4 +1,4 @@
-"""Peak memory and time of one forward+backward of the distillation objectives, CPU, float32.
+"""Peak memory and time of one forward+backward of the distillation objectives, float32, CPU or CUDA.
 
 Variants (each in a fresh subprocess, see benchmarks/_measure.py for the memory method):
   naive_kl              log_softmax of student and teacher, the full [N, V] elementwise KL tensor
@@ -20,7 +20,9 @@ operations up to 6x slower and erratic (threads wait for each other at every bar
 the differences between variants; one thread gives stable, comparable figures.
 Default size: 4,096 tokens, vocabulary 49,152 (SmolLM2), hidden 576; `--quick` uses a small size.
 Prints one JSON line and writes benchmarks/results/kd_loss.json (kd_loss_quick.json with --quick).
-Run: `python benchmarks/kd_loss.py [--quick]`.
+Run: `python benchmarks/kd_loss.py [--quick]`. `--device cuda` runs every variant on the GPU (peak:
+`torch.cuda.max_memory_allocated` beyond the inputs, timings synchronized; see _measure.py) and writes
+`--out` (default benchmarks/results/kd_loss_cuda.json); the CPU figures are left alone.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import argparse
 import os
 import platform
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from _measure import ratio, run_variant_in_subprocess, write_results
+from _measure import cuda_info, ratio, run_variant_in_subprocess, write_results
 
 FULL = dict(n_tokens=4096, vocab=49152, hidden=576, k=64)
 QUICK = dict(n_tokens=256, vocab=4096, hidden=64, k=16)
@@ -58,9 +61,9 @@ def _naive_kl(student: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor
     return elementwise.sum(-1).mean()
 
 
-def setup_naive_kl(n_tokens: int, vocab: int, hidden: int, k: int) -> Callable[[], None]:
-    student = _logits(n_tokens, vocab, 1).requires_grad_()
-    teacher = _logits(n_tokens, vocab, 2)
+def setup_naive_kl(n_tokens: int, vocab: int, hidden: int, k: int, device: str = "cpu") -> Callable[[], None]:
+    student = _logits(n_tokens, vocab, 1).to(device).requires_grad_()
+    teacher = _logits(n_tokens, vocab, 2).to(device)
 
     def step() -> None:
         _naive_kl(student, torch.log_softmax(teacher, dim=-1)).backward()
@@ -69,11 +72,11 @@ def setup_naive_kl(n_tokens: int, vocab: int, hidden: int, k: int) -> Callable[[
     return step
 
 
-def setup_trl_jsd(n_tokens: int, vocab: int, hidden: int, k: int) -> Callable[[], None]:
+def setup_trl_jsd(n_tokens: int, vocab: int, hidden: int, k: int, device: str = "cpu") -> Callable[[], None]:
     from trl.experimental.gkd import GKDTrainer
 
-    student = _logits(n_tokens, vocab, 1).requires_grad_()
-    teacher = _logits(n_tokens, vocab, 2)
+    student = _logits(n_tokens, vocab, 1).to(device).requires_grad_()
+    teacher = _logits(n_tokens, vocab, 2).to(device)
 
     def step() -> None:
         GKDTrainer.generalized_jsd_loss(student[None], teacher[None], beta=0.5).backward()
@@ -83,13 +86,21 @@ def setup_trl_jsd(n_tokens: int, vocab: int, hidden: int, k: int) -> Callable[[]
 
 
 def setup_chunked(
-    n_tokens: int, vocab: int, hidden: int, k: int, loss: str, teacher: str, chunk_size: int | None = None
+    n_tokens: int,
+    vocab: int,
+    hidden: int,
+    k: int,
+    loss: str,
+    teacher: str,
+    chunk_size: int | None = None,
+    device: str = "cpu",
 ) -> Callable[[], None]:
     from secure_kd.losses import get_loss
 
     objective = get_loss(loss)
-    student = _logits(n_tokens, vocab, 1).requires_grad_()
+    student = _logits(n_tokens, vocab, 1).to(device).requires_grad_()
     target = _logits(n_tokens, vocab, 2) if teacher == "dense" else _topk_teacher(n_tokens, vocab, k, 2)
+    target = target.to(device)
 
     def step() -> None:
         objective(student[None], target[None], tail="uniform", chunk_size=chunk_size).backward()
@@ -98,16 +109,18 @@ def setup_chunked(
     return step
 
 
-def _linear_inputs(n_tokens: int, vocab: int, hidden: int):
+def _linear_inputs(n_tokens: int, vocab: int, hidden: int, device: str = "cpu"):
     generator = torch.Generator().manual_seed(3)
-    states = torch.randn(n_tokens, hidden, generator=generator).requires_grad_()
-    weight = (torch.randn(vocab, hidden, generator=generator) / hidden**0.5).requires_grad_()
+    states = torch.randn(n_tokens, hidden, generator=generator).to(device).requires_grad_()
+    weight = (torch.randn(vocab, hidden, generator=generator) / hidden**0.5).to(device).requires_grad_()
     return states, weight
 
 
-def setup_naive_linear_kl(n_tokens: int, vocab: int, hidden: int, k: int) -> Callable[[], None]:
-    states, weight = _linear_inputs(n_tokens, vocab, hidden)
-    teacher = _topk_teacher(n_tokens, vocab, k, 2)
+def setup_naive_linear_kl(
+    n_tokens: int, vocab: int, hidden: int, k: int, device: str = "cpu"
+) -> Callable[[], None]:
+    states, weight = _linear_inputs(n_tokens, vocab, hidden, device)
+    teacher = _topk_teacher(n_tokens, vocab, k, 2).to(device)
 
     def step() -> None:
         logits = states @ weight.T
@@ -121,12 +134,12 @@ def setup_naive_linear_kl(n_tokens: int, vocab: int, hidden: int, k: int) -> Cal
 
 
 def setup_fused(
-    n_tokens: int, vocab: int, hidden: int, k: int, chunk_size: int | None = None
+    n_tokens: int, vocab: int, hidden: int, k: int, chunk_size: int | None = None, device: str = "cpu"
 ) -> Callable[[], None]:
     from secure_kd.losses import fused_linear_kd_loss
 
-    states, weight = _linear_inputs(n_tokens, vocab, hidden)
-    teacher = _topk_teacher(n_tokens, vocab, k, 2)
+    states, weight = _linear_inputs(n_tokens, vocab, hidden, device)
+    teacher = _topk_teacher(n_tokens, vocab, k, 2).to(device)
 
     def step() -> None:
         fused_linear_kd_loss(
@@ -154,12 +167,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after the measured one")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every variant")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, help="write the JSON here (default: benchmarks/results/)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     size = QUICK if args.quick else FULL
     measured = {}
     for name, (function, extra) in VARIANTS.items():
         measured[name] = run_variant_in_subprocess(
-            f"kd_loss:{function}", {**size, **extra}, repeats=args.repeats, warmup=True, threads=args.threads
+            f"kd_loss:{function}",
+            {**size, **extra},
+            repeats=args.repeats,
+            warmup=True,
+            threads=args.threads,
+            device=args.device,
         )
     peak = {name: m["peak_bytes_beyond_inputs"] for name, m in measured.items()}
     fastest = {name: m["time_min_s"] for name, m in measured.items()}
@@ -169,7 +191,8 @@ def main() -> None:
         "benchmark": "kd_loss",
         "size": size,
         "dtype": "float32",
-        "device": "cpu",
+        "device": args.device,
+        **cuda_info(),
         "torch_threads": args.threads,
         "cpu_count": os.cpu_count(),
         "load_average_after": os.getloadavg()[0],
@@ -189,7 +212,8 @@ def main() -> None:
         "fused_time_ratio_vs_naive_linear": ratio(fastest[fused], fastest["naive_linear_kl"]),
         "targets": {"chunked_memory_ratio": 0.3, "fused_memory_ratio": 0.1, "time_ratio": 1.0},
     }
-    write_results("kd_loss_quick" if args.quick else "kd_loss", results)
+    name = "kd_loss_quick" if args.quick else "kd_loss"
+    write_results(name if args.device == "cpu" else f"{name}_{args.device}", results, args.out)
 
 
 if __name__ == "__main__":
