@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
+from apparatus.hardened_api import ApiDefenseConfig, build_api
 from attacks import ATTACKS
 from attacks.logit_leak import (
     load_victim,
@@ -39,7 +40,6 @@ from attacks.logit_leak import (
     true_hidden_size,
 )
 from secure_kd.api import ModelAPI, Prompt, View
-from secure_kd.api_defense import ApiDefenseConfig, build_api
 from secure_kd.config import KDConfig, ModelConfig, Strict, TinyModelConfig, TrainConfig
 from secure_kd.data import TokenizedExample, collate, generate_corpus, load_records
 from secure_kd.evaluate import perplexity, teacher_agreement

@@ -34,9 +34,9 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
+from apparatus.hardened_api import ApiDefenseConfig, build_api
 from attacks import ATTACKS
 from secure_kd.api import ModelAPI, Prompt
-from secure_kd.api_defense import ApiDefenseConfig, build_api
 from secure_kd.config import ModelConfig, Strict, TinyModelConfig
 from secure_kd.models import load_teacher, load_tokenizer, resolve_device, vocab_size_of
 from secure_kd.plugins import Plugin, write_result

@@ -4,8 +4,8 @@ Against the attacks of Carlini et al. 2024 ("Stealing Part of a Production Langu
 Finlayson et al. 2024 ("Logits of API-Protected LLMs Leak Proprietary Information"), hosted APIs
 truncated answers to the top few log-probabilities, dropped or restricted the logit-bias
 parameter, and the papers discuss adding noise and rounding as mitigations. The transforms and the
-extraction detector live in the engine (`secure_kd.api_defense.HardenedModelAPI`,
-`secure_kd.extraction_detector`) so that attacks can take the same `api_defense` config; this
+extraction detector live in the shared apparatus (`apparatus.hardened_api.HardenedModelAPI`,
+`apparatus.extraction_detector`) so that attacks can take the same `api_defense` config; this
 plugin measures, without any attack code:
 
 - utility: the defended API's answers against the undefended API's in the same view, on
@@ -31,9 +31,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
+from apparatus.hardened_api import ApiDefenseConfig, DetectorConfig, ExtractionRefused, HardenedModelAPI
 from defenses import DEFENSES
 from secure_kd.api import APIViewError, ModelAPI, QueryBudgetExceeded
-from secure_kd.api_defense import ApiDefenseConfig, DetectorConfig, ExtractionRefused, HardenedModelAPI
 from secure_kd.config import ModelConfig, Strict, TinyModelConfig
 from secure_kd.models import load_teacher, load_tokenizer, resolve_device, vocab_size_of
 from secure_kd.plugins import Plugin, write_result

@@ -11,6 +11,13 @@ from pydantic import ValidationError
 from torch import nn
 from typer.testing import CliRunner
 
+from apparatus.hardened_api import (
+    ApiDefenseConfig,
+    DetectorConfig,
+    ExtractionRefused,
+    HardenedModelAPI,
+    build_api,
+)
 from attacks.logit_leak import estimate_hidden_size, random_prompts
 from defenses.api_hardening import (
     ApiHardeningConfig,
@@ -20,13 +27,6 @@ from defenses.api_hardening import (
     utility,
 )
 from secure_kd.api import APIViewError, ModelAPI, QueryBudgetExceeded
-from secure_kd.api_defense import (
-    ApiDefenseConfig,
-    DetectorConfig,
-    ExtractionRefused,
-    HardenedModelAPI,
-    build_api,
-)
 from secure_kd.config import TinyModelConfig
 from secure_kd.models import build_tiny
 

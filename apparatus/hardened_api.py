@@ -1,9 +1,9 @@
-"""API hardening in the engine: a `ModelAPI` that truncates, rounds, adds noise, refuses and watches.
+"""A hardened query API: a `ModelAPI` that truncates, rounds, adds noise, refuses and watches.
 
 Attacks and defenses never import each other, yet an attack must be measurable against a hardened
-API. So the transforms live here, described by `ApiDefenseConfig`; an attack's Config takes an
-optional `api_defense` and builds its API with `build_api`, and `defenses/api_hardening.py` is the
-plugin that measures what the transforms cost in utility and how the detector behaves.
+API. So the transforms live in the apparatus, described by `ApiDefenseConfig`; an attack's Config
+takes an optional `api_defense` and builds its API with `build_api`, and `defenses/api_hardening.py`
+is the plugin that measures what the transforms cost in utility and how the detector behaves.
 
 `HardenedModelAPI` presents exactly the `ModelAPI` interface (it is a subclass); what changes:
 
@@ -21,7 +21,7 @@ plugin that measures what the transforms cost in utility and how the detector be
   API that removed it would; a `topk_logprobs_bias` view becomes `topk_logprobs`.
 - `max_queries`: a budget on top of the API's own (the smaller wins); query N+1 raises
   `QueryBudgetExceeded` before anything is computed.
-- `detector`: `ExtractionDetector` (secure_kd/extraction_detector.py) watches the stream; with
+- `detector`: `ExtractionDetector` (apparatus/extraction_detector.py) watches the stream; with
   `action: refuse` a flagged API raises `ExtractionRefused` for the flagging query (counted, not
   returned) and all after. It sees one context per sequence the server computes for the client
   (cached repeats are not new contexts; a `*_positions` call is one context, its whole sequence)
@@ -37,9 +37,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from apparatus.extraction_detector import DetectorConfig, ExtractionDetector, ExtractionRefused
 from secure_kd.api import APIViewError, ModelAPI, Prompt, _as_prompt
 from secure_kd.config import Strict
-from secure_kd.extraction_detector import DetectorConfig, ExtractionDetector, ExtractionRefused
 from secure_kd.topk import TopKLogits
 
 __all__ = [
