@@ -13,6 +13,10 @@ distils it on the API's answers to a prompt set, all within one query budget:
 Training uses the engine's `Distiller`. Evaluation uses direct access to the victim (it is not
 part of the attack): top-1 agreement and forward KL on held-out sequences, the perplexity gap on
 them, and the geometry of the student's unembedding against the victim's.
+
+A served victim (`victim.source: served`) is queried through the engine's `ServedModelAPI` (top-k
+logprobs or text; see secure_kd/served/api.py for which views a server allows); the evaluation then
+uses `served.reference`, the same weights loaded here, which a served clone therefore requires.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
-from apparatus.hardened_api import ApiDefenseConfig, build_api
+from apparatus.hardened_api import ApiDefenseConfig
 from attacks import ATTACKS
 from attacks.logit_leak import (
     load_victim,
@@ -38,6 +42,7 @@ from attacks.logit_leak import (
     subspace_geometry,
     tiny_victim_default,
     true_hidden_size,
+    victim_api,
 )
 from secure_kd.api import ModelAPI, Prompt, View
 from secure_kd.config import KDConfig, ModelConfig, Strict, TinyModelConfig, TrainConfig
@@ -177,6 +182,7 @@ class CloneVariant(BaseModel):
     unembedding_projection_error: float
     recovered: dict | None
     final_loss: float
+    served: dict | None = None
     seconds: float
 
 
@@ -375,7 +381,8 @@ def clone_variant(
 ) -> CloneVariant:
     started = time.perf_counter()
     victim, device = setting.victim, setting.device
-    api = build_api(
+    api = victim_api(
+        cfg.victim,
         victim,
         setting.tokenizer,
         defense=cfg.api_defense,
@@ -439,6 +446,7 @@ def clone_variant(
         unembedding_projection_error=projection_error(final_weight, true_weight),
         recovered=recovered_info,
         final_loss=fit.losses[-1],
+        served=api.provenance() if hasattr(api, "provenance") else None,
         seconds=time.perf_counter() - started,
     )
 
@@ -449,6 +457,11 @@ def run(config: CloneConfig) -> CloneResult:
     victim, tokenizer = load_victim(
         config.victim, seed=config.seed, device=device, logit_scale=config.victim_logit_scale
     )
+    if victim is None:
+        raise ValueError(
+            "cloning a served victim needs victim.served.reference (the same weights, loaded here): the "
+            "evaluation compares the clone with it; the attack itself only queries the server"
+        )
     vocab = vocab_size_of(victim)
     train, heldout_sequences = build_prompt_sets(config, victim, tokenizer, vocab)
     heldout = heldout_batches(heldout_sequences)

@@ -21,6 +21,12 @@ Details that matter:
   (`recover_logits_with_bias`, Carlini et al. Section 5): ceil((V-1)/(k-1)) queries per prompt.
   Those differences span W - 1 w_ref^T, not W, so a recovery from them is scored against that
   matrix (`recovery_target`); against W an exact recovery would read as a large angle.
+- A served victim (`victim.source: served`, an OpenAI-compatible server) is queried through the
+  engine's `ServedModelAPI`, counted and budgeted the same way. Such a server gives no full logits,
+  and the bias view runs only if its log-probabilities honour `logit_bias` (checked on the first
+  biased query; llama-cpp-python's server does not, and is refused). `served.reference`, the same
+  weights loaded here, is what the recovery is scored against; without it the spectrum is reported
+  unscored.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from apparatus.hardened_api import ApiDefenseConfig, build_api
 from attacks import ATTACKS
 from secure_kd.api import ModelAPI, Prompt
 from secure_kd.config import ModelConfig, Strict, TinyModelConfig
-from secure_kd.models import load_teacher, load_tokenizer, resolve_device, vocab_size_of
+from secure_kd.models import load_teacher, load_tokenizer, resolve_device
 from secure_kd.plugins import Plugin, write_result
 
 RecoveryView = Literal["full_logits", "topk_logprobs_bias"]
@@ -309,8 +315,19 @@ def load_victim(cfg: ModelConfig, *, seed: int, device: torch.device, logit_scal
     """(model, tokenizer or None): a tiny random Llama, a local HF directory, or 'smollm2' (Q4_1).
 
     `logit_scale` multiplies a tiny victim's output layer: at Hugging Face's init scale a random
-    model's next-token distribution is nearly uniform, unlike a trained LM's.
+    model's next-token distribution is nearly uniform, unlike a trained LM's. A served victim gives
+    (its `served.reference` loaded here, or None; its `served.tokenizer`): the model is the
+    evaluator's copy, never queried by the attack.
     """
+    if cfg.source == "served":
+        if logit_scale != 1.0:
+            raise ValueError("victim_logit_scale applies to tiny random victims only; leave it at 1.0")
+        tokenizer = load_tokenizer(cfg.served.tokenizer)
+        if cfg.served.reference is None:
+            return None, tokenizer
+        return load_teacher(
+            ModelConfig(source=cfg.served.reference), vocab_size=len(tokenizer), seed=seed
+        ).to(device), tokenizer
     if cfg.source == "teacher_layers":
         raise ValueError(
             "victim.source cannot be 'teacher_layers'; use 'tiny', 'smollm2' or a model directory"
@@ -332,7 +349,24 @@ def load_victim(cfg: ModelConfig, *, seed: int, device: torch.device, logit_scal
     return model, tokenizer
 
 
-def true_hidden_size(model: nn.Module) -> int | None:
+def victim_api(
+    cfg: ModelConfig, victim: nn.Module | None, tokenizer, *, defense: ApiDefenseConfig | None, **api_kwargs
+) -> ModelAPI:
+    """The query API the attack sees: over the local victim, or over a served one (`source: served`)."""
+    if cfg.source != "served":
+        return build_api(victim, tokenizer, defense=defense, **api_kwargs)
+    from secure_kd.served.api import ServedModelAPI
+
+    if defense is not None:
+        raise ValueError(
+            "api_defense hardens an in-process model's API; a served victim is hardened (or not) by its "
+            "server: remove api_defense"
+        )
+    api_kwargs.pop("batch_size", None)
+    return ServedModelAPI(cfg.served, tokenizer, **api_kwargs)
+
+
+def true_hidden_size(model: nn.Module | None) -> int | None:
     return getattr(getattr(model, "config", None), "hidden_size", None)
 
 
@@ -394,6 +428,7 @@ class LogitLeakResult(BaseModel):
     scored_against: str = Field(
         "W", description="the target of projection_error/geometry: W, or W - 1 w_ref^T for logit differences"
     )
+    served: dict | None = Field(None, description="a served victim: the server and what it answered (no key)")
     seconds: float
 
 
@@ -404,7 +439,8 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
     victim, tokenizer = load_victim(
         config.victim, seed=config.seed, device=device, logit_scale=config.victim_logit_scale
     )
-    api = build_api(
+    api = victim_api(
+        config.victim,
         victim,
         tokenizer,
         defense=config.api_defense,
@@ -413,7 +449,7 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
         cost_per_query=config.cost_per_query,
         max_queries=config.max_queries,
     )
-    vocab = vocab_size_of(victim)
+    vocab = api.vocab_size
     if config.ref_token >= vocab:
         raise ValueError(f"ref_token={config.ref_token} is not a token id of the victim (vocab {vocab})")
     n_prompts = config.max_prompts if config.n_queries == "auto" else config.n_queries
@@ -431,10 +467,17 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
         logits = query_logit_vectors(api, prompts, ref_token=config.ref_token)
         report = hidden_size_report(logits)
     h_true = true_hidden_size(victim)
-    # the span the answers lie in: W for full logits, W - 1 w_ref^T for logit differences
-    target = recovery_target(victim.get_output_embeddings().weight.detach(), api.view, config.ref_token)
     recovered = recover_output_projection(logits, report["h"])
-    random_matrix = torch.randn(target.shape, generator=torch.Generator().manual_seed(config.seed))
+    scores: dict = {"projection_error": None, "random_projection_error": None, "geometry": None}
+    if victim is not None:  # the evaluator's copy (a served victim without served.reference has none)
+        # the span the answers lie in: W for full logits, W - 1 w_ref^T for logit differences
+        target = recovery_target(victim.get_output_embeddings().weight.detach(), api.view, config.ref_token)
+        random_matrix = torch.randn(target.shape, generator=torch.Generator().manual_seed(config.seed))
+        scores = {
+            "projection_error": projection_error(recovered, target),
+            "random_projection_error": projection_error(random_matrix, target),
+            "geometry": subspace_geometry(recovered, target),
+        }
     per_prompt = 1 if api.view == "full_logits" else bias_queries_per_prompt(vocab, api.top_k)
     result = LogitLeakResult(
         view=config.view,
@@ -450,10 +493,9 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
         gap_index=report["gap_index"],
         gap_decades=report["gap_size"],
         singular_values=report["singular_values"],
-        projection_error=projection_error(recovered, target),
-        random_projection_error=projection_error(random_matrix, target),
-        geometry=subspace_geometry(recovered, target),
+        **scores,
         scored_against="W" if api.view == "full_logits" else f"W - 1 w_ref^T (ref_token {config.ref_token})",
+        served=api.provenance() if hasattr(api, "provenance") else None,
         seconds=time.perf_counter() - started,
     )
     write_result(config.out, result)

@@ -102,6 +102,7 @@ class ServedClient:
             base_url=cfg.base_url, headers=headers, timeout=timeout, transport=transport
         )
         self.stats = ClientStats()
+        self._added_bos: int | None = None  # does the server put a BOS in front of a text prompt?
 
     def close(self) -> None:
         self._http.close()
@@ -234,7 +235,9 @@ class ServedClient:
         body = self._body(
             self._text(ids), max_tokens=1, logprobs=k, echo=False, temperature=0.0, logit_bias=bias
         )
-        choice = _first_choice(self._post("/v1/completions", body))
+        response = self._post("/v1/completions", body)
+        self._check_prompt_length(response, ids)
+        choice = _first_choice(response)
         logprobs = choice.get("logprobs") or {}
         tops = logprobs.get("top_logprobs") or []
         if not tops or not isinstance(tops[0], dict):
@@ -246,19 +249,27 @@ class ServedClient:
         self.stats.dropped_entries += dropped
         return found
 
+    def _check_prompt_length(self, response: dict, ids: list[int]) -> int:
+        """The number of tokens the server added in front (0 or 1: a BOS); refuses a prompt the server
+        read as another number of tokens than the client sent (text prompts are re-tokenized)."""
+        n_prompt = int((response.get("usage") or {}).get("prompt_tokens", -1))
+        added = n_prompt - len(ids)
+        if added not in (0, 1) or (self._added_bos is not None and added != self._added_bos):
+            raise ServedProtocolError(
+                f"the server read the prompt as {n_prompt} tokens where the client sent {len(ids)}: the "
+                "text of these token ids does not tokenize back to them (ids that are not what "
+                "served.tokenizer makes of text, e.g. random ids), or the server uses another vocabulary. "
+                "llama-cpp-python's server takes text prompts only; send ids the tokenizer produced"
+            )
+        self._added_bos = added
+        return added
+
     def _llama_prompt(self, ids: list[int], k: int) -> list[dict[int, float]]:
         body = self._body(self._text(ids), max_tokens=1, logprobs=k, echo=True, temperature=0.0)
         body["logit_bias"] = {str(t): -100.0 for t in self.stop_ids}
         response = self._post("/v1/completions", body)
         choice = _first_choice(response)
-        n_prompt = int((response.get("usage") or {}).get("prompt_tokens", -1))
-        added_bos = n_prompt - len(ids)
-        if added_bos not in (0, 1):
-            raise ServedProtocolError(
-                f"the server read the prompt as {n_prompt} tokens where the client sent {len(ids)}: it "
-                "tokenizes the text differently from served.tokenizer (a different vocabulary, or text that "
-                "does not survive decode + encode); use the served model's own tokenizer"
-            )
+        added_bos = self._check_prompt_length(response, ids)
         logprobs = choice.get("logprobs") or {}
         tokens, tops = logprobs.get("tokens") or [], logprobs.get("top_logprobs") or []
         prompt = ([self.bos_id] if added_bos else []) + ids
