@@ -95,9 +95,9 @@ def invert_single_step(job: FederatedJob, root: Path) -> InversionReport:
             update_visible=False,
             note="the server receives only a CKKS ciphertext / SecAgg+ masked vector: no update to invert",
         )
-    from federation.client_training import train_locally
+    from federation.client.training import train_locally
+    from federation.client.workspace import OrgWorkspace
     from federation.students import flat_parameters
-    from federation.workspace import OrgWorkspace
 
     probe = job.model_copy(deep=True)
     ws = OrgWorkspace(probe, 0, root)

@@ -1,4 +1,4 @@
-"""Start-up cost of one Flower ClientApp process: what `import federation.client_app` costs.
+"""Start-up cost of one Flower ClientApp process: what `import federation.client.app` costs.
 
 Flower 1.41 deployed (`flower-supernode` with process isolation) starts a fresh `flwr-clientapp`
 process for every message, so this import is paid on every message of every round. Three variants,
@@ -6,10 +6,10 @@ each imported in a fresh `python -c` process, interleaved, --repeats times:
 
 * `floor`: `torch`, `transformers` and Flower's app modules, which any ClientApp that trains a
   Hugging Face model imports;
-* `client_app`: `federation.client_app` as shipped (scikit-learn, Opacus, `datasets` and
+* `client_app`: `federation.client.app` as shipped (scikit-learn, Opacus, `datasets` and
   scipy.stats are imported only by the code paths that use them: filtering, DP, reading a data file,
   the exposure estimate);
-* `eager`: `federation.client_app` plus those four modules, i.e. what the import cost when they were
+* `eager`: `federation.client.app` plus those four modules, i.e. what the import cost when they were
   imported at module load.
 
 Reports the median and minimum wall seconds of each and the ratios to the floor. Run:
@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAZY = ("sklearn.cluster", "opacus.accountants", "datasets", "scipy.stats")
 VARIANTS = {
     "floor": "import torch, transformers, flwr.app, flwr.clientapp",
-    "client_app": "import federation.client_app",
-    "eager": "import federation.client_app; " + "; ".join(f"import {m}" for m in LAZY),
+    "client_app": "import federation.client.app",
+    "eager": "import federation.client.app; " + "; ".join(f"import {m}" for m in LAZY),
 }
 
 

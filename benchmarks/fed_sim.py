@@ -41,12 +41,12 @@ from pathlib import Path
 
 import torch
 
-from federation.client_training import evaluate, train_locally
+from federation.client.training import evaluate, train_locally
+from federation.client.workspace import OrgWorkspace
 from federation.config import FederatedJob
 from federation.job_data import job_data
 from federation.run import run_federation
 from federation.students import flat_parameters, load_parameters
-from federation.workspace import OrgWorkspace
 
 
 def make_job(n: int, out: Path, *, local_steps: int, rounds: int, workers: int) -> FederatedJob:

@@ -49,7 +49,7 @@ class PartitionConfig(Strict):
 
 
 class FilteringConfig(Strict):
-    """Client-side filtering of the transfer set (EdgeFD style, `federation.filtering.ProxyFilter`).
+    """Client-side filtering of the transfer set (EdgeFD style, `federation.client.proxy_filter.ProxyFilter`).
 
     Each organization fits KMeans on features of its own records and gives weight 1 to the soft labels
     of transfer records within `density_ratio` times a cluster's radius, `floor_weight` to the others.
@@ -82,7 +82,7 @@ class TransferConfig(Strict):
 
 
 class CkksConfig(Strict):
-    """CKKS parameters are chosen per payload from these bounds (`federation.client_decrypt`).
+    """CKKS parameters are chosen per payload from these bounds (`federation.client.decrypt`).
 
     A decrypted mean is rounded before anything derived from it leaves a client, on a grid at least
     2**release_margin_bits above its noise bound; the keyring is chosen so that the grid is

@@ -27,9 +27,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from federation.client.workspace import STUDENT_FILE, OrgWorkspace
 from federation.config import FederatedJob, load_federated_job
 from federation.partition import job_corpus
-from federation.workspace import STUDENT_FILE, OrgWorkspace
 from secure_kd.data.synthetic import SyntheticCorpus
 from secure_kd.paths import (
     PRIVATE_FILE_MODE,

@@ -2,7 +2,7 @@
 
     secure-kd/<code> at <stage> from <org>[: <public text>]
 
-A ClientApp writes it (`network_reason`, through `federation.client_errors` and the guard), the
+A ClientApp writes it (`network_reason`, through `federation.client.errors` and the guard), the
 ServerApp's session reads it back (`parse_reason`); nothing else about a client's failure leaves the
 organization. Its own module so that neither side imports the other for it.
 """

@@ -16,8 +16,8 @@ import time
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from federation.client.workspace import OrgWorkspace
 from federation.messages import ARRAYS, CONFIG, to_array_record
-from federation.workspace import OrgWorkspace
 
 PAYLOAD_MESSAGES = frozenset({"train.default", "query.votes", "train.p2p_send"})
 FINAL_MESSAGES = frozenset({"evaluate.default", "train.digest"})

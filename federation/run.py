@@ -24,8 +24,8 @@ import os
 import shutil
 from pathlib import Path
 
-from federation.client_app import build_client_app
-from federation.client_errors import read_failures
+from federation.client.app import build_client_app
+from federation.client.errors import read_failures
 from federation.config import FederatedJob
 from federation.crypto.identity import OrgKeys
 from federation.results import FederatedResult

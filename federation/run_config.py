@@ -1,7 +1,7 @@
 """`flwr run .`: the federated job a ServerApp or ClientApp reads from the run-config.
 
 The run-config names a job YAML (`config`) and dotted overrides (`overrides`); both apps read it the same
-way. Its own module so that the ClientApp (client_app.py) does not import the ServerApp to read it.
+way. Its own module so that the ClientApp (client/app.py) does not import the ServerApp to read it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ organization and the server in fedavg, seeded from the job) and the job's teache
 `load_parameters`: the parameters fedavg shares, out of and into a model. `train_on_labels` and
 `mean_loss`: language modelling on labelled examples and the mean next-token loss, which the PATE
 server runs on its own student and every organization runs in its evaluation. No private data here:
-what an organization does with its own records is `federation.client_training`.
+what an organization does with its own records is `federation.client.training`.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from attacks.federated import (
     recover_token_set,
     server_visible_update,
 )
+from federation.client.workspace import OrgWorkspace
 from federation.config import FederatedJob
-from federation.workspace import OrgWorkspace
 from secure_kd.app.cli import app
 from secure_kd.config import TinyModelConfig
 from secure_kd.models import build_tiny

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
+from federation.client.workspace import OrgWorkspace, node_org_index
 from federation.config import FederatedJob, load_federated_job
 from federation.crypto.he import Keyring, decrypt, encrypt
 from federation.crypto.identity import OrgKeys, TrustStore
@@ -41,7 +42,6 @@ from federation.deploy.launch import (
     supernode_command,
 )
 from federation.deploy.registry import Registration, add_org, copy_trust, remove_org
-from federation.workspace import OrgWorkspace, node_org_index
 from secure_kd.app.cli import app
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -670,7 +670,7 @@ def test_run_config_hands_the_registry_to_the_server_app():
 def test_the_dealer_seals_the_ckks_key_only_to_the_jobs_organizations(tmp_path):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    from federation.client_app import _expected_payload, keygen
+    from federation.client.app import _expected_payload, keygen
     from federation.messages import CONFIG, MessageRejected
 
     job = load_federated_job(ROOT / "configs" / "deploy-tiny.yaml", [f"out={tmp_path / 'run'}"])

@@ -13,10 +13,10 @@ from test_federation_apps import federate, tiny_job
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from federation.client.workspace import OrgWorkspace
 from federation.export import export_student
 from federation.job_data import job_data
 from federation.partition import job_corpus
-from federation.workspace import OrgWorkspace
 from secure_kd.app.cli import app
 from secure_kd.data.synthetic import SyntheticCorpus
 

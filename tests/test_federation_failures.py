@@ -20,12 +20,12 @@ from safetensors import safe_open
 from test_federation_apps import RUN_ID, LocalGrid, federate, tiny_job
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from federation.client_app import build_client_app
+from federation.client.app import build_client_app
+from federation.client.workspace import STUDENT_FILE
 from federation.job_data import job_data
 from federation.run import failure_summary, prepare_organizations
 from federation.server.app import FederationServer
 from federation.server.session import FederationFailed
-from federation.workspace import STUDENT_FILE
 
 
 def _federate_one_at_a_time(job):

@@ -12,12 +12,12 @@ import torch
 from pydantic import ValidationError
 from test_federation_apps import _arrays, federate, tiny_job
 
-from federation.client_filtering import ensemble_from_weighted_sum, transfer_weights
+from federation.client.filtering import ensemble_from_weighted_sum, transfer_weights
+from federation.client.workspace import SECRET_CONTEXT_FILE
 from federation.config import FilteringConfig
 from federation.crypto.he import Keyring, decrypt, decrypt_mean
 from federation.job_data import job_data
 from federation.soft_labels import build_layout
-from federation.workspace import SECRET_CONTEXT_FILE
 from secure_kd.config import TinyModelConfig
 from secure_kd.data import TokenizedExample
 from secure_kd.models import build_tiny

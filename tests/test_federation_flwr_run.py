@@ -4,7 +4,7 @@ shipped `configs/deploy-tiny.yaml` (fed_distill under CKKS with the key ceremony
 
 Before, the key ceremony failed ("no *.json bundles in <out>/trust") unless `prepare_organizations(job)`
 had been called from Python, and `flwr run --stream` exited 0 all the same. Now each organization of a
-simulation SuperLink registers its own bundle in `<out>/trust` on `query.hello` (`federation.client_guard`).
+simulation SuperLink registers its own bundle in `<out>/trust` on `query.hello` (`federation.client.guard`).
 
 What Flower 1.41 lets a ServerApp do about the outcome: raising from `main` makes the run's status
 `finished:failed` (`flwr ls`), but `flwr run --stream` exits 0 whatever the status (its log stream ends

@@ -19,15 +19,15 @@ import tenseal as ts
 from flwr.app import ConfigRecord, RecordDict
 from test_federation_apps import RUN_ID, federate, tiny_job
 
-import federation.client_decrypt as client_decrypt
-from federation.client_errors import read_failures
-from federation.client_guard import current_workspace
+import federation.client.decrypt as client_decrypt
+from federation.client.errors import read_failures
+from federation.client.guard import current_workspace
+from federation.client.workspace import OrgWorkspace
 from federation.crypto.codec import PayloadKind, iter_chunks, pack_payload
 from federation.crypto.he import check_payload
 from federation.messages import CONFIG
 from federation.server.aggregation import aggregate_encrypted
 from federation.server.strategies.fed_distill import FedDistillStrategy
-from federation.workspace import OrgWorkspace
 
 
 class ProbingServer(FedDistillStrategy):

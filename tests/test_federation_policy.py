@@ -11,10 +11,16 @@ import pytest
 import yaml
 from test_federation_apps import RUN_ID, LocalGrid, tiny_job
 
-from federation.client_app import build_client_app
-from federation.client_errors import read_failures
-from federation.policy import DEPLOYMENT, SIMULATION, OrgPolicy, PolicyConfigError, policy_from_node_config
-from federation.policy import refusals as policy_refusals
+from federation.client.app import build_client_app
+from federation.client.errors import read_failures
+from federation.client.policy import (
+    DEPLOYMENT,
+    SIMULATION,
+    OrgPolicy,
+    PolicyConfigError,
+    policy_from_node_config,
+)
+from federation.client.policy import refusals as policy_refusals
 from federation.run import prepare_organizations
 from federation.run_config import job_from_run_config
 from federation.server.app import FederationServer

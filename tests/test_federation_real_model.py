@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from federation.client.student_store import FORMAT_KEY, student_file_metadata
+from federation.client.workspace import STUDENT_FILE, OrgWorkspace
 from federation.config import load_federated_job
 from federation.run import run_federation
-from federation.student_store import FORMAT_KEY, student_file_metadata
-from federation.workspace import STUDENT_FILE, OrgWorkspace
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_federation_apps import tiny_job
 
-from federation.client_decrypt import keyring_parameters, release_decimals_at_min_weight
+from federation.client.decrypt import keyring_parameters, release_decimals_at_min_weight
 from federation.crypto.he import (
     Keyring,
     aggregate,

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from test_federation_apps import federate, tiny_job
 
 from federation.adversary import AdversaryConfig, malicious_weights, poisoned_records, poisoned_soft_labels
+from federation.client.workspace import SECRET_CONTEXT_FILE
 from federation.clipping import clip_update
 from federation.config import AggregationConfig
 from federation.crypto.he import Keyring, decrypt_mean
@@ -18,7 +19,6 @@ from federation.job_data import job_data
 from federation.server.aggregation import mean_soft_labels
 from federation.server.strategies.robust import robust_aggregate
 from federation.students import build_student, flat_parameters
-from federation.workspace import SECRET_CONTEXT_FILE
 
 
 def _random_updates(rng, n=7):

@@ -1,4 +1,4 @@
-"""An organization's saved student (`federation.student_store`): tied weights and LoRA adapters.
+"""An organization's saved student (`federation.client.student_store`): tied weights and LoRA adapters.
 
 SmolLM2 ties `lm_head.weight` to `model.embed_tokens.weight`; `save_student` used `save_file` on the
 whole state dict, which safetensors refuses for tied tensors, so every SmolLM2-based student crashed
@@ -16,11 +16,11 @@ from safetensors import safe_open
 from test_federation_apps import federate, tiny_job
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from federation.client.student_store import StudentFileError
+from federation.client.workspace import STUDENT_FILE, OrgWorkspace
 from federation.config import FederatedJob
 from federation.job_data import job_data
-from federation.student_store import StudentFileError
 from federation.students import build_student, build_teacher
-from federation.workspace import STUDENT_FILE, OrgWorkspace
 
 
 @pytest.fixture(scope="module")

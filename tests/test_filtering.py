@@ -1,4 +1,4 @@
-"""Client-side proxy filtering (federation.filtering): the KMeans-radius rule and its aggregation."""
+"""Client-side proxy filtering (federation.client.proxy_filter): the KMeans-radius rule, its aggregation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from federation.filtering import ProxyFilter, ensemble_from_sums, filtered_contribution
+from federation.client.proxy_filter import ProxyFilter, ensemble_from_sums, filtered_contribution
 
 CENTERS = np.array([[0.0] * 5, [10.0, 0, 0, 0, 0], [0, -10.0, 0, 0, 0]])
 

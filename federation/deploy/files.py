@@ -227,7 +227,7 @@ class OrgFiles:
 
     @property
     def keys_dir(self) -> Path:
-        return self.directory / "keys"  # = federation.workspace.KEYS_DIR under the SuperNode's org-dir
+        return self.directory / "keys"  # = federation.client.workspace.KEYS_DIR under the SuperNode's org-dir
 
     @property
     def node_key(self) -> Path:

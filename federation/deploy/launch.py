@@ -142,9 +142,9 @@ def write_node_config(org_dir: str | Path, values: Mapping[str, str]) -> Path:
 
 
 def _check_policy(values: Mapping[str, str]) -> None:
-    """The organization's `policy-*` node config (federation.policy), checked before the SuperNode starts
-    rather than at its first message."""
-    from federation.policy import PolicyConfigError, policy_from_node_config
+    """The organization's `policy-*` node config (federation.client.policy), checked before the SuperNode
+    starts rather than at its first message."""
+    from federation.client.policy import PolicyConfigError, policy_from_node_config
 
     try:
         policy_from_node_config({k: v for k, v in values.items() if k.startswith("policy-")})

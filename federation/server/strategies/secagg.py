@@ -1,8 +1,8 @@
 """fedavg under Flower's SecAgg+ (`protection: secagg+`): pairwise masking, no shared key, dropouts tolerated.
 
 Each round runs Flower's own `SecAggPlusWorkflow` (setup, share keys, collect masked vectors, unmask)
-over the same Grid; the clients answer through `secaggplus_mod` (client_app.py), which quantizes each
-update to `[-clipping_range, clipping_range]`, weights it by its number of examples (at most
+over the same Grid; the clients answer through `secaggplus_mod` (federation/client/app.py), which quantizes
+each update to `[-clipping_range, clipping_range]`, weights it by its number of examples (at most
 `max_weight`), masks it, and clears the plaintext before the reply leaves. The server only learns the
 weighted average. Because the updates are masked, the server cannot validate them one by one: a
 malicious value is bounded by the clipping range, not rejected (docs/threat-model.md compares this with

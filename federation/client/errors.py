@@ -3,7 +3,7 @@
 Flower returns a ClientApp's exception to the server as text (`<class ...>:<'message'>`), and exception
 messages can carry what must not leave an organization: decrypted values (a decryption oracle for a
 deviating server, see docs/threat-model.md section 2), node-local paths, dataset fingerprints. So every
-handler runs inside `federation.client_guard`, which turns any exception into
+handler runs inside `federation.client.guard`, which turns any exception into
 
     secure-kd/<code> at <stage> from <org>     e.g.  secure-kd/malformed-aggregate at train from org-1
 

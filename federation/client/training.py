@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from federation.client.workspace import OrgWorkspace
 from federation.soft_labels import EnsembleTargets
 from federation.students import language_modelling, mean_loss
-from federation.workspace import OrgWorkspace
 from secure_kd.config import TrainConfig
 from secure_kd.dp.accounting import noise_multiplier_for_budget, resolve_delta
 from secure_kd.dp.ledger import Ledger

@@ -6,14 +6,14 @@
 The organization is `node_config["partition-id"]` (set by the simulation engine) or `org-name` (one of
 the job's `organizations`, set by `flower-supernode --node-config "org-name='alpha' org-dir='/srv/alpha'
 trust-dir='/srv/trust' data-path='/srv/alpha/records.jsonl'"`, see docs/deploy.md); its state lives in
-its directory (`org-dir`, default `<out>/orgs/org-<i>`, see `federation.workspace`) and, with
+its directory (`org-dir`, default `<out>/orgs/org-<i>`, see `federation.client.workspace`) and, with
 `data-path`, its private records are that file (node config never leaves the SuperNode).
 Every instruction from the server is checked (`federation.messages`) before it is used; what goes back
 is rounded (metrics), encrypted (CKKS), masked (SecAgg+) or sealed for one peer (p2p).
 
 Message types: `query.hello`, `query.keygen`, `query.keyshare` (setup and key ceremony, here), `train`,
-`evaluate`, `train.digest`, `query.votes` (`federation.client_rounds`), `query.profile`,
-`train.p2p_send`, `train.p2p_learn` (`federation.client_p2p`). `train` messages that carry Flower's
+`evaluate`, `train.digest`, `query.votes` (`federation.client.rounds`), `query.profile`,
+`train.p2p_send`, `train.p2p_learn` (`federation.client.p2p`). `train` messages that carry Flower's
 SecAgg+ configuration go through `secaggplus_mod` first.
 """
 
@@ -28,9 +28,10 @@ from flwr.client.mod import make_ffn, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from federation import client_p2p, client_rounds
-from federation.client_decrypt import new_keyring
-from federation.client_guard import current_workspace, guarded, org_root
+from federation.client import p2p, rounds
+from federation.client.decrypt import new_keyring
+from federation.client.guard import current_workspace, guarded, org_root
+from federation.client.workspace import OrgWorkspace, node_org_index
 from federation.config import FederatedJob
 from federation.crypto.he import Keyring
 from federation.crypto.identity import PublicBundle
@@ -39,7 +40,6 @@ from federation.faults import before_handling
 from federation.job_data import job_digest
 from federation.messages import CONFIG, METRICS, MessageRejected, read_config
 from federation.students import flat_parameters
-from federation.workspace import OrgWorkspace, node_org_index
 
 Handler = Callable[[OrgWorkspace, Message, Context], RecordDict]
 logger = logging.getLogger("secure_kd.federation")
@@ -123,7 +123,7 @@ def keygen(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
         )
     job, trust, keys = ws.job, _trust(ws, context), ws.keys()
     recipients = _job_recipients(ws, read_config(message.content, "recipients", list))
-    ring = new_keyring(job, n_values)  # sized for the payload and the release margin (client_decrypt)
+    ring = new_keyring(job, n_values)  # sized for the payload and the release margin (client/decrypt.py)
     secret = ring.secret_context()
     sealed = [seal_for(b, keys, str(context.run_id), secret, trust=trust) for b in recipients]
     ws.save_secret_context(secret)
@@ -146,13 +146,13 @@ HANDLERS: dict[str, Handler] = {
     "query.hello": hello,
     "query.keygen": keygen,
     "query.keyshare": keyshare,
-    "train.default": client_rounds.train,
-    "evaluate.default": client_rounds.final_evaluate,
-    "train.digest": client_rounds.final_evaluate,
-    "query.votes": client_rounds.pate_votes,
-    "query.profile": client_p2p.profile,
-    "train.p2p_send": client_p2p.send,
-    "train.p2p_learn": client_p2p.learn,
+    "train.default": rounds.train,
+    "evaluate.default": rounds.final_evaluate,
+    "train.digest": rounds.final_evaluate,
+    "query.votes": rounds.pate_votes,
+    "query.profile": p2p.profile,
+    "train.p2p_send": p2p.send,
+    "train.p2p_learn": p2p.learn,
 }
 
 
@@ -166,8 +166,8 @@ def secagg_when_asked(message: Message, context: Context, call_next):
 def build_client_app(job: FederatedJob | None = None) -> ClientApp:
     """The ClientApp for `job` (or, when None, for the job named in each run's run-config).
 
-    Every handler runs behind `federation.client_guard.guarded`: the organization's policy is checked
-    first, and a failure reaches the server as a generic code only (`federation.client_errors`)."""
+    Every handler runs behind `federation.client.guard.guarded`: the organization's policy is checked
+    first, and a failure reaches the server as a generic code only (`federation.client.errors`)."""
     from federation.run_config import job_from_run_config
 
     app = ClientApp()

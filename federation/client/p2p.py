@@ -12,8 +12,9 @@ import secrets
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from federation.client_rounds import fit_metrics
-from federation.client_training import distill_from, evaluate, train_locally
+from federation.client.rounds import fit_metrics
+from federation.client.training import distill_from, evaluate, train_locally
+from federation.client.workspace import OrgWorkspace
 from federation.crypto.identity import PublicBundle
 from federation.crypto.keys import open_from, seal_for
 from federation.faults import sabotaged
@@ -30,7 +31,6 @@ from federation.messages import (
 from federation.profiles import ClientProfile, ProfileLedger, profile_vector, release_profile
 from federation.soft_labels import check_soft_labels, soft_labels
 from federation.students import mean_loss
-from federation.workspace import OrgWorkspace
 
 
 def profile(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:

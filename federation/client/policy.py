@@ -3,7 +3,7 @@
 Whoever submits a run writes the job (`flwr run --run-config`), but what an organization accepts is its
 own decision. Each ClientApp reads its policy from node config (keys below, e.g. `flower-supernode
 --node-config "org-name='alpha' policy-protection='ckks' policy-dp-required=true policy-max-epsilon=8"`)
-and checks every message's job against it (`federation.client_guard`) before any handler runs; a run that
+and checks every message's job against it (`federation.client.guard`) before any handler runs; a run that
 asks for less is refused with `policy-refused` and a text naming the run's field and the requirement,
 never a path or a value derived from data.
 

@@ -15,7 +15,7 @@
   from a number the run chooses alone.
 - The first aggregate that fails any of this makes the organization stop decrypting for the rest of
   the run (`decryption-stopped.json` in its directory, by run id, kept across `query.hello`): a
-  deviating server learns one generic `malformed-aggregate` code (`federation.client_errors`) and
+  deviating server learns one generic `malformed-aggregate` code (`federation.client.errors`) and
   then `decryption-stopped` codes, never a decrypted value. Causes in the local error log name the
   failed check, without values.
 """
@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from federation.client_errors import ClientFailure
+from federation.client.errors import ClientFailure
+from federation.client.workspace import OrgWorkspace
 from federation.config import FederatedJob
 from federation.crypto.codec import PayloadFormatError, PayloadKind
 from federation.crypto.he import (
@@ -40,7 +41,6 @@ from federation.crypto.he import (
     release,
 )
 from federation.failure_codes import Code
-from federation.workspace import OrgWorkspace
 from secure_kd.paths import atomic_write_json
 
 STOP_FILE = "decryption-stopped.json"

@@ -1,11 +1,11 @@
 """The door of every ClientApp message: resolve the job, check it against the organization's policy, and
-turn whatever fails into a generic code (`federation.client_errors`) before it could reach the server.
+turn whatever fails into a generic code (`federation.client.errors`) before it could reach the server.
 
     app.train("default")(guarded("train.default", handle, bound_job=job, resolve=...))
 
 Per message, in this order: the job (bound into the app, or read from the run-config: `invalid-job`
 when it does not load, with the full reason in the local log only), the organization's workspace from
-node config (`invalid-node-config`), its policy from node config (`federation.policy`; a run asking for
+node config (`invalid-node-config`), its policy from node config (`federation.client.policy`; a run asking for
 less is `policy-refused`, with the refusal's public text), then the handler with Flower's mods. Any
 exception becomes `Message(Error(reason="secure-kd/<code> at <stage>"))`; Flower never sees it, so no
 exception text or traceback is serialized into the reply. The handler reads the resolved workspace
@@ -29,10 +29,8 @@ from pathlib import Path
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
-from federation.client_errors import ClientFailure, classify, record_failure
-from federation.config import FederatedJob
-from federation.failure_codes import Code, network_reason, stage_of
-from federation.policy import (
+from federation.client.errors import ClientFailure, classify, record_failure
+from federation.client.policy import (
     DEPLOYMENT,
     SIMULATION,
     PolicyConfigError,
@@ -40,7 +38,9 @@ from federation.policy import (
     refusal_text,
     refusals,
 )
-from federation.workspace import OrgWorkspace, node_org_index
+from federation.client.workspace import OrgWorkspace, node_org_index
+from federation.config import FederatedJob
+from federation.failure_codes import Code, network_reason, stage_of
 
 ClientAppCallable = Callable[[Message, Context], Message]
 

@@ -1,6 +1,6 @@
 """fed_distill with client-side filtering: per-position weights of one organization's soft labels.
 
-The organization fits `federation.filtering.ProxyFilter` on features of its own training records and
+The organization fits `federation.client.proxy_filter.ProxyFilter` on features of its own training records and
 weighs each transfer record 1 when it falls within a cluster's radius, `floor_weight` otherwise
 (`FilteringConfig`). Features are the mean of the student's input embeddings over a record's tokens:
 in round 1 (a random embedding) that is a random projection of the record's bag of tokens, which keeps
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from federation.client.proxy_filter import ProxyFilter
 from federation.config import FilteringConfig
-from federation.filtering import ProxyFilter
 from federation.soft_labels import SoftLabelLayout
 from secure_kd.data import TokenizedExample
 

@@ -1,7 +1,7 @@
 """ClientApp handlers of the aggregating modes: fedavg (plaintext, CKKS, SecAgg+), fed_distill and pate.
 
 Each handler takes the organization's workspace, the server's message and the node context, checks what
-it reads (`federation.messages`), trains through the engine (`federation.client_training`), and returns
+it reads (`federation.messages`), trains through the engine (`federation.client.training`), and returns
 the reply content: plaintext arrays with `num-examples`, a CKKS ciphertext of the pre-weighted payload
 and its weight (the server learns neither), or, under SecAgg+, the legacy FitRes that Flower's
 `secaggplus_mod` masks before it leaves.
@@ -15,9 +15,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from federation.adversary import install_backdoor_data, malicious_weights, poisoned_soft_labels
-from federation.client_decrypt import open_aggregate
-from federation.client_filtering import ensemble_from_weighted_sum, transfer_weights
-from federation.client_training import LocalFit, distill_from, evaluate, train_locally
+from federation.client.decrypt import open_aggregate
+from federation.client.filtering import ensemble_from_weighted_sum, transfer_weights
+from federation.client.training import LocalFit, distill_from, evaluate, train_locally
+from federation.client.workspace import OrgWorkspace
 from federation.clipping import clip_update
 from federation.crypto.he import Keyring, encrypt
 from federation.faults import sabotaged
@@ -37,7 +38,6 @@ from federation.messages import (
 )
 from federation.soft_labels import check_soft_labels, soft_labels, votes
 from federation.students import flat_parameters, load_parameters
-from federation.workspace import OrgWorkspace
 
 
 def fit_metrics(fit: LocalFit) -> dict[str, float | None]:
@@ -52,7 +52,7 @@ def _decrypted_mean(
     ws: OrgWorkspace, message: Message, context: Context, n_values: int, check=None, check_name: str = ""
 ) -> np.ndarray | None:
     """The previous round's encrypted aggregate, checked, decrypted and released (None in the first
-    round); `federation.client_decrypt.open_aggregate` says what is checked and how it is rounded."""
+    round); `federation.client.decrypt.open_aggregate` says what is checked and how it is rounded."""
     if "aggregate" not in message.content[CONFIG]:
         return None
     blob = read_config(message.content, "aggregate", bytes)

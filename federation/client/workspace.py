@@ -5,7 +5,7 @@ simulation `<out>/orgs/org-<i>/`, in deployment the SuperNode's `org-dir` node-c
 in the server's messages:
 
     student.safetensors   the current student: its weights with tied ones stored once, or a LoRA
-                          student's adapter only (`federation.student_store`)
+                          student's adapter only (`federation.client.student_store`)
     keys/                 the organization's Ed25519 identity and X25519 key-exchange keys (0600)
     ckks-secret.bin       the shared CKKS secret context, after the key ceremony (0600)
     state.json            small bookkeeping (calibrated DP noise, last losses, profile releases)
@@ -29,11 +29,11 @@ from typing import Any
 
 from torch import nn
 
+from federation.client.student_store import load_student_file, save_student_file
 from federation.config import FederatedJob
 from federation.crypto.identity import OrgKeys, TrustStore
 from federation.job_data import JobData, job_data, record_text
 from federation.partition import OrganizationData, split_own_records
-from federation.student_store import load_student_file, save_student_file
 from federation.students import build_student, build_teacher
 from secure_kd.data import TokenizedExample, load_records, tokenize_records
 from secure_kd.dp.ledger import dataset_key
