@@ -189,7 +189,7 @@ class ServedTeacher:
         return record
 
     def _reference_kl(self, ids: list[int], served: TopKLogits, k: int) -> tuple[float, float]:
-        from secure_kd.models import load_pretrained
+        from secure_kd.model_files import load_pretrained
 
         model = load_pretrained(self.api.cfg.reference).eval()
         with torch.inference_mode():
