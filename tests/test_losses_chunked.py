@@ -101,6 +101,22 @@ def test_bfloat16_logits_compute_in_float32():
     assert low.grad is not None and low.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("tail", ["uniform", "zero"])
+def test_bfloat16_logits_with_a_float32_top_k_teacher(tail):
+    """What bf16 autocast gives the trainer: bf16 student logits, a float32 top-k teacher (cache or live
+    teacher outside autocast). The uniform tail once scattered the teacher's values cast to the logits'
+    bf16 into a float32 buffer (a dtype error); the value is the float32 loss of the bf16-rounded logits."""
+    student, teacher, labels = inputs(torch.float32, seed=4)
+    top = TopKLogits.from_logits(teacher, 8)
+    reference = get_loss("forward_kl")(student.detach().bfloat16().float(), top, labels, tail=tail)
+    low = student.detach().bfloat16().requires_grad_()
+    value = get_loss("forward_kl")(low, top, labels, tail=tail)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+    value.backward()
+    assert low.grad is not None and low.grad.dtype == torch.bfloat16
+
+
 def test_all_positions_masked_gives_zero_and_zero_gradient():
     student, teacher, labels = inputs(torch.float32)
     labels = torch.full_like(labels, -100)

@@ -116,7 +116,7 @@ class UniformTailTeacher:
     def fill(self, logits: Tensor, rows: Rows, ws: Workspace) -> ChunkProbs:
         n, vocab = logits.shape
         log_q, q = _student_probs(logits, ws, vocab, self.temperature)
-        values = take_rows(self.values, rows).to(logits.dtype)
+        values = take_rows(self.values, rows).to(ws.dtype)  # the compute dtype: bf16 logits are upcast
         log_p = ws.get("log_teacher", n, vocab)
         k = values.shape[-1]
         if k < vocab:
