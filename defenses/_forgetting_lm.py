@@ -16,17 +16,17 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from defenses._lm import (
+from apparatus.canaries import exact_exposures
+from apparatus.tiny_lm import (
     LMRecipe,
+    build_model,
     distil,
-    encode,
     example_losses,
-    exposures,
     heldout_perplexity,
-    mean,
-    new_model,
+    pad_token_id,
     public_tokenizer,
-    train_ce,
+    tokenize_texts,
+    train_causal_lm,
 )
 from defenses.swing_privacy import position_scores, spans_to_token_scores
 from secure_kd.data import generate_corpus
@@ -89,6 +89,10 @@ def secret_flags(text: str, secret_start: int, secret_end: int, tokenizer, max_l
     return flags[:max_length]
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _mia_auc(forget_losses: list[float], nonmember_losses: list[float]) -> float:
     scores = [-x for x in forget_losses + nonmember_losses]
     members = [1] * len(forget_losses) + [0] * len(nonmember_losses)
@@ -102,18 +106,12 @@ def forget_canary(config) -> dict:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     c = lm.corpus
-    corpus = generate_corpus(
-        c.n_records,
-        seed=config.seed,
-        n_canaries=c.n_canaries,
-        canary_repeats=c.canary_repeats,
-        secret_digits=c.secret_digits,
-    )
-    train, heldout = corpus.split(c.heldout_fraction, seed=config.seed)
+    train, heldout = c.build(config.seed)
     forgotten = train.canaries[lm.forget_canary]
     forget_ids = set(forgotten.record_ids)
     tokenizer = public_tokenizer(config.seed, c.tokenizer_vocab)
-    examples = encode(train.texts(), tokenizer, c.max_length)
+    pad_id = pad_token_id(tokenizer)
+    examples = tokenize_texts(train.texts(), tokenizer, c.max_length)
     is_forget = [r["record_id"] in forget_ids for r in train.records]
     flags = []
     for record, forget in zip(train.records, is_forget, strict=True):
@@ -122,27 +120,28 @@ def forget_canary(config) -> dict:
         flags.append(secret_flags(record["text"], start, end, tokenizer, c.max_length))
     retain = [e for e, f in zip(examples, is_forget, strict=True) if not f]
     forget = [e for e, f in zip(examples, is_forget, strict=True) if f]
-    heldout_examples = encode(heldout.texts(), tokenizer, c.max_length)
+    heldout_examples = tokenize_texts(heldout.texts(), tokenizer, c.max_length)
     # non-members for the loss attack: canaries of the same format that no model saw
     fresh = generate_corpus(
         1, seed=config.seed + 31337, n_canaries=lm.n_nonmember_canaries, secret_digits=c.secret_digits
     )
-    nonmembers = encode([canary.text for canary in fresh.canaries], tokenizer, c.max_length)
+    nonmembers = tokenize_texts([canary.text for canary in fresh.canaries], tokenizer, c.max_length)
 
-    initial = new_model(lm.model, len(tokenizer), seed=config.seed + 1)
+    def train_ce(model: nn.Module, data) -> None:
+        train_causal_lm(model, data, lm.model, pad_id=pad_id, seed=config.seed, device=device)
+
+    initial = build_model(lm.model, len(tokenizer), seed=config.seed + 1, pad_id=pad_id)
     original = copy.deepcopy(initial)
-    train_ce(original, examples, lm.model, seed=config.seed, device=device)
+    train_ce(original, examples)
     retrained = copy.deepcopy(initial)
-    train_ce(retrained, retain, lm.model, seed=config.seed, device=device)
+    train_ce(retrained, retain)
     unlearned = copy.deepcopy(original)
     reference = None
     if lm.safe_target == "reference":
         # a stand-in for a public base model: trained on fresh canary-free records of the same kind
         public = generate_corpus(len(train), seed=config.seed + 4242, n_canaries=0).texts()
-        reference = new_model(lm.model, len(tokenizer), seed=config.seed + 3)
-        train_ce(
-            reference, encode(public, tokenizer, c.max_length), lm.model, seed=config.seed, device=device
-        )
+        reference = build_model(lm.model, len(tokenizer), seed=config.seed + 3, pad_id=pad_id)
+        train_ce(reference, tokenize_texts(public, tokenizer, c.max_length))
     frozen = copy.deepcopy(original).eval()
     # Two phases, as in SCRUB: the forget records alone (the few secret positions would be drowned by
     # the retain set in a mixed batch), then everything together, which repairs the retain set.
@@ -157,16 +156,21 @@ def forget_canary(config) -> dict:
         recipe = LMRecipe(
             model=lm.model.model, epochs=epochs, batch_size=lm.model.batch_size, lr=lm.unlearn_lr
         )
-        distil(unlearned, targets, data, recipe, temperature=1.0, seed=config.seed + 7 + phase, device=device)
+        seed = config.seed + 7 + phase
+        distil(unlearned, targets, data, recipe, temperature=1.0, pad_id=pad_id, seed=seed, device=device)
+
+    def losses(model: nn.Module, data) -> list[float]:
+        return example_losses(model, data, pad_id=pad_id, device=device, batch_size=32).tolist()
 
     reports = {}
     for name, model in (("original", original), ("unlearned", unlearned), ("retrained", retrained)):
-        forget_losses = example_losses(model, forget, device)
+        forget_losses = losses(model, forget)
+        (forget_exposure,) = exact_exposures(model, tokenizer, [forgotten], c.secret_digits, device=device)
         reports[name] = {
-            "forget_loss": mean(forget_losses),
-            "forget_exposure": exposures(model, tokenizer, [forgotten], c.secret_digits, device)[0],
-            "retain_loss": mean(example_losses(model, retain, device)),
-            "heldout_perplexity": heldout_perplexity(model, heldout_examples, device),
-            "mia_auc": _mia_auc(forget_losses, example_losses(model, nonmembers, device)),
+            "forget_loss": _mean(forget_losses),
+            "forget_exposure": forget_exposure,
+            "retain_loss": _mean(losses(model, retain)),
+            "heldout_perplexity": heldout_perplexity(model, heldout_examples, pad_id=pad_id, device=device),
+            "mia_auc": _mia_auc(forget_losses, losses(model, nonmembers)),
         }
     return {"reports": reports, "n_forget": len(forget), "n_retain": len(retain), "secret": forgotten.secret}

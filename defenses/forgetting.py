@@ -41,11 +41,12 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
+from apparatus.canaries import CanaryCorpus
 from apparatus.classifiers import evaluate_classifier, predict_logits, train_classifier
 from apparatus.digits import load_digits_data, make_digits_cnn
+from apparatus.tiny_lm import LMRecipe
 from defenses import DEFENSES
 from defenses._forgetting_lm import forget_canary
-from defenses._lm import CanaryCorpus, LMRecipe
 from secure_kd.config import Strict
 from secure_kd.losses import forward_kl
 from secure_kd.metrics import roc_metrics

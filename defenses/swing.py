@@ -48,22 +48,21 @@ import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
-from defenses import DEFENSES
-from defenses._lm import (
-    CanaryCorpus,
+from apparatus.canaries import CanaryCorpus, exact_exposures
+from apparatus.tiny_lm import (
     LMRecipe,
+    build_model,
     distil,
-    encode,
-    exposures,
     heldout_perplexity,
-    mean,
-    new_model,
+    pad_token_id,
     public_tokenizer,
-    train_ce,
+    tokenize_texts,
+    train_causal_lm,
 )
+from defenses import DEFENSES
 from defenses.swing_privacy import DETECTORS, SwingTargets, content_keys, detect_spans, token_privacy_scores
 from secure_kd.config import Strict
-from secure_kd.data import SyntheticCorpus, TokenizedExample, generate_corpus
+from secure_kd.data import SyntheticCorpus, TokenizedExample
 from secure_kd.models import resolve_device
 from secure_kd.plugins import Plugin, write_result
 from secure_kd.teacher_targets import LiveTeacher
@@ -190,19 +189,13 @@ def build_setting(config: SwingConfig) -> SwingSetting:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     c = config.corpus
-    corpus = generate_corpus(
-        c.n_records,
-        seed=config.seed,
-        n_canaries=c.n_canaries,
-        canary_repeats=c.canary_repeats,
-        secret_digits=c.secret_digits,
-    )
-    train, heldout = corpus.split(c.heldout_fraction, seed=config.seed)
+    train, heldout = c.build(config.seed)
     tokenizer = public_tokenizer(config.seed, c.tokenizer_vocab)
+    pad_id = pad_token_id(tokenizer)
     train_examples, token_scores = scored_examples(train.records, tokenizer, config.swing, c.max_length)
-    heldout_examples = encode(heldout.texts(), tokenizer, c.max_length)
-    teacher = new_model(config.teacher, len(tokenizer), seed=config.seed + 1)
-    train_ce(teacher, train_examples, config.teacher, seed=config.seed, device=device)
+    heldout_examples = tokenize_texts(heldout.texts(), tokenizer, c.max_length)
+    teacher = build_model(config.teacher, len(tokenizer), seed=config.seed + 1, pad_id=pad_id)
+    train_causal_lm(teacher, train_examples, config.teacher, pad_id=pad_id, seed=config.seed, device=device)
     return SwingSetting(
         tokenizer, train, heldout, train_examples, token_scores, heldout_examples, teacher, device
     )
@@ -213,7 +206,10 @@ def distil_student(
 ) -> nn.Module:
     """A fresh student distilled from the teacher: with swing when `swing` is given, else plain KD
     (forward KL at `config.swing.base_temperature`)."""
-    student = new_model(config.student, len(setting.tokenizer), seed=config.seed + seed_offset)
+    pad_id = pad_token_id(setting.tokenizer)
+    student = build_model(
+        config.student, len(setting.tokenizer), seed=config.seed + seed_offset, pad_id=pad_id
+    )
     base = LiveTeacher(setting.teacher, None)
     temperature = (swing or config.swing).base_temperature
     targets = base
@@ -233,6 +229,7 @@ def distil_student(
         setting.train_examples,
         config.student,
         temperature=temperature,
+        pad_id=pad_id,
         seed=config.seed,
         device=setting.device,
     )
@@ -248,7 +245,8 @@ def run(config: SwingConfig) -> SwingResult:
     if config.compare_plain_kd:
         models["plain_kd"] = distil_student(setting, config, None)
     exposure = {
-        name: exposures(m, setting.tokenizer, canaries, digits, setting.device) for name, m in models.items()
+        name: exact_exposures(m, setting.tokenizer, canaries, digits, device=setting.device)
+        for name, m in models.items()
     }
     plain = exposure.get("plain_kd")
     reports = [
@@ -261,7 +259,7 @@ def run(config: SwingConfig) -> SwingResult:
         )
         for i, canary in enumerate(canaries)
     ]
-    means = {name: mean(values) for name, values in exposure.items()}
+    means = {name: sum(values) / len(values) for name, values in exposure.items()}
     reduction = None
     if plain is not None and means["plain_kd"] > 0:
         reduction = (means["plain_kd"] - means["swing_kd"]) / means["plain_kd"]
@@ -282,7 +280,9 @@ def run(config: SwingConfig) -> SwingResult:
         mean_exposure=means,
         exposure_reduction_vs_plain=reduction,
         heldout_perplexity={
-            name: heldout_perplexity(m, setting.heldout_examples, setting.device)
+            name: heldout_perplexity(
+                m, setting.heldout_examples, pad_id=pad_token_id(setting.tokenizer), device=setting.device
+            )
             for name, m in models.items()
         },
         seconds=time.perf_counter() - started,

@@ -18,7 +18,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from attacks._shadow import TrainRecipe, build_model, resolve_tokenizer, tokenize_texts, train_causal_lm
+from apparatus.tiny_lm import TrainRecipe, build_model, resolve_tokenizer, tokenize_texts, train_causal_lm
 from attacks.memorization.pii import find_pii
 from secure_kd.app.cli import app
 from secure_kd.app.report.config import AuditConfig

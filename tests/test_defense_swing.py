@@ -203,7 +203,7 @@ def test_scored_examples_align_with_the_corpus_spans(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from defenses._lm import public_tokenizer
+    from apparatus.tiny_lm import public_tokenizer
 
     return public_tokenizer(0, 300)
 

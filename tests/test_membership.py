@@ -14,18 +14,18 @@ import yaml
 from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 
-from attacks import get_attack
-from attacks._shadow import (
+from apparatus.tiny_lm import (
     TrainRecipe,
-    balanced_membership,
     build_model,
     example_losses,
     resolve_tokenizer,
     tokenize_texts,
     train_causal_lm,
 )
+from attacks import get_attack
 from attacks.membership import (
     MembershipConfig,
+    balanced_membership,
     lira_scores,
     logit_confidence,
     loss_attack_scores,

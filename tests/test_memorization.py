@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
+from apparatus.canaries import measure_canary
+from apparatus.tiny_lm import TrainRecipe, build_model, resolve_tokenizer, tokenize_texts, train_causal_lm
 from attacks import get_attack
-from attacks._shadow import TrainRecipe, build_model, resolve_tokenizer, tokenize_texts, train_causal_lm
 from attacks.memorization import (
     TrainingDataIndex,
-    measure_canary,
     precision_at,
     sample_generations,
     targeted_canary_extraction,

@@ -1,6 +1,6 @@
 """Membership inference: loss attack, RMIA and LiRA scores (`scores`) and the `membership` audit plugin."""
 
-from attacks.membership.audit import run, train_shadows
+from attacks.membership.audit import balanced_membership, run, train_shadows
 from attacks.membership.config import AttackROC, MembershipConfig, MembershipResult
 from attacks.membership.scores import (
     lira_scores,
@@ -14,6 +14,7 @@ __all__ = [
     "AttackROC",
     "MembershipConfig",
     "MembershipResult",
+    "balanced_membership",
     "lira_scores",
     "logit_confidence",
     "loss_attack_scores",

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks import ATTACKS
-from attacks._shadow import (
+from apparatus.tiny_lm import (
     TrainRecipe,
-    balanced_membership,
     build_model,
     example_losses,
     pad_token_id,
+    public_texts,
     resolve_tokenizer,
     tokenize_texts,
     train_causal_lm,
 )
+from attacks import ATTACKS
 from attacks.membership.config import HEADLINE_NONMEMBERS, AttackROC, MembershipConfig, MembershipResult
 from attacks.membership.scores import lira_scores, loss_attack_scores, rmia_scores, tune_offline_a
 from secure_kd import metrics
@@ -72,6 +72,21 @@ def load_texts(cfg: MembershipConfig) -> tuple[list[str], list[str], list[str]]:
         read(d.nonmembers, d.n_nonmembers),
         read(d.population, d.n_population),
     )
+
+
+def balanced_membership(n_examples: int, n_models: int, seed: int) -> np.ndarray:
+    """Bool [n_examples, n_models]: example i is in model j's training set.
+
+    Every example is IN for exactly half the models (LiRA's design, Carlini et al. 2022), chosen at
+    random per example, so each example has n_models/2 IN and n_models/2 OUT shadows.
+    """
+    if n_models < 2 or n_models % 2:
+        raise ValueError(f"n_shadows must be an even number >= 2 (half IN, half OUT), got {n_models}")
+    if n_examples < 1:
+        raise ValueError(f"n_examples must be >= 1, got {n_examples}")
+    rng = np.random.default_rng([seed, 0x5AD0])
+    order = rng.random((n_examples, n_models)).argsort(axis=1)
+    return order < n_models // 2
 
 
 def train_shadows(
@@ -157,10 +172,10 @@ def run(config: MembershipConfig) -> MembershipResult:
     )
     # A `tiny:` tokenizer learns from public text only: merges learned from the pool would single out
     # strings of the members (or non-members) and bias every loss the attacks compare.
-    public_texts = population_texts or member_texts + nonmember_texts
+    public = population_texts or member_texts + nonmember_texts
     if config.data.source == "synthetic":
-        public_texts = generate_corpus(200, seed=config.seed + 104729, n_canaries=0).texts()
-    tokenizer = resolve_tokenizer(tokenizer_spec, public_texts)
+        public = public_texts(200, config.seed)
+    tokenizer = resolve_tokenizer(tokenizer_spec, public)
     pad_id = pad_token_id(tokenizer)
     length = config.data.max_length
     members = tokenize_texts(member_texts, tokenizer, length)

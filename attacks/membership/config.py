@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from attacks._shadow import TrainRecipe
+from apparatus.tiny_lm import TrainRecipe
 from secure_kd.config import Strict, TinyModelConfig
 
 AttackName = Literal["loss", "rmia", "rmia_online", "lira_offline", "lira_online"]

@@ -1,8 +1,8 @@
-"""Memorization audits: canary exposure (`exposure`), training-data extraction (`extraction`) and the
-`memorization` plugin (`audit`)."""
+"""Memorization audits: canary exposure (`apparatus.canaries`, shared with the defenses), training-data
+extraction (`extraction`) and the `memorization` plugin (`audit`)."""
 
+from apparatus.canaries import CanaryExposure, mean_exposure_by_repeats, measure_canary
 from attacks.memorization.audit import MemorizationConfig, MemorizationResult, run
-from attacks.memorization.exposure import CanaryExposure, mean_exposure_by_repeats, measure_canary
 from attacks.memorization.extraction import (
     TrainingDataIndex,
     precision_at,

@@ -19,16 +19,17 @@ import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
-from attacks import ATTACKS
-from attacks._shadow import (
+from apparatus.canaries import CanaryExposure, mean_exposure_by_repeats, measure_canary
+from apparatus.tiny_lm import (
     TrainRecipe,
     build_model,
     pad_token_id,
+    public_texts,
     resolve_tokenizer,
     tokenize_texts,
     train_causal_lm,
 )
-from attacks.memorization.exposure import CanaryExposure, mean_exposure_by_repeats, measure_canary
+from attacks import ATTACKS
 from attacks.memorization.extraction import (
     ExtractionReport,
     TrainingDataIndex,
@@ -236,7 +237,7 @@ def load_corpus(cfg: MemorizationConfig) -> AuditCorpus:
 
 def public_corpus(cfg: MemorizationConfig, n_records: int) -> list[str]:
     """Fresh synthetic records without canaries (a stand-in for public in-domain text)."""
-    return generate_corpus(max(n_records, 100), seed=cfg.seed + 104729, n_canaries=0).texts()
+    return public_texts(max(n_records, 100), cfg.seed)
 
 
 def extraction_prompts(cfg: MemorizationConfig, tokenizer: Any) -> list[list[int]]:
@@ -347,10 +348,10 @@ def run(config: MemorizationConfig) -> MemorizationResult:
         "tiny:512" if config.model.source == "train" else config.model.source
     )
     final_loss = None
-    # Canary-free in-domain text trains a `tiny:` tokenizer (see the note in `exposure` on secrets as
-    # tokens) and the reference model of the extraction ranking.
-    public_texts = public_corpus(config, len(corpus))
-    tokenizer = resolve_tokenizer(tokenizer_spec, public_texts)
+    # Canary-free in-domain text trains a `tiny:` tokenizer (see the note in `apparatus.canaries` on
+    # secrets as tokens) and the reference model of the extraction ranking.
+    public = public_corpus(config, len(corpus))
+    tokenizer = resolve_tokenizer(tokenizer_spec, public)
     if config.model.source == "train":
         model, final_loss = _trained_model(config, corpus.texts(), tokenizer, config.seed, device)
     else:
@@ -380,7 +381,7 @@ def run(config: MemorizationConfig) -> MemorizationResult:
     if config.extraction.enabled:
         reference = None
         if config.extraction.reference == "train":
-            reference, _ = _trained_model(config, public_texts, tokenizer, config.seed + 1, device)
+            reference, _ = _trained_model(config, public, tokenizer, config.seed + 1, device)
         elif config.extraction.reference is not None:
             reference = load_pretrained(config.extraction.reference).to(device).eval()
         extraction = run_extraction(config, model, reference, tokenizer, corpus, device)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks._shadow import pad_token_id
-from attacks.memorization.exposure import split_at_token_boundary
+from apparatus.canaries import split_at_token_boundary
+from apparatus.tiny_lm import pad_token_id
 from attacks.memorization.extraction import sample_generations
 from secure_kd.data import TokenizedExample
 

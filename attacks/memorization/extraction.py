@@ -36,8 +36,8 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from attacks._shadow import example_losses, pad_token_id
-from attacks.memorization.exposure import split_at_token_boundary
+from apparatus.canaries import split_at_token_boundary
+from apparatus.tiny_lm import example_losses, pad_token_id
 from secure_kd.data import Canary, TokenizedExample
 
 _WORD = re.compile(r"\w+")

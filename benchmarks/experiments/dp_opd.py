@@ -14,7 +14,7 @@ Every DP arm runs at each epsilon of the config with the same delta, steps, expe
 clipping, so they share the noise multiplier: only the training signal differs. Each arm is a real
 `secure-kd distill` job (`run_distill`), so it writes its own privacy.json and results.json under
 `out/`; its held-out perplexity comes from results.json, its canary exposure from scoring every
-candidate secret after the canary's prefix (`attacks.memorization.exposure.measure_canary`).
+candidate secret after the canary's prefix (`apparatus.canaries.measure_canary`).
 
 Teacher: SmolLM2-135M-Instruct (Q4_1) when its asset is present, else a small Llama pretrained here
 on a public synthetic corpus (another seed, no canaries); see configs/experiments/dp_opd.yaml.
@@ -39,7 +39,7 @@ import torch
 import transformers
 from pydantic import Field
 
-from attacks.memorization.exposure import measure_canary
+from apparatus.canaries import measure_canary
 from secure_kd.assets import asset_dir, asset_info
 from secure_kd.config import DistillJob, KDConfig, Strict, TinyModelConfig, TrainConfig, read_yaml
 from secure_kd.data import generate_corpus, tokenize_records, train_tiny_tokenizer

@@ -47,7 +47,7 @@ from memorization_kd_config import ExperimentConfig, Schedule
 from memorization_kd_probes import MODELS, headline, measure
 from torch import nn
 
-from attacks._shadow import TrainRecipe, build_model, tokenize_texts, train_causal_lm
+from apparatus.tiny_lm import TrainRecipe, build_model, tokenize_texts, train_causal_lm
 from attacks.memorization.extraction import (
     TrainingDataIndex,
     sample_generations,

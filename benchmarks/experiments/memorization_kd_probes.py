@@ -14,10 +14,10 @@ import torch
 from memorization_kd_config import ExperimentConfig
 from torch import nn
 
-from attacks._shadow import example_losses
+from apparatus.canaries import mean_exposure_by_repeats, measure_canary
+from apparatus.tiny_lm import example_losses
 from attacks.membership.scores import loss_attack_scores, rmia_scores
 from attacks.memorization.discoverable import discoverable_memorization, pii_completion
-from attacks.memorization.exposure import mean_exposure_by_repeats, measure_canary
 from attacks.memorization.extraction import (
     sample_generations,
     score_generations,

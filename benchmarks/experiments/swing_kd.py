@@ -41,8 +41,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from apparatus.tiny_lm import build_model, heldout_perplexity, pad_token_id
 from attacks import get_attack
-from defenses._lm import PAD_ID, heldout_perplexity, mean, new_model
 from defenses.swing import (
     SwingConfig,
     SwingSetting,
@@ -151,7 +151,9 @@ def dp_student(
     setting: SwingSetting, cfg: ExperimentConfig, defense: SwingConfig, dp: DPSettings, workdir: Path
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The student distilled with DP-SGD (plain forward KL) through the engine's DPDistiller."""
-    student = new_model(defense.student, len(setting.tokenizer), seed=defense.seed + 2).to(setting.device)
+    pad_id = pad_token_id(setting.tokenizer)
+    student = build_model(defense.student, len(setting.tokenizer), seed=defense.seed + 2, pad_id=pad_id)
+    student = student.to(setting.device)
     privacy = PrivacyConfig(
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
@@ -175,7 +177,7 @@ def dp_student(
         kd=kd,
         train=train,
         out=workdir / f"dp-{dp.noise_multiplier:g}",
-        pad_id=PAD_ID,
+        pad_id=pad_id,
         eos_id=None,
         targets=LiveTeacher(setting.teacher, None),
         seed=defense.seed,
@@ -239,13 +241,15 @@ def attack(
     )
     extraction = memo_result.extraction
     return {
-        "mean_exposure": mean([c.exposure for c in memo_result.exposure]),
+        "mean_exposure": statistics.fmean([c.exposure for c in memo_result.exposure]),
         "exposures": [c.exposure for c in memo_result.exposure],
         "canary_greedy_extraction_rate": extraction.canary_greedy_extraction_rate,
         "canary_sampled_extraction_rate": extraction.canary_sampled_extraction_rate,
         "pii_extraction_rate": extraction.pii_extraction_rate,
         "mia_loss_auc": mia.attacks[0].auc,
-        "heldout_perplexity": heldout_perplexity(model, setting.heldout_examples, setting.device),
+        "heldout_perplexity": heldout_perplexity(
+            model, setting.heldout_examples, pad_id=pad_token_id(setting.tokenizer), device=setting.device
+        ),
     }
 
 

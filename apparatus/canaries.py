@@ -1,4 +1,8 @@
-"""Canary exposure (Carlini et al. 2019, "The Secret Sharer"), counted exactly or estimated.
+"""Canaries (Carlini et al. 2019, "The Secret Sharer"): a synthetic canary corpus, and exposure counted
+exactly or estimated.
+
+The corpus (`CanaryCorpus`): the engine's synthetic records (Faker records with PII spans) with
+canaries inserted, split into training and held-out records.
 
 Exact: every secret of the canary's space completes the canary's prefix and is scored in one
 batched pass that shares the prefix's KV cache (`secure_kd.evaluate.canary_exposure`); the rank
@@ -27,12 +31,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import nn
 
 from secure_kd import metrics
-from secure_kd.data import Canary
+from secure_kd.config import Strict
+from secure_kd.data import Canary, SyntheticCorpus, generate_corpus
+from secure_kd.data.synthetic import SecretSpace
 from secure_kd.evaluate import canary_exposure, score_candidates
+
+
+class CanaryCorpus(Strict):
+    """The synthetic corpus (Faker records with PII spans) with Secret-Sharer canaries."""
+
+    n_records: int = Field(60, gt=0)
+    n_canaries: int = Field(2, ge=1)
+    canary_repeats: int | list[int] = Field(
+        8, description="insertions per canary (one number or one per canary)"
+    )
+    secret_digits: int = Field(3, ge=1, le=5, description="the whole 10^digits space is enumerated")
+    heldout_fraction: float = Field(0.25, gt=0, lt=1)
+    max_length: int = Field(64, ge=16)
+    tokenizer_vocab: int = Field(512, ge=259)
+
+    def build(self, seed: int) -> tuple[SyntheticCorpus, SyntheticCorpus]:
+        """(training records, held-out records) of the corpus generated with `seed`."""
+        corpus = generate_corpus(
+            self.n_records,
+            seed=seed,
+            n_canaries=self.n_canaries,
+            canary_repeats=self.canary_repeats,
+            secret_digits=self.secret_digits,
+        )
+        return corpus.split(self.heldout_fraction, seed=seed)
 
 
 class LossHistogram(BaseModel):
@@ -210,6 +241,23 @@ def measure_canary(
         estimate=estimate,
         histogram=histogram,
     )
+
+
+def exact_exposures(
+    model: nn.Module,
+    tokenizer: Any,
+    canaries: Sequence[Canary],
+    digits: int,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 512,
+) -> list[float]:
+    """Exact exposure (bits) of each canary over its whole space of `digits`-digit secrets."""
+    space = SecretSpace(digits)
+    reports = [
+        measure_canary(model, tokenizer, c, space, batch_size=batch_size, device=device) for c in canaries
+    ]
+    return [float(report.exposure) for report in reports]
 
 
 def mean_exposure_by_repeats(reports: Sequence[CanaryExposure]) -> dict[int, float]:
