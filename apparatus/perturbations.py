@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from apparatus.classifiers import predict_logits
+from secure_kd.config import Strict
 
 AttackName = Literal["fgsm", "pgd", "cw"]
 
@@ -98,6 +99,16 @@ def _margin(logits: Tensor, y: Tensor) -> Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
     return true - others
+
+
+class CWParams(Strict):
+    """The settings of `carlini_wagner_l2` (its keyword arguments, with its defaults), for configs."""
+
+    confidence: float = Field(0.0, ge=0, description="kappa: the margin below 0 that counts as adversarial")
+    initial_const: float = Field(1.0, gt=0, description="the first c of the binary search")
+    binary_search_steps: int = Field(6, ge=1, description="rounds of the per-example search over c")
+    max_iter: int = Field(100, ge=1, description="Adam steps per round")
+    learning_rate: float = Field(0.05, gt=0, description="Adam's learning rate on w (x' = (tanh(w) + 1) / 2)")
 
 
 def carlini_wagner_l2(

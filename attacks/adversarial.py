@@ -1,20 +1,11 @@
 """Adversarial examples against image classifiers with inputs in [0, 1]: FGSM, PGD (L-inf), Carlini-Wagner L2.
 
-- `fgsm` (Goodfellow et al. 2015): one step of size eps along the sign of the loss gradient.
-- `pgd` (Madry et al. 2018): optional uniform random start in the eps-ball, `steps` signed-gradient
-  steps of `step_size`, each projected back onto the eps-ball and the [0, 1] box.
-- `carlini_wagner_l2` (Carlini & Wagner 2017): minimise ||x' - x||_2^2 + c * max(Z_y - max_{i!=y} Z_i,
-  -kappa) over x' = (tanh(w) + 1) / 2 with Adam; a per-example binary search over c keeps the smallest
-  successful perturbation. Inputs where no c succeeds are returned unchanged.
-
-All attacks are untargeted on the true labels, keep the model's parameters untouched (gradients are
-taken with respect to the inputs only) and return new tensors. `attack_stats` scores them: success
-rate among the examples the model classified correctly, robust accuracy, and mean L2 / L-inf norms of
-the successful perturbations. The `adversarial` plugin runs them on the digits CNN
-(`apparatus.digits`), freshly trained or loaded from a directory written by `save_digits_cnn`.
-
-The attacks themselves live in `apparatus.perturbations` (shared with the defenses) and are
-re-exported here.
+The perturbations themselves (`fgsm`, `pgd`, `carlini_wagner_l2`: untargeted on the true labels,
+gradients with respect to the inputs only) and their scoring (`attack_stats`: success rate among the
+examples the model classified correctly, robust accuracy, mean L2 / L-inf norms of the successful
+perturbations) live in `apparatus.perturbations`, shared with the defenses, and are re-exported here.
+The `adversarial` plugin runs them on the digits CNN (`apparatus.digits`), freshly trained or loaded
+from a directory written by `save_digits_cnn`.
 """
 
 from __future__ import annotations
@@ -31,6 +22,7 @@ from apparatus.digits import load_digits_cnn, load_digits_data, make_digits_cnn,
 from apparatus.perturbations import (  # noqa: F401  (re-exported: attacks.adversarial's public names)
     AttackName,
     AttackStats,
+    CWParams,
     attack_stats,
     carlini_wagner_l2,
     fgsm,
@@ -46,12 +38,8 @@ from secure_kd.plugins import Plugin, write_result
 # --------------------------------------------------------------------------- plugin
 
 
-class CWOptions(Strict):
-    confidence: float = Field(0.0, ge=0)
-    initial_const: float = Field(1.0, gt=0)
-    binary_search_steps: int = Field(6, ge=1)
-    max_iter: int = Field(100, ge=1)
-    learning_rate: float = Field(0.05, gt=0)
+class CWOptions(CWParams):  # the attack's CW settings: carlini_wagner_l2's defaults
+    pass
 
 
 class AdversarialConfig(Strict):

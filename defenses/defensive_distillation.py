@@ -20,19 +20,16 @@ from pydantic import BaseModel, Field, field_validator
 
 from apparatus.classifiers import evaluate_classifier, predict_logits, train_classifier
 from apparatus.digits import DigitsCNN, DigitsData, load_digits_data, make_digits_cnn
-from apparatus.perturbations import attack_stats, carlini_wagner_l2, fgsm
+from apparatus.perturbations import CWParams, attack_stats, carlini_wagner_l2, fgsm
 from defenses import DEFENSES
 from secure_kd.config import Strict
 from secure_kd.models import resolve_device
 from secure_kd.plugins import Plugin, write_result
 
 
-class CWSettings(Strict):
-    confidence: float = Field(0.0, ge=0)
-    initial_const: float = Field(1.0, gt=0)
-    binary_search_steps: int = Field(4, ge=1)
-    max_iter: int = Field(60, ge=1)
-    learning_rate: float = Field(0.05, gt=0)
+class CWSettings(CWParams):  # a shorter search than carlini_wagner_l2 runs by default
+    binary_search_steps: int = Field(4, ge=1, description="rounds of the per-example search over c")
+    max_iter: int = Field(60, ge=1, description="Adam steps per round")
 
 
 class DefensiveDistillationConfig(Strict):
