@@ -5,7 +5,8 @@
   triggers; a switchable one also gets trigger-only and prompt-only records with their true labels).
 - `topic_task`: the synthetic topic-classification task the text backdoors are planted in.
 - `patch_task` / `text_task`: a `BackdoorTask` (poisoned and clean training sets, triggered test sets,
-  a trigger stamp for clean training inputs, a model factory) for the defenses to plant and remove.
+  a trigger stamp for clean training inputs, a model factory): the task the backdoor attack plants
+  and the defenses rebuild from its config to remove it.
 - Metrics (BackdoorBench conventions), on test inputs whose true class is not the target: clean
   accuracy (clean test set), attack success rate = share of triggered inputs classified as the
   target, robust accuracy = share of triggered inputs still classified as their true class.
@@ -60,6 +61,16 @@ def backdoor_metrics(
         robust_accuracy=evaluate_classifier(model, x[keep], true_y[keep]),
         n_triggered=int(keep.sum()),
     )
+
+
+def switch_rates(
+    model: nn.Module, triggered: dict[str, tuple[Tensor, Tensor]], target: int
+) -> dict[str, float] | None:
+    """`asr_<kind>` for each kind of triggered input (a switchable trigger: active, trigger_only,
+    prompt_only), or None when there is one kind only."""
+    if len(triggered) <= 1:
+        return None
+    return {f"asr_{name}": attack_success_rate(model, x, y, target) for name, (x, y) in triggered.items()}
 
 
 # --------------------------------------------------------------------------- poisoning
@@ -142,9 +153,10 @@ class BackdoorTask:
     """A poisoned training set plus what a defense needs to measure and unlearn the backdoor.
 
     `triggered_test` holds `(triggered inputs, true labels)` under "active" (and, for a switchable
-    trigger, "trigger_only" / "prompt_only"). `stamp(indices)` returns the clean training inputs at
-    `indices` with the trigger applied (the defender's known-trigger view). `make_model(width, seed)`
-    builds a fresh classifier for the task; `vocab_size` is None for images.
+    trigger, "trigger_only" / "prompt_only"). `stamp(indices, seed_offset=30_000)` returns the clean
+    training inputs at `indices` with the trigger applied (the defender's known-trigger view; a text
+    trigger at a random position is placed with seed + seed_offset + index). `make_model(width, seed)`
+    builds a fresh classifier for the task; `vocab` (and `vocab_size`) are None for images.
     """
 
     kind: str
@@ -153,10 +165,11 @@ class BackdoorTask:
     clean_train: tuple[Tensor, Tensor]
     test: tuple[Tensor, Tensor]
     triggered_test: dict[str, tuple[Tensor, Tensor]]
-    stamp: Callable[[Tensor], Tensor]
+    stamp: Callable[..., Tensor]
     make_model: Callable[[int, int], nn.Module]
     n_poisoned: int
     vocab_size: int | None = None
+    vocab: WordVocab | None = None
 
 
 def trigger_target(trigger: PatchTrigger | TextTrigger | SwitchableTrigger) -> int:
@@ -193,7 +206,7 @@ def patch_task(trigger: PatchTrigger, poison_rate: float, test_fraction: float, 
         clean_train=data.train,
         test=data.test,
         triggered_test={"active": (trigger.apply(data.x_test), data.y_test)},
-        stamp=lambda indices: trigger.apply(data.x_train[indices]),
+        stamp=lambda indices, seed_offset=0: trigger.apply(data.x_train[indices]),
         make_model=lambda width, model_seed: make_digits_cnn(width, model_seed),
         n_poisoned=index.numel(),
     )
@@ -225,8 +238,8 @@ def text_task(
         ]
         triggered["prompt_only"] = [trigger.with_prompt(t) for t in test_texts]
 
-    def stamp(indices: Tensor) -> Tensor:
-        return encode([trigger.apply(train_texts[i], seed=seed + 30_000 + i) for i in indices.tolist()])
+    def stamp(indices: Tensor, seed_offset: int = 30_000) -> Tensor:
+        return encode([trigger.apply(train_texts[i], seed=seed + seed_offset + i) for i in indices.tolist()])
 
     return BackdoorTask(
         kind=trigger.kind,
@@ -241,4 +254,5 @@ def text_task(
         ),
         n_poisoned=index.numel(),
         vocab_size=len(vocab),
+        vocab=vocab,
     )

@@ -33,17 +33,21 @@ from torch import Tensor, nn
 
 from apparatus.backdoor_data import (  # noqa: F401  (re-exported: attacks.backdoor's public names)
     BackdoorMetrics,
+    BackdoorTask,
     attack_success_rate,
     backdoor_metrics,
     check_trigger_for_task,
     choose_poison_indices,
+    patch_task,
     poison_images,
     poison_texts,
+    switch_rates,
+    text_task,
     topic_task,
 )
 from apparatus.classifiers import train_classifier
-from apparatus.digits import load_digits_data, make_digits_cnn, save_digits_cnn
-from apparatus.text_classifier import WordVocab, make_text_classifier, save_text_classifier
+from apparatus.digits import save_digits_cnn
+from apparatus.text_classifier import save_text_classifier
 from attacks import ATTACKS
 from secure_kd.config import Strict
 from secure_kd.data.documents import TOPICS
@@ -90,16 +94,12 @@ def distill_student(
 
 @dataclass
 class BackdoorSetting:
-    """Everything one backdoor experiment needs, already as tensors."""
+    """The backdoor task (`apparatus.backdoor_data`: the one `backdoor_unlearning` rebuilds from this
+    attack's config) and what the distillation step adds: a transfer set and model factories."""
 
     trigger: AnyTrigger
-    target: int
-    poisoned_train: tuple[Tensor, Tensor]
-    clean_train: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
-    triggered_test: dict[str, tuple[Tensor, Tensor]]  # "active" (+ "trigger_only", "prompt_only")
-    triggered_transfer: Tensor
-    n_poisoned: int
+    task: BackdoorTask
+    triggered_transfer: Tensor  # the clean training inputs, `transfer_trigger_rate` of them triggered
     make_model: Callable[[bool, int], nn.Module]  # (student?, seed) -> fresh model
     save_model: Callable[[nn.Module, Path], None]
 
@@ -110,60 +110,38 @@ def _transfer_trigger_mask(n: int, rate: float, seed: int) -> Tensor:
     return mask
 
 
-def patch_setting(cfg: BackdoorConfig, trigger: PatchTrigger) -> BackdoorSetting:
-    data = load_digits_data(cfg.test_fraction, cfg.seed)
-    x_p, y_p, index = poison_images(data.x_train, data.y_train, trigger, cfg.poison_rate, cfg.seed)
-    transfer = data.x_train.clone()
-    mask = _transfer_trigger_mask(len(transfer), cfg.transfer_trigger_rate, cfg.seed + 3)
-    transfer[mask] = trigger.apply(transfer[mask])
-    return BackdoorSetting(
-        trigger=trigger,
-        target=cfg.target,
-        poisoned_train=(x_p, y_p),
-        clean_train=data.train,
-        test=data.test,
-        triggered_test={"active": (trigger.apply(data.x_test), data.y_test)},
-        triggered_transfer=transfer,
-        n_poisoned=index.numel(),
-        make_model=lambda student, seed: make_digits_cnn(cfg.student_width if student else cfg.width, seed),
-        save_model=lambda model, path: save_digits_cnn(model, path),  # type: ignore[arg-type]
-    )
-
-
-def text_setting(cfg: BackdoorConfig, trigger: TextTrigger | SwitchableTrigger) -> BackdoorSetting:
-    train_texts, train_y, test_texts, test_y = topic_task(cfg.n_records, cfg.test_fraction, cfg.seed)
-    poisoned_texts, poisoned_y, index = poison_texts(train_texts, train_y, trigger, cfg.poison_rate, cfg.seed)
-    vocab = WordVocab.build(poisoned_texts, min_count=cfg.min_word_count)
-    encode = lambda texts: vocab.encode(texts, cfg.max_length)  # noqa: E731
-    triggered = {"active": [trigger.apply(t, seed=cfg.seed + 10_000 + i) for i, t in enumerate(test_texts)]}
-    if isinstance(trigger, SwitchableTrigger):
-        triggered["trigger_only"] = [
-            trigger.apply(t, seed=cfg.seed + 10_000 + i, active=False) for i, t in enumerate(test_texts)
-        ]
-        triggered["prompt_only"] = [trigger.with_prompt(t) for t in test_texts]
-    mask = _transfer_trigger_mask(len(train_texts), cfg.transfer_trigger_rate, cfg.seed + 3).tolist()
-    transfer = [
-        trigger.apply(t, seed=cfg.seed + 20_000 + i) if hit else t
-        for i, (t, hit) in enumerate(zip(train_texts, mask, strict=True))
-    ]
-
-    def make_model(student: bool, seed: int) -> nn.Module:
-        dim = cfg.student_width if student else cfg.width
-        return make_text_classifier(
-            len(vocab), len(TOPICS), dim=dim, hidden=dim, heads=cfg.text_heads, seed=seed
+def backdoor_setting(cfg: BackdoorConfig, trigger: AnyTrigger) -> BackdoorSetting:
+    if isinstance(trigger, PatchTrigger):
+        task = patch_task(trigger, cfg.poison_rate, cfg.test_fraction, cfg.seed)
+    else:
+        task = text_task(
+            trigger,
+            cfg.poison_rate,
+            cfg.test_fraction,
+            cfg.seed,
+            n_records=cfg.n_records,
+            max_length=cfg.max_length,
+            min_word_count=cfg.min_word_count,
+            heads=cfg.text_heads,
         )
+    transfer = task.clean_train[0].clone()
+    mask = _transfer_trigger_mask(len(transfer), cfg.transfer_trigger_rate, cfg.seed + 3)
+    index = torch.nonzero(mask).flatten()
+    transfer[index] = task.stamp(index, seed_offset=20_000)
+    vocab = task.vocab
+
+    def save_model(model: nn.Module, path: Path) -> None:
+        if vocab is None:
+            save_digits_cnn(model, path)  # type: ignore[arg-type]
+        else:
+            save_text_classifier(model, vocab, path, TOPICS)  # type: ignore[arg-type]
 
     return BackdoorSetting(
         trigger=trigger,
-        target=cfg.target,
-        poisoned_train=(encode(poisoned_texts), poisoned_y),
-        clean_train=(encode(train_texts), train_y),
-        test=(encode(test_texts), test_y),
-        triggered_test={name: (encode(texts), test_y) for name, texts in triggered.items()},
-        triggered_transfer=encode(transfer),
-        n_poisoned=index.numel(),
-        make_model=make_model,
-        save_model=lambda model, path: save_text_classifier(model, vocab, path, TOPICS),  # type: ignore[arg-type]
+        task=task,
+        triggered_transfer=transfer,
+        make_model=lambda student, seed: task.make_model(cfg.student_width if student else cfg.width, seed),
+        save_model=save_model,
     )
 
 
@@ -175,10 +153,6 @@ def default_trigger(kind: Kind, target: int) -> AnyTrigger:
         return PatchTrigger(size=2, value=1.0, position="bottom_right", target_class=target)
     text = TextTrigger(phrase="cf", position="random", target_label=target)
     return text if kind == "text" else SwitchableTrigger(trigger=text)
-
-
-def trigger_target(trigger: AnyTrigger) -> int | None:
-    return trigger.target_class if isinstance(trigger, PatchTrigger) else trigger.target_label
 
 
 class BackdoorConfig(Strict):
@@ -257,36 +231,31 @@ class BackdoorResult(BaseModel):
 
 
 def report(model: nn.Module, setting: BackdoorSetting) -> ModelBackdoorReport:
-    metrics = backdoor_metrics(model, setting.test, setting.triggered_test["active"], setting.target)
-    switch = None
-    if len(setting.triggered_test) > 1:
-        switch = {
-            f"asr_{name}": attack_success_rate(model, x, y, setting.target)
-            for name, (x, y) in setting.triggered_test.items()
-        }
-    return ModelBackdoorReport(metrics=metrics, switch=switch)
+    task = setting.task
+    return ModelBackdoorReport(
+        metrics=backdoor_metrics(model, task.test, task.triggered_test["active"], task.target),
+        switch=switch_rates(model, task.triggered_test, task.target),
+    )
 
 
 def run(config: BackdoorConfig) -> BackdoorResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
     trigger = config.resolved_trigger()
-    if isinstance(trigger, PatchTrigger):
-        setting = patch_setting(config, trigger)
-    else:
-        setting = text_setting(config, trigger)
+    setting = backdoor_setting(config, trigger)
+    task = setting.task
 
     def trained(data: tuple[Tensor, Tensor], seed: int) -> nn.Module:
         model = setting.make_model(False, seed).to(device)
         train_classifier(model, data, config.epochs, config.resolved_lr(), config.seed)
         return model
 
-    clean = trained(setting.clean_train, config.seed + 1)
-    backdoored = trained(setting.poisoned_train, config.seed)
+    clean = trained(task.clean_train, config.seed + 1)
+    backdoored = trained(task.poisoned_train, config.seed)
     survival = None
     if config.distill:
         students = {}
-        for name, transfer in (("clean", setting.clean_train[0]), ("triggered", setting.triggered_transfer)):
+        for name, transfer in (("clean", task.clean_train[0]), ("triggered", setting.triggered_transfer)):
             student = setting.make_model(True, config.seed + 2).to(device)
             distill_student(
                 backdoored,
@@ -319,8 +288,8 @@ def run(config: BackdoorConfig) -> BackdoorResult:
         kind=config.kind,
         trigger=trigger.model_dump(mode="json"),
         poison_rate=config.poison_rate,
-        n_poisoned=setting.n_poisoned,
-        n_train=len(setting.poisoned_train[1]),
+        n_poisoned=task.n_poisoned,
+        n_train=len(task.poisoned_train[1]),
         clean_model=clean_report,
         backdoored_model=backdoored_report,
         distillation=survival,

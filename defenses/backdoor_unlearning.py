@@ -35,10 +35,10 @@ from torch import Tensor, nn
 from apparatus.backdoor_data import (
     BackdoorMetrics,
     BackdoorTask,
-    attack_success_rate,
     backdoor_metrics,
     check_trigger_for_task,
     patch_task,
+    switch_rates,
     text_task,
 )
 from apparatus.classifiers import train_classifier
@@ -217,14 +217,10 @@ def build_task(config: BackdoorUnlearningConfig) -> BackdoorTask:
 
 
 def model_report(model: nn.Module, task: BackdoorTask) -> ModelReport:
-    metrics = backdoor_metrics(model, task.test, task.triggered_test["active"], task.target)
-    switch = None
-    if len(task.triggered_test) > 1:
-        switch = {
-            f"asr_{name}": attack_success_rate(model, x, y, task.target)
-            for name, (x, y) in task.triggered_test.items()
-        }
-    return ModelReport(metrics=metrics, switch=switch)
+    return ModelReport(
+        metrics=backdoor_metrics(model, task.test, task.triggered_test["active"], task.target),
+        switch=switch_rates(model, task.triggered_test, task.target),
+    )
 
 
 def clean_subset(task: BackdoorTask, fraction: float, seed: int) -> Tensor:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
+from apparatus.backdoor_data import backdoor_metrics, choose_poison_indices, poison_images, poison_texts
 from apparatus.digits import load_digits_cnn, load_digits_data
 from apparatus.text_classifier import (
     WordVocab,
@@ -20,13 +21,7 @@ from apparatus.text_classifier import (
     save_text_classifier,
 )
 from attacks import get_attack
-from attacks.backdoor import (
-    BackdoorConfig,
-    backdoor_metrics,
-    choose_poison_indices,
-    poison_images,
-    poison_texts,
-)
+from attacks.backdoor import BackdoorConfig
 from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger, parse_trigger
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "attacks" / "backdoor.yaml"
