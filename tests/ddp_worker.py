@@ -8,6 +8,7 @@ wrote) to `<report>/rank-<r>.json`. Not collected by pytest (no test_ prefix).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -88,20 +89,31 @@ def build(
         from secure_kd.trainer import Distiller
 
         return Distiller(**common)
+    from secure_kd.dp.trainer import DPDistiller
+
+    return DPDistiller(dataset_key="ddp-test-records", log=lambda m: None, **common)
+
+
+@contextlib.contextmanager
+def fixed_secret(secret: int | None):
+    """A fresh DP run draws `secret` instead of an OS secret (so that two runs can be compared); a
+    secret read back from a checkpoint is kept. Undone on exit."""
     from secure_kd.dp import trainer as dp_trainer
 
-    secret = spec.get("secret")
-    if secret is not None:  # the run's sampling and noise secret, fixed so that two runs can be compared
-        dp_trainer.SecretRandomness = _fixed_secret(dp_trainer.SecretRandomness, secret)
-    return dp_trainer.DPDistiller(dataset_key="ddp-test-records", log=lambda m: None, **common)
+    original = dp_trainer.SecretRandomness
+    if secret is None:
+        yield
+        return
 
-
-def _fixed_secret(cls, secret: int):
-    class Fixed(cls):
+    class Fixed(original):
         def __init__(self, value: int | None = None) -> None:
             super().__init__(secret if value is None else value)
 
-    return Fixed
+    dp_trainer.SecretRandomness = Fixed
+    try:
+        yield
+    finally:
+        dp_trainer.SecretRandomness = original
 
 
 def run(
@@ -124,7 +136,8 @@ def run(
         distiller.on_step = interrupt
     interrupted = False
     try:
-        fit = distiller.fit(resume=spec.get("resume", False))
+        with fixed_secret(spec.get("secret")):
+            fit = distiller.fit(resume=spec.get("resume", False))
         losses = fit.losses
     except Exception as exc:  # TrainingInterrupted
         if type(exc).__name__ != "TrainingInterrupted":

@@ -73,6 +73,18 @@ def scenarios(root: Path) -> list[dict]:
         {"name": "resumed", "spec": {**PLAIN, "resume": True}, "out": str(root / "resumed")},
         {"name": "dp", "spec": DP, "out": str(root / "dp-{rank}"), "ledgers": str(root / "ledgers-{rank}")},
         {
+            "name": "dp_interrupted",
+            "spec": {**DP, "interrupt_at": 2},
+            "out": str(root / "dp-resumed"),
+            "ledgers": str(root / "dp-resumed-ledgers"),
+        },
+        {
+            "name": "dp_resumed",
+            "spec": {**DP, "resume": True, "secret": None},  # the secret comes from the checkpoint
+            "out": str(root / "dp-resumed"),
+            "ledgers": str(root / "dp-resumed-ledgers"),
+        },
+        {
             "name": "dp_ghost",
             "spec": DP_GHOST,
             "out": str(root / "ghost-{rank}"),
@@ -220,6 +232,22 @@ def test_dp_ledger_is_reserved_once_per_step_by_rank_zero(runs):
     ]
     assert entry_line["entry"]["steps"] == 4
     assert not (root / "two" / "ledgers-1").exists() and not (root / "two" / "dp-1").exists()
+
+
+def test_a_dp_run_on_two_processes_resumes_with_one_ledger_entry(runs):
+    """DP-SGD stopped after step 2 of 4 on 2 processes and resumed on 2: the one-process weights and epsilon,
+    and the ledger holds one entry of 4 steps (the resumed run continued it; no rank opened another)."""
+    results, root = runs
+    assert all(r["interrupted"] for r in results["dp_interrupted"][1])
+    one = results["dp"][0]
+    assert_same_run(one, results["dp_resumed"][1], params_atol=1e-6)
+    assert [r["reservations"] for r in results["dp_resumed"][1]] == [2, 0]  # steps 3 and 4, by rank 0
+    (ledger,) = (root / "two" / "dp-resumed-ledgers").glob("*.jsonl")
+    entries = [json.loads(line)["entry"] for line in ledger.read_text().splitlines() if '"entry"' in line]
+    assert len(entries) == 1 and entries[0]["steps"] == 4
+    assert (
+        read_privacy(root / "two" / "dp-resumed")["epsilon"] == read_privacy(root / "one" / "dp")["epsilon"]
+    )
 
 
 def test_the_noise_is_material_to_the_dp_comparison(tmp_path, runs):
