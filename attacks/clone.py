@@ -31,9 +31,9 @@ from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
 from apparatus.hardened_api import ApiDefenseConfig
+from apparatus.victims import load_victim, victim_api
 from attacks import ATTACKS
 from attacks.logit_leak import (
-    load_victim,
     projection_error,
     query_until_rank_found,
     random_prompts,
@@ -42,7 +42,6 @@ from attacks.logit_leak import (
     subspace_geometry,
     tiny_victim_default,
     true_hidden_size,
-    victim_api,
 )
 from secure_kd.api import ModelAPI, Prompt, View
 from secure_kd.config import KDConfig, ModelConfig, Strict, TinyModelConfig, TrainConfig

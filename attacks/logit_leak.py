@@ -40,11 +40,12 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
-from apparatus.hardened_api import ApiDefenseConfig, build_api
+from apparatus.hardened_api import ApiDefenseConfig
+from apparatus.victims import load_victim, victim_api
 from attacks import ATTACKS
 from secure_kd.api import ModelAPI, Prompt
 from secure_kd.config import ModelConfig, Strict, TinyModelConfig
-from secure_kd.models import load_teacher, load_tokenizer, resolve_device
+from secure_kd.models import resolve_device
 from secure_kd.plugins import Plugin, write_result
 
 RecoveryView = Literal["full_logits", "topk_logprobs_bias"]
@@ -309,61 +310,6 @@ def tiny_victim_default() -> ModelConfig:
     return ModelConfig(
         source="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, vocab_size=256)
     )
-
-
-def load_victim(cfg: ModelConfig, *, seed: int, device: torch.device, logit_scale: float = 1.0):
-    """(model, tokenizer or None): a tiny random Llama, a local HF directory, or 'smollm2' (Q4_1).
-
-    `logit_scale` multiplies a tiny victim's output layer: at Hugging Face's init scale a random
-    model's next-token distribution is nearly uniform, unlike a trained LM's. A served victim gives
-    (its `served.reference` loaded here, or None; its `served.tokenizer`): the model is the
-    evaluator's copy, never queried by the attack.
-    """
-    if cfg.source == "served":
-        if logit_scale != 1.0:
-            raise ValueError("victim_logit_scale applies to tiny random victims only; leave it at 1.0")
-        tokenizer = load_tokenizer(cfg.served.tokenizer)
-        if cfg.served.reference is None:
-            return None, tokenizer
-        return load_teacher(
-            ModelConfig(source=cfg.served.reference), vocab_size=len(tokenizer), seed=seed
-        ).to(device), tokenizer
-    if cfg.source == "teacher_layers":
-        raise ValueError(
-            "victim.source cannot be 'teacher_layers'; use 'tiny', 'smollm2' or a model directory"
-        )
-    tokenizer = None
-    if cfg.source == "tiny":
-        if cfg.tiny.vocab_size is None:
-            raise ValueError("a tiny victim has no tokenizer: set victim.tiny.vocab_size (e.g. 256)")
-        vocab = cfg.tiny.vocab_size
-    else:
-        tokenizer = load_tokenizer(cfg.source, trust_remote_code=cfg.trust_remote_code)
-        vocab = len(tokenizer)
-    model = load_teacher(cfg, vocab_size=vocab, seed=seed).to(device)
-    if logit_scale != 1.0:
-        if cfg.source != "tiny":
-            raise ValueError("victim_logit_scale applies to tiny random victims only; leave it at 1.0")
-        with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(logit_scale)
-    return model, tokenizer
-
-
-def victim_api(
-    cfg: ModelConfig, victim: nn.Module | None, tokenizer, *, defense: ApiDefenseConfig | None, **api_kwargs
-) -> ModelAPI:
-    """The query API the attack sees: over the local victim, or over a served one (`source: served`)."""
-    if cfg.source != "served":
-        return build_api(victim, tokenizer, defense=defense, **api_kwargs)
-    from secure_kd.served.api import ServedModelAPI
-
-    if defense is not None:
-        raise ValueError(
-            "api_defense hardens an in-process model's API; a served victim is hardened (or not) by its "
-            "server: remove api_defense"
-        )
-    api_kwargs.pop("batch_size", None)
-    return ServedModelAPI(cfg.served, tokenizer, **api_kwargs)
 
 
 def true_hidden_size(model: nn.Module | None) -> int | None:

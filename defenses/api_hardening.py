@@ -32,10 +32,11 @@ import torch
 from pydantic import BaseModel, Field
 
 from apparatus.hardened_api import ApiDefenseConfig, DetectorConfig, ExtractionRefused, HardenedModelAPI
+from apparatus.victims import load_victim
 from defenses import DEFENSES
 from secure_kd.api import APIViewError, ModelAPI, QueryBudgetExceeded
 from secure_kd.config import ModelConfig, Strict, TinyModelConfig
-from secure_kd.models import load_teacher, load_tokenizer, resolve_device, vocab_size_of
+from secure_kd.models import resolve_device, vocab_size_of
 from secure_kd.plugins import Plugin, write_result
 
 AnswerView = Literal["full_logits", "topk_logprobs", "topk_logprobs_bias"]
@@ -130,29 +131,6 @@ def utility(defended: ModelAPI, reference: ModelAPI, prompts: list[tuple[int, ..
     return agree / len(prompts), kl / len(prompts)
 
 
-def _load_victim(config: ApiHardeningConfig, device: torch.device):
-    cfg = config.victim
-    if cfg.source == "teacher_layers":
-        raise ValueError(
-            "victim.source cannot be 'teacher_layers'; use 'tiny', 'smollm2' or a model directory"
-        )
-    tokenizer = None
-    if cfg.source == "tiny":
-        if cfg.tiny.vocab_size is None:
-            raise ValueError("a tiny victim has no tokenizer: set victim.tiny.vocab_size (e.g. 256)")
-        vocab = cfg.tiny.vocab_size
-    else:
-        tokenizer = load_tokenizer(cfg.source, trust_remote_code=cfg.trust_remote_code)
-        vocab = len(tokenizer)
-    model = load_teacher(cfg, vocab_size=vocab, seed=config.seed).to(device)
-    if config.victim_logit_scale != 1.0:
-        if cfg.source != "tiny":
-            raise ValueError("victim_logit_scale applies to tiny random victims only; set it to 1.0")
-        with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(config.victim_logit_scale)
-    return model, tokenizer
-
-
 def sampled_sequences(api: ModelAPI, n: int, length: int, seed: int) -> list[tuple[int, ...]]:
     """`n` sequences of `length` tokens: a random first token, then the model's own continuation."""
     starts = torch.randint(0, api.vocab_size, (n, 1), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -242,7 +220,17 @@ def bias_refused(api: ModelAPI) -> bool | None:
 def run(config: ApiHardeningConfig) -> ApiHardeningResult:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    victim, tokenizer = _load_victim(config, resolve_device(config.device))
+    if config.victim.source == "served":
+        raise ValueError(
+            "victim.source: served is hardened (or not) by its server; api_hardening measures the hardening "
+            "of an in-process model's API: give a tiny victim, a model directory or smollm2"
+        )
+    victim, tokenizer = load_victim(
+        config.victim,
+        seed=config.seed,
+        device=resolve_device(config.device),
+        logit_scale=config.victim_logit_scale,
+    )
     vocab = vocab_size_of(victim)
     if config.top_k > vocab:
         raise ValueError(f"top_k={config.top_k} exceeds the victim's vocabulary ({vocab}); lower top_k")

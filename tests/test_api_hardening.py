@@ -19,6 +19,7 @@ from apparatus.hardened_api import (
     build_api,
 )
 from attacks.logit_leak import estimate_hidden_size, random_prompts
+from defenses import get_defense
 from defenses.api_hardening import (
     ApiHardeningConfig,
     answer_distribution,
@@ -196,6 +197,16 @@ def test_bad_config_names_the_field():
         ApiHardeningConfig(bogus=1)
     with pytest.raises(ValueError, match="min_contexts"):
         HardenedModelAPI(FixedLM(FIXED), defense=ApiDefenseConfig(detector=DetectorConfig(window=8)), top_k=2)
+
+
+def test_a_served_victim_is_refused_before_anything_is_loaded(tmp_path):
+    """The defense hardens an in-process API; a served victim (no server runs here: nothing may be asked
+    of it) is refused with the fix, before its tokenizer or reference is loaded."""
+    served = {"base_url": "http://127.0.0.1:9", "model": "m"}
+    config = ApiHardeningConfig(out=str(tmp_path), victim={"source": "served", "served": served})
+    with pytest.raises(ValueError, match="hardened \\(or not\\) by its server"):
+        get_defense("api_hardening").run(config)
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_defend_api_hardening_cli(tmp_path):

@@ -211,7 +211,7 @@ def test_logit_bias_recovery_is_scored_against_the_span_of_logit_differences(tmp
     assert "ref_token 3" in result.scored_against
     # independent check of the target: rebuild the victim, form W - 1 w_ref^T by hand, and compare the
     # recovered span of a fresh set of exact differences (the model's own logits) with it
-    from attacks.logit_leak import load_victim
+    from apparatus.victims import load_victim
 
     model, _ = load_victim(config.victim, seed=0, device=torch.device("cpu"))
     weight = model.lm_head.weight.detach().double()

@@ -28,8 +28,9 @@ import torch
 from pydantic import Field
 
 from apparatus.hardened_api import ApiDefenseConfig
+from apparatus.victims import load_victim
 from attacks import get_attack
-from attacks.logit_leak import load_victim, random_prompts
+from attacks.logit_leak import random_prompts
 from defenses import get_defense
 from secure_kd.config import ModelConfig, Strict, load_config
 from secure_kd.paths import atomic_write_json

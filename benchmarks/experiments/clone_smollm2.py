@@ -30,11 +30,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from apparatus.victims import load_victim
 from attacks import clone
 from attacks.logit_leak import (
     bias_queries_per_prompt,
     hidden_size_report,
-    load_victim,
     projection_error,
     query_until_rank_found,
     random_prompts,
