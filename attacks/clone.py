@@ -134,7 +134,7 @@ class CloneConfig(Strict):
     compare_text_only: bool = Field(False, description="also distil from sampled text only, same budget")
     progress: bool = False
     api_defense: ApiDefenseConfig | None = Field(
-        None, description="clone through a hardened API (secure_kd.api_defense); every variant gets it"
+        None, description="clone through a hardened API (apparatus.hardened_api); every variant gets it"
     )
 
     @model_validator(mode="after")

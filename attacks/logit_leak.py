@@ -341,7 +341,7 @@ class LogitLeakConfig(Strict):
     cost_per_query: float = Field(1.0, ge=0)
     max_queries: int | None = Field(None, gt=0)
     api_defense: ApiDefenseConfig | None = Field(
-        None, description="attack a hardened API (secure_kd.api_defense): truncation, rounding, noise, ..."
+        None, description="attack a hardened API (apparatus.hardened_api): truncation, rounding, noise, ..."
     )
 
     @model_validator(mode="after")
