@@ -19,9 +19,10 @@ Measured on the held-out paragraphs, on exactly the same bytes for every model (
 - for each KD arm, the bits-per-byte difference to the CE arm with a paired bootstrap 95% interval over
   held-out paragraphs (the evaluation's sampling noise only: one training seed, no seed-to-seed spread).
 
-Run: `python benchmarks/experiments/cross_tokenizer.py [--config PATH] [--steps N] [--results PATH]
-[--out DIR]`; writes the JSON named by `results` (benchmarks/results/cross_tokenizer.json) and prints
-the markdown table and one summary line.
+Run: `python benchmarks/experiments/cross_tokenizer.py [--config PATH] [--steps N] [--seed S]
+[--results PATH] [--out DIR]`; writes the JSON named by `results` (benchmarks/results/
+cross_tokenizer.json) and prints the markdown table and one summary line. `--seed` changes the
+students' initialization and batch order, not the train/held-out split (`corpus.split_seed`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class CorpusSpec(Strict):
     max_chars: int = Field(400, gt=0)
     n_train: int = Field(600, gt=0)
     n_heldout: int = Field(100, gt=0)
+    split_seed: int = Field(0, description="shuffles the paragraphs before the train/held-out split")
 
 
 class StudentSpec(Strict):
@@ -196,11 +198,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--steps", type=int, help="override train.steps (the same for every arm)")
+    parser.add_argument("--seed", type=int, help="override the seed (initialization, batch order)")
     parser.add_argument("--results", help="override the config's results path")
     parser.add_argument("--out", help="override the config's work directory")
     args = parser.parse_args()
     data = read_yaml(args.config)
     data.update({k: v for k, v in {"results": args.results, "out": args.out}.items() if v})
+    if args.seed is not None:
+        data["seed"] = args.seed
     if args.steps is not None:
         data["train"] = {**data.get("train", {}), "steps": args.steps}
     cfg = ExperimentConfig.model_validate(data)
@@ -217,7 +222,7 @@ def main() -> None:
     if len(paragraphs) < need:
         raise SystemExit(f"only {len(paragraphs)} paragraphs, the config asks for {need}; add modules")
     corpus_sha = hashlib.sha256("\n\n".join(paragraphs).encode()).hexdigest()
-    random.Random(cfg.seed).shuffle(paragraphs)
+    random.Random(cfg.corpus.split_seed).shuffle(paragraphs)
     train_text, heldout_text = paragraphs[: cfg.corpus.n_train], paragraphs[cfg.corpus.n_train : need]
     log(f"{len(paragraphs)} paragraphs (sha256 {corpus_sha[:12]}): {len(train_text)} train, "
         f"{len(heldout_text)} held out", started)  # fmt: skip
