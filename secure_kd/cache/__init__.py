@@ -10,6 +10,11 @@ Token ids are stored exactly; log-probabilities with an 8-bit non-uniform quanti
 to the exact renormalized top-k ~3e-4 at k=64); about 108 bytes per position at k=64 and
 vocab 49,152 on realistic synthetic logits (benchmarks/cache.py).
 
+A cache for a student with another tokenizer (`build_cache(..., byte_spans=, text_fingerprint=)`)
+also stores the teacher's token ids and their byte spans in the shared text, so the student aligns
+with it without the teacher (`LogitCache.teacher_tokens`, `secure_kd.cross_teacher.CachedCrossTeacher`);
+those token ids are the training text itself. `vocab_size=` drops a padded teacher's extra columns.
+
 A cache of teacher outputs on private data is private data: directory 0700, files 0600.
 """
 
