@@ -40,13 +40,8 @@ from secure_kd.checkpoint import ResumeError, latest_checkpoint, save_checkpoint
 from secure_kd.config import KDConfig
 from secure_kd.data import assert_one_record_per_sequence, collate
 from secure_kd.distributed import to_device
-from secure_kd.dp.accounting import (
-    PrivacyBudgetExhausted,
-    epsilon,
-    noise_multiplier_for_budget,
-    resolve_delta,
-    steps_within_budget,
-)
+from secure_kd.dp.accounting import resolve_delta
+from secure_kd.dp.budget import BudgetMixin, BudgetTakenConcurrently
 from secure_kd.dp.engine import PrivateStudent, check_supported, register_samplers, untie_embeddings
 from secure_kd.dp.ledger import Ledger
 from secure_kd.dp.report import PrivacyReport, build_report
@@ -55,12 +50,6 @@ from secure_kd.losses import loss_info
 from secure_kd.paths import atomic_write_json
 from secure_kd.teacher_targets import shift_labels
 from secure_kd.trainer import Distiller, FitResult
-
-
-class _BudgetTakenConcurrently(Exception):
-    def __init__(self, step: int, reason: str) -> None:
-        super().__init__(reason)
-        self.step, self.reason = step, reason
 
 
 def check_private_objective(kd: KDConfig) -> None:
@@ -81,7 +70,7 @@ def _silent(message: str) -> None:
     pass
 
 
-class DPDistiller(Distiller):
+class DPDistiller(BudgetMixin, Distiller):
     """`Distiller` with DP-SGD. Takes Distiller's arguments, `train.privacy` set, plus `dataset_key`
     (`secure_kd.dp.ledger.dataset_key` of the private dataset's records before any split: the
     ledger's default key, and what a user-supplied `ledger_key` must name) and `caveats` the caller
@@ -241,85 +230,6 @@ class DPDistiller(Distiller):
         self._tokens += tokens
         return loss, tokens
 
-    # -- budget ----------------------------------------------------------------------------------------------
-    def _eps_after(self, steps: int, others: list | None = None) -> float:
-        return epsilon(
-            [*(self._others if others is None else others), (self.noise_multiplier, self.sample_rate, steps)],
-            self.delta,
-            self.privacy.accountant,
-        )
-
-    def _allowed_steps(self) -> int:
-        return steps_within_budget(
-            target_epsilon=self.privacy.target_epsilon,
-            delta=self.delta,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            upper=self.planned_steps,
-            accountant=self.privacy.accountant,
-            prior=self._others,
-        )
-
-    def _stop_message(self, allowed: int) -> str:
-        return (
-            f"privacy budget: training stops after step {allowed} of {self.planned_steps}: one more step "
-            f"would take epsilon ({self.privacy.accountant}, delta={self.delta:g}) from "
-            f"{self._eps_after(allowed):.4f} to {self._eps_after(allowed + 1):.4f}, above "
-            f"target_epsilon={self.privacy.target_epsilon}"
-        )
-
-    def _plan_budget(self, start: int) -> None:
-        self._on_main(lambda: self._plan_budget_on_main(start))
-        if self.dist.enabled:
-            self.total_steps = self.dist.broadcast_int(self.total_steps)
-            self._allowed = self.dist.broadcast_int(self._allowed)
-            self.stop_reason = self.dist.broadcast_str(self.stop_reason)
-
-    def _plan_budget_on_main(self, start: int) -> None:
-        self.total_steps = self.planned_steps
-        self._others = self.ledger.history(exclude=self.entry_id)
-        if self.privacy.target_epsilon is None:
-            return
-        allowed = self._allowed = self._allowed_steps()
-        if allowed == 0 and start == 0:
-            spent = epsilon(self._others, self.delta, self.privacy.accountant)
-            raise PrivacyBudgetExhausted(
-                f"no DP step fits in target_epsilon={self.privacy.target_epsilon}: the ledger "
-                f"{self.ledger.path} has spent epsilon={spent:.4f} ({self.privacy.accountant}, "
-                f"delta={self.delta:g}) and one step at noise_multiplier={self.noise_multiplier:.4g} would "
-                f"take it to {self._eps_after(1):.4f}"
-            )
-        if allowed < self.planned_steps:
-            self.total_steps = max(allowed, start)
-            self.stop_reason = self._stop_message(allowed)
-            self.log(self.stop_reason)
-
-    def _fits(self, others: list, steps: int) -> bool:
-        """Under the ledger's lock: do `steps` of this run fit the budget next to the `others` entries?"""
-        if self.privacy.target_epsilon is None:
-            return True
-        self._seen_others = others
-        if others == self._others:
-            return steps <= self._allowed
-        # another run spent budget on this dataset meanwhile: one evaluation, not a new plan
-        return self._eps_after(steps, others) <= self.privacy.target_epsilon
-
-    def _reserve(self, step: int) -> None:
-        """Count step `step` (0-based) in the ledger before any of it is computed, or stop the run.
-
-        Under data parallelism rank 0 reserves, once for the global batch, and tells the others."""
-        reserved = self.ledger.reserve(self.entry_id, step + 1, self._fits) if self.dist.is_main else True
-        if self.dist.enabled:
-            reserved = bool(self.dist.broadcast_int(int(reserved)))
-        if reserved:
-            return
-        reason = None
-        if self.dist.is_main:
-            self._others = self._seen_others
-            meanwhile = " (another run spent budget on this dataset meanwhile)"
-            reason = self._stop_message(step) + meanwhile
-        raise _BudgetTakenConcurrently(step, self.dist.broadcast_str(reason))
-
     # -- fresh start or resume ----------------------------------------------------------------------------
     def _resume_record(self) -> dict:
         return {
@@ -343,29 +253,6 @@ class DPDistiller(Distiller):
                 self.noise_multiplier = self.dist.broadcast_float(self.noise_multiplier)
         self._losses, self._tokens = [], 0
         return 0
-
-    def _calibrated_noise(self) -> float:
-        cfg, prior = self.privacy, self.ledger.history()
-        sigma = noise_multiplier_for_budget(
-            target_epsilon=cfg.target_epsilon,
-            delta=self.delta,
-            sample_rate=self.sample_rate,
-            steps=self.planned_steps,
-            accountant=cfg.accountant,
-            prior=prior,
-        )
-        if sigma <= cfg.max_noise_multiplier:
-            return sigma
-        spent = epsilon(prior, self.delta, cfg.accountant)
-        noise_std = sigma * cfg.max_grad_norm / self.expected_batch_size
-        raise ValueError(
-            f"target_epsilon={cfg.target_epsilon} over {self.planned_steps} steps at sample rate "
-            f"{self.sample_rate:.4g} needs noise_multiplier={sigma:.3f}"
-            + (f" (the dataset's ledger has already spent epsilon={spent:.4f} of it)" if prior else "")
-            + f", above max_noise_multiplier={cfg.max_noise_multiplier}: the noise would swamp the gradient "
-            f"(noise std on the averaged gradient: {noise_std:.3g}). Raise target_epsilon, train fewer "
-            "steps, use larger batches, or raise max_noise_multiplier to accept the utility loss"
-        )
 
     def _restore(self, checkpoint: Path) -> int:
         meta = json.loads((checkpoint / "trainer.json").read_text())
@@ -462,7 +349,7 @@ class DPDistiller(Distiller):
         started = time.perf_counter()
         try:
             result = super().fit(resume=resume)
-        except _BudgetTakenConcurrently as stop:
+        except BudgetTakenConcurrently as stop:
             self.stop_reason = stop.reason
             self._save(stop.step, self._losses)
             result = FitResult(
