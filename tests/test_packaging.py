@@ -97,7 +97,7 @@ def test_the_wheel_ships_its_configs_and_runs_from_another_directory(tmp_path):
     the network), and run `secure-kd` from an empty directory."""
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("secure_kd", "federation", "attacks", "defenses", "configs"):
+    for name in ("secure_kd", "federation", "attacks", "defenses", "apparatus", "configs"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, source / name)
