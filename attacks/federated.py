@@ -1,12 +1,12 @@
 """Attacks on federated distillation (`secure-kd attack federated`).
 
-1. A malicious organization (`federation.adversary`): in fedavg it sends scaled (`scale`),
+1. A malicious organization (`federation.simulation.adversary`): in fedavg it sends scaled (`scale`),
    sign-flipped (`sign_flip`) or backdoored and boosted updates (`backdoor`, model replacement,
    Bagdasaryan et al., AISTATS 2020); in fed_distill it poisons its soft labels toward one column of the
    public index set (`poison_soft_labels`). The plugin runs the same job twice through
    `federation.run.run_federation` (the real Flower apps), all honest and with the adversary, same seed,
    and reports the final test loss / perplexity (all organizations and honest ones only) and, for a
-   backdoor, the attack success rate of the global model (`federation.adversary_eval`).
+   backdoor, the attack success rate of the global model (`federation.simulation.adversary_eval`).
 
 2. Update inversion by an honest-but-curious fedavg server: the "bag of words" leak of federated
    language models (e.g. Melis et al., S&P 2019, "Exploiting Unintended Feature Leakage in
@@ -32,10 +32,10 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from attacks import ATTACKS
-from federation.adversary import AdversaryConfig
-from federation.adversary_eval import TINY_FEDERATION, run_and_measure
 from federation.config import FederatedJob
 from federation.messages import ARRAYS
+from federation.roles import AdversaryConfig
+from federation.simulation.adversary_eval import TINY_FEDERATION, run_and_measure
 from secure_kd.config import Strict
 from secure_kd.plugins import Plugin, write_result
 

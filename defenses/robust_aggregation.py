@@ -1,10 +1,10 @@
 """Robust aggregation against a malicious fedavg organization (`secure-kd defend robust_aggregation`).
 
-Runs one federated setup through `federation.run.run_federation` for every (rule, attack) pair: rules
-are `FederatedJob.aggregation` blocks (`mean`, coordinate-wise `trimmed_mean` and `median` of Yin et
-al. 2018, `norm_bounded` clipping of Sun et al. 2019; see `federation.server.strategies.robust`), attacks are
-the federation's adversary roles (`federation.adversary`: `scale`, `sign_flip`, `backdoor`) or none. It
-reports, per rule, the final test loss with no attacker (the cost of robustness when everyone is
+Runs one federated setup through `federation.run.run_federation` for every (rule, attack) pair: rules are
+`FederatedJob.aggregation` blocks (`mean`, coordinate-wise `trimmed_mean` and `median` of Yin et al.
+2018, `norm_bounded` clipping of Sun et al. 2019; see `federation.server.strategies.robust`), attacks are
+the federation's adversary roles (`federation.simulation.adversary`: `scale`, `sign_flip`, `backdoor`) or
+none. It reports, per rule, the final test loss with no attacker (the cost of robustness when everyone is
 honest, relative to `mean`) and under each attack, and the backdoor success rate of the global model.
 
 These rules are plaintext-only heuristics: they bound the influence of a minority of clients on each
@@ -22,9 +22,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from defenses import DEFENSES
-from federation.adversary import AdversaryConfig
-from federation.adversary_eval import TINY_FEDERATION, run_and_measure
 from federation.config import AggregationConfig, FederatedJob
+from federation.roles import AdversaryConfig
+from federation.simulation.adversary_eval import TINY_FEDERATION, run_and_measure
 from secure_kd.config import Strict
 from secure_kd.plugins import Plugin, write_result
 

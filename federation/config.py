@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from federation.adversary import FEDAVG_KINDS, AdversaryConfig
+from federation.roles import FEDAVG_KINDS, AdversaryConfig, FaultKind
 from secure_kd.config import (
     SCHEMA_VERSION,
     DataConfig,
@@ -27,7 +27,6 @@ from secure_kd.config import (
 
 Mode = Literal["fedavg", "fed_distill", "pate", "p2p"]
 Protection = Literal["plaintext", "ckks", "secagg+"]
-FaultKind = Literal["crash", "crash_final", "slow", "nan", "oversized", "wrong_shape"]
 
 
 class PartitionConfig(Strict):
@@ -235,7 +234,7 @@ class FederatedJob(Strict):
     )
     adversaries: dict[int, AdversaryConfig] = Field(
         default_factory=dict,
-        description="attack studies: organization index -> malicious role (federation.adversary)",
+        description="attack studies: organization index -> malicious role (federation.roles)",
     )
     aggregation: AggregationConfig = AggregationConfig()
     organizations: list[str] = Field(

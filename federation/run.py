@@ -8,7 +8,8 @@ What it does:
 1. prepares each organization's directory `<out>/orgs/org-<i>/` with its own identity and key-exchange
    keys, and registers the public bundles in `<out>/trust/` (the out-of-band registration a real
    deployment does, e.g. alongside the SuperNode keys);
-2. runs `build_server_app(job)` and `build_client_app(job)` with `flwr.simulation.run_simulation`
+2. runs `build_server_app(job)` and `simulation_client_app(job)` (the ClientApp with the test roles'
+   mods, federation.simulation.mods) with `flwr.simulation.run_simulation`
    (Ray backend, `n_organizations` SuperNodes, at most `simultaneous_clients` ClientApps at once),
    with a round progress bar;
 3. returns the `FederatedResult` the ServerApp wrote to `<out>/results.json`.
@@ -24,13 +25,13 @@ import os
 import shutil
 from pathlib import Path
 
-from federation.client.app import build_client_app
 from federation.client.errors import read_failures
 from federation.config import FederatedJob
 from federation.crypto.identity import OrgKeys
 from federation.results import FederatedResult
 from federation.server.app import build_server_app
 from federation.server.session import FederationFailed
+from federation.simulation.mods import simulation_client_app
 from secure_kd.paths import atomic_write_text
 
 logger = logging.getLogger("secure_kd.federation")
@@ -142,7 +143,7 @@ def run_federation(job: FederatedJob, *, progress: bool = True) -> FederatedResu
     try:
         run_simulation(
             server_app=build_server_app(job, progress=progress),
-            client_app=build_client_app(job),
+            client_app=simulation_client_app(job),
             num_supernodes=job.n_organizations,
             backend_config=_backend_config(job),
         )

@@ -20,7 +20,6 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from federation.client.app import build_client_app
 from federation.client.errors import read_failures
 from federation.client.workspace import SECRET_CONTEXT_FILE
 from federation.config import FederatedJob
@@ -29,6 +28,7 @@ from federation.job_data import job_data
 from federation.run import prepare_organizations
 from federation.server.app import FederationServer
 from federation.server.session import FederationFailed
+from federation.simulation.mods import simulation_client_app
 
 RUN_ID = 4242
 
@@ -122,7 +122,7 @@ def tiny_job(tmp_path, **changes) -> FederatedJob:
 
 def federate(job: FederatedJob, **server_options):
     prepare_organizations(job)
-    grid = LocalGrid(build_client_app(job), job.n_organizations)
+    grid = LocalGrid(simulation_client_app(job), job.n_organizations)  # the app of secure-kd federate
     try:
         result = FederationServer(grid, job, RUN_ID, **server_options).run()
     finally:

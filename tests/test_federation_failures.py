@@ -20,12 +20,12 @@ from safetensors import safe_open
 from test_federation_apps import RUN_ID, LocalGrid, federate, tiny_job
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from federation.client.app import build_client_app
 from federation.client.workspace import STUDENT_FILE
 from federation.job_data import job_data
 from federation.run import failure_summary, prepare_organizations
 from federation.server.app import FederationServer
 from federation.server.session import FederationFailed
+from federation.simulation.mods import simulation_client_app
 
 
 def _federate_one_at_a_time(job):
@@ -33,7 +33,7 @@ def _federate_one_at_a_time(job):
     trips transformers' (not thread-safe) lazy imports and meta-device loading; Flower's engine runs
     ClientApps in separate processes, where this does not arise."""
     prepare_organizations(job)
-    grid = LocalGrid(build_client_app(job), job.n_organizations)
+    grid = LocalGrid(simulation_client_app(job), job.n_organizations)
     grid.pool.shutdown()
     grid.pool = ThreadPoolExecutor(max_workers=1)
     try:

@@ -25,6 +25,7 @@ from federation.run import prepare_organizations
 from federation.run_config import job_from_run_config
 from federation.server.app import FederationServer
 from federation.server.session import FederationFailed
+from federation.simulation.mods import simulation_client_app
 from secure_kd.config import ConfigError
 
 STRICT = {
@@ -36,7 +37,8 @@ STRICT = {
 
 def _run(job, node_configs: dict[int, dict], *, client_job="bound", run_config=None):
     prepare_organizations(job)
-    app = build_client_app(job if client_job == "bound" else None)
+    # bound: the app of secure-kd federate (with the test roles' mods); run-config: the deployed app
+    app = simulation_client_app(job) if client_job == "bound" else build_client_app(None)
     grid = LocalGrid(app, job.n_organizations)
     for node, context in grid.contexts.items():
         context.node_config.update(node_configs.get(node - 1000, {}))
@@ -213,3 +215,62 @@ def test_config_naming_another_file_on_a_node_reveals_nothing_of_it(tmp_path):
     assert "withheld" in str(caught.value)
     with pytest.raises(ConfigError, match="nope"):  # the app's own files keep their reasons
         job_from_run_config({"config": "configs/deploy-tiny.yaml", "overrides": "n_organizations=nope"})
+
+
+def _run_config_job(tmp_path, **changes):
+    raw = dict(
+        yaml.safe_load(open("configs/deploy-tiny.yaml")),
+        out=str(tmp_path / "run"),
+        n_organizations=2,
+        min_clients=1,
+        mode="fedavg",
+        protection="plaintext",
+        train={"max_steps": 1, "batch_size": 4},
+        **changes,
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_config = {"config": str(path), "overrides": ""}
+    return job_from_run_config(run_config), run_config
+
+
+def _hello_reasons(grid) -> dict[int, str]:
+    return {
+        m.metadata.dst_node_id - 1000: r.error.reason for m, r in grid.sent("query.hello") if r.has_error()
+    }
+
+
+@pytest.mark.parametrize("role", [{"adversaries": {1: {"kind": "scale"}}}, {"simulate_faults": {1: "nan"}}])
+def test_the_deployed_client_app_refuses_test_roles_even_where_the_policy_allows_them(tmp_path, role):
+    # before issue 14 B the honest handlers ran a role whenever the node's policy allowed it; the deployed
+    # app (pyproject's clientapp) now has no mod for either, so no node config can turn one on
+    job, run_config = _run_config_job(tmp_path, **role)
+    allow = {"policy-allow-test-roles": True}
+    result, grid = _run(job, {0: allow, 1: allow}, client_job="run-config", run_config=run_config)
+    (field,) = role
+    assert _hello_reasons(grid) == {
+        1: f"secure-kd/policy-refused at hello from {job.org_name(1)}: this ClientApp refuses the run: "
+        f"{field} names this organization (index 1); this ClientApp runs no {field} (test roles run only "
+        "in the simulation of secure-kd federate, which installs their mods)"
+    }
+    assert result.completed and result.organizations == [job.org_name(0)]  # the honest one took part
+    # without the node's consent the policy refuses first, as before
+    _, grid = _run(job, {}, client_job="run-config", run_config=run_config)
+    assert "its policy forbids" in _hello_reasons(grid)[1]
+
+
+def test_a_bound_job_with_a_test_role_needs_the_simulation_app_not_the_plain_one(tmp_path):
+    job = tiny_job(tmp_path, n_organizations=2, min_clients=1, simulate_faults={1: "nan"})
+    prepare_organizations(job)
+    grid = LocalGrid(build_client_app(job), job.n_organizations)  # bound, but without the mods
+    try:
+        result = FederationServer(grid, job, RUN_ID).run()
+    finally:
+        grid.pool.shutdown(wait=False, cancel_futures=True)
+    assert "this ClientApp runs no simulate_faults" in _hello_reasons(grid)[1]
+    assert result.organizations == ["org-0"]  # refused, not silently run as an honest organization
+    # the simulation's app runs the fault: org-1 sends a NaN and the server drops it at train
+    simulated, grid = _run(job.model_copy(update={"out": str(tmp_path / "sim")}), {}, client_job="bound")
+    assert not _hello_reasons(grid)
+    (dropped,) = simulated.rounds[0].dropped
+    assert dropped.org == "org-1" and "NaN" in dropped.reason

@@ -1,6 +1,6 @@
-"""Robust aggregation (federation/server/strategies/robust.py), the adversary role (federation/adversary.py),
-and both in tiny federated runs through the real ServerApp / ClientApp (the in-process grid of
-test_federation_apps)."""
+"""Robust aggregation (federation/server/strategies/robust.py), the adversary role
+(federation/simulation/adversary.py), and both in tiny federated runs through the real ServerApp /
+ClientApp (the in-process grid of test_federation_apps)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import scipy.stats
 from pydantic import ValidationError
 from test_federation_apps import federate, tiny_job
 
-from federation.adversary import AdversaryConfig, malicious_weights, poisoned_records, poisoned_soft_labels
 from federation.client.workspace import SECRET_CONTEXT_FILE
 from federation.clipping import clip_update
 from federation.config import AggregationConfig
 from federation.crypto.he import Keyring, decrypt_mean
 from federation.job_data import job_data
+from federation.roles import AdversaryConfig
 from federation.server.aggregation import mean_soft_labels
 from federation.server.strategies.robust import robust_aggregate
+from federation.simulation.adversary import malicious_weights, poisoned_records, poisoned_soft_labels
 from federation.students import build_student, flat_parameters
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import make_ffn, secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from federation.client import p2p, rounds
@@ -36,7 +37,6 @@ from federation.config import FederatedJob
 from federation.crypto.he import Keyring
 from federation.crypto.identity import PublicBundle
 from federation.crypto.keys import open_from, seal_for
-from federation.faults import before_handling
 from federation.job_data import job_digest
 from federation.messages import CONFIG, METRICS, MessageRejected, read_config
 from federation.students import flat_parameters
@@ -163,14 +163,24 @@ def secagg_when_asked(message: Message, context: Context, call_next):
     return call_next(message, context)
 
 
-def build_client_app(job: FederatedJob | None = None) -> ClientApp:
+def build_client_app(job: FederatedJob | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp for `job` (or, when None, for the job named in each run's run-config).
 
     Every handler runs behind `federation.client.guard.guarded`: the organization's policy is checked
-    first, and a failure reaches the server as a generic code only (`federation.client.errors`)."""
+    first, and a failure reaches the server as a generic code only (`federation.client.errors`).
+
+    `mods`: Flower mods (`(message, context, call_next) -> Message`) put around every handler, inside
+    the guard (they see the organization's workspace, and what they raise leaves as a code) and inside
+    SecAgg+'s mod. Only the simulation passes any (`federation.simulation.mods`: the test roles); a mod
+    with a `job_field` attribute is what runs that field of the job (`adversaries`, `simulate_faults`),
+    and a job that gives this organization a role no installed mod runs is refused, not run honestly.
+    The app keeps them in `handler_mods`; the module's `app`, which `flwr run` and deployed SuperNodes
+    load, has none."""
     from federation.run_config import job_from_run_config
 
     app = ClientApp()
+    app.handler_mods = tuple(mods)
+    roles = frozenset(field for mod in mods if (field := getattr(mod, "job_field", None)))
 
     def register(name: str, handler: Handler) -> None:
         category, action = name.split(".")
@@ -178,15 +188,21 @@ def build_client_app(job: FederatedJob | None = None) -> ClientApp:
         def handle(message: Message, context: Context) -> Message:
             started = time.perf_counter()
             ws = current_workspace()
-            before_handling(ws, name)
             content = handler(ws, message, context)
             if METRICS in content.metric_records:  # time spent in the ClientApp, for the round-time breakdown
                 content[METRICS]["handler-seconds"] = round(time.perf_counter() - started, 4)
             return Message(content, reply_to=message)
 
-        inner = make_ffn(handle, [secagg_when_asked] if name == "train.default" else [])
+        inner = make_ffn(handle, [*([secagg_when_asked] if name == "train.default" else []), *mods])
         getattr(app, category)(action)(
-            guarded(name, inner, bound_job=job, resolve=job_from_run_config, workspace=workspace)
+            guarded(
+                name,
+                inner,
+                bound_job=job,
+                resolve=job_from_run_config,
+                workspace=workspace,
+                test_roles=roles,
+            )
         )
 
     for name, handler in HANDLERS.items():

@@ -5,8 +5,11 @@ turn whatever fails into a generic code (`federation.client.errors`) before it c
 
 Per message, in this order: the job (bound into the app, or read from the run-config: `invalid-job`
 when it does not load, with the full reason in the local log only), the organization's workspace from
-node config (`invalid-node-config`), its policy from node config (`federation.client.policy`; a run asking for
-less is `policy-refused`, with the refusal's public text), then the handler with Flower's mods. Any
+node config (`invalid-node-config`), its policy from node config (`federation.client.policy`; a run
+asking for less is `policy-refused`, with the refusal's public text), the test roles the job gives this
+organization (`adversaries`, `simulate_faults`: also `policy-refused` unless the app installed the
+simulation's mods for them, which only `secure-kd federate`'s simulation does), then the handler with
+Flower's mods. Any
 exception becomes `Message(Error(reason="secure-kd/<code> at <stage>"))`; Flower never sees it, so no
 exception text or traceback is serialized into the reply. The handler reads the resolved workspace
 with `current_workspace()`.
@@ -22,7 +25,7 @@ or `trust-dir` in its node config never writes to a trust store: registration is
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from federation.client.policy import (
 from federation.client.workspace import OrgWorkspace, node_org_index
 from federation.config import FederatedJob
 from federation.failure_codes import Code, network_reason, stage_of
+from federation.roles import TEST_ROLE_FIELDS
 
 ClientAppCallable = Callable[[Message, Context], Message]
 
@@ -104,6 +108,17 @@ def org_root(job: FederatedJob, node_config, index: int) -> Path:
     return Path(node_config.get("org-dir") or Path(job.out) / "orgs" / job.org_name(index))
 
 
+def roles_not_run(job: FederatedJob, index: int, test_roles: Collection[str]) -> list[str]:
+    """The test roles `job` gives organization `index` that this ClientApp has no mod for: such a job is
+    refused rather than run honestly under a name that says otherwise."""
+    return [
+        f"{field} names this organization (index {index}); this ClientApp runs no {field} (test roles run "
+        "only in the simulation of secure-kd federate, which installs their mods)"
+        for field in TEST_ROLE_FIELDS
+        if field not in test_roles and index in getattr(job, field)
+    ]
+
+
 def guarded(
     name: str,
     handler: ClientAppCallable,
@@ -111,8 +126,10 @@ def guarded(
     bound_job: FederatedJob | None,
     resolve: Callable[[dict], FederatedJob],
     workspace: Callable[[FederatedJob, Context], OrgWorkspace],
+    test_roles: Collection[str] = (),
 ) -> ClientAppCallable:
-    """`handler` (a ClientApp callable, mods included) behind the job, workspace and policy checks."""
+    """`handler` (a ClientApp callable, mods included) behind the job, workspace and policy checks;
+    `test_roles`: the job fields (`adversaries`, `simulate_faults`) whose mods the handler includes."""
     stage = stage_of(name)
     defaults = SIMULATION if bound_job is not None else DEPLOYMENT
 
@@ -130,6 +147,10 @@ def guarded(
             problems = refusals(policy, job, index)
             if problems:  # before the workspace exists: a refused run creates nothing here
                 text = refusal_text(problems)
+                raise ClientFailure(Code.POLICY_REFUSED, text, public=text)
+            missing = roles_not_run(job, index, test_roles)
+            if missing:  # the policy allows test roles, but this app does not run them
+                text = "this ClientApp refuses the run: " + "; ".join(missing)
                 raise ClientFailure(Code.POLICY_REFUSED, text, public=text)
             ws = workspace(job, context)
             if name == "query.hello" and bound_job is None:

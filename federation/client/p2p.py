@@ -17,7 +17,6 @@ from federation.client.training import distill_from, evaluate, train_locally
 from federation.client.workspace import OrgWorkspace
 from federation.crypto.identity import PublicBundle
 from federation.crypto.keys import open_from, seal_for
-from federation.faults import sabotaged
 from federation.messages import (
     ARRAYS,
     CONFIG,
@@ -94,7 +93,7 @@ def send(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
         soft.astype("<f8").tobytes(),
         trust=ws.trust(context.node_config.get("trust-dir")),
     )
-    return sabotaged(ws, RecordDict({CONFIG: ConfigRecord({"sealed": sealed})}))
+    return RecordDict({CONFIG: ConfigRecord({"sealed": sealed})})
 
 
 def learn(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:

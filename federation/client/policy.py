@@ -18,7 +18,9 @@ never a path or a value derived from data.
                                 (otherwise the ledger is where node config `ledger-dir` says, or the
                                 default, under the dataset's own fingerprint)
     policy-allow-test-roles     true: the run may make this organization an adversary (`adversaries`)
-                                or inject faults into it (`simulate_faults`)
+                                or inject faults into it (`simulate_faults`), where the ClientApp
+                                runs them at all: only the simulation's does (federation.simulation);
+                                the deployed one refuses them whatever the policy says
 
 Defaults depend on where the job comes from. A job read from the run-config (`flwr run`, a deployment)
 gets `DEPLOYMENT`: no run-chosen ledger, no test roles. A job bound into the app by the same person who

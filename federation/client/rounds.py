@@ -14,14 +14,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from federation.adversary import install_backdoor_data, malicious_weights, poisoned_soft_labels
+from federation.client import hooks
 from federation.client.decrypt import open_aggregate
 from federation.client.filtering import ensemble_from_weighted_sum, transfer_weights
 from federation.client.training import LocalFit, distill_from, evaluate, train_locally
 from federation.client.workspace import OrgWorkspace
-from federation.clipping import clip_update
 from federation.crypto.he import Keyring, encrypt
-from federation.faults import sabotaged
 from federation.messages import (
     ARRAYS,
     CONFIG,
@@ -109,16 +107,16 @@ def _digest(ws: OrgWorkspace, model, message: Message, context: Context, r: int)
     return {"digest-loss": distill_from(ws, model, ensemble, r, steps=ws.job.transfer.digest_steps)}
 
 
-def _soft_label_payload(ws: OrgWorkspace, model, adversary) -> tuple[dict[str, np.ndarray], float | None]:
+def _soft_label_payload(ws: OrgWorkspace, model) -> tuple[dict[str, np.ndarray], float | None]:
     """fed_distill: soft labels on the transfer set, with this organization's filtering weights if asked.
 
     Under CKKS the weighted labels and the weights are one vector (the server only adds); in plaintext
-    the labels stay valid distributions and the weights travel beside them. A `poison_soft_labels`
-    adversary poisons the labels before they are weighted, so every payload layout carries the poison."""
+    the labels stay valid distributions and the weights travel beside them. The labels pass the
+    message's hooks (`federation.client.hooks`) before they are weighted, so every layout carries what
+    a simulated adversary puts there."""
     public = ws.public
     labels = soft_labels(model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device)
-    if adversary is not None and adversary.kind == "poison_soft_labels":
-        labels = poisoned_soft_labels(adversary, labels)
+    labels = hooks.current().soft_labels(ws, labels)
     filtering = ws.job.transfer.filtering
     if filtering is None:
         return {"soft-labels": labels}, None
@@ -135,30 +133,9 @@ def _weights(model) -> dict[str, np.ndarray]:
     return {n: t.float().cpu().numpy().copy() for n, t in zip(names, tensors, strict=True)}
 
 
-def _fedavg_payload(
-    ws: OrgWorkspace, model, start: dict[str, np.ndarray], adversary
-) -> dict[str, np.ndarray]:
-    """The weights this organization sends: an adversary's crafted ones, or its own, clipped if asked."""
-    payload = _weights(model)
-    if adversary is not None:
-        return malicious_weights(adversary, payload, start)
-    if ws.job.aggregation.client_clip_norm is not None:
-        return clip_update(payload, start, ws.job.aggregation.client_clip_norm)
-    return payload
-
-
-def _train(ws: OrgWorkspace, model, r: int, adversary) -> LocalFit:
-    """Local training; a backdoor attacker may take its own number of steps (`local_steps`)."""
-    if adversary is None or adversary.local_steps is None:
-        return train_locally(ws, model, r)
-    job = ws.job
-    ws.job = job.model_copy(
-        update={"train": job.train.model_copy(update={"max_steps": adversary.local_steps})}
-    )
-    try:
-        return train_locally(ws, model, r)
-    finally:
-        ws.job = job
+def _fedavg_payload(ws: OrgWorkspace, model, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weights this organization sends: its own, clipped if the job asks (the message's hooks)."""
+    return hooks.current().fedavg_weights(ws, _weights(model), start)
 
 
 def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
@@ -172,25 +149,22 @@ def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
         extra: dict[str, float] = {}
     else:
         extra = _digest(ws, model, message, context, r)
-    adversary = ws.job.adversaries.get(ws.index)
-    if adversary is not None and adversary.kind == "backdoor":
-        install_backdoor_data(ws, adversary)
     before = evaluate(ws, model)
     start = _weights(model) if ws.job.mode == "fedavg" else {}
-    fit = _train(ws, model, r, adversary)
+    fit = train_locally(ws, model, r)
     ws.save_student(model)
     if ws.job.mode == "fedavg":
-        payload = _fedavg_payload(ws, model, start, adversary)
+        payload = _fedavg_payload(ws, model, start)
         weight = len(ws.train_examples)
     else:
-        payload, kept = _soft_label_payload(ws, model, adversary)
+        payload, kept = _soft_label_payload(ws, model)
         if kept is not None and ws.job.protection == "plaintext":  # under CKKS the weights stay hidden
             extra["kept-fraction"] = kept
         weight = 1
     metrics = {**before, **fit_metrics(fit), **extra}
     if ws.job.protection == "plaintext":
         metrics[NUM_EXAMPLES] = weight  # under CKKS the weight travels encrypted, never in the clear
-    return reply(sabotaged(ws, _upload(ws, payload, weight)), metrics)
+    return reply(_upload(ws, payload, weight), metrics)
 
 
 def final_evaluate(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
@@ -208,8 +182,9 @@ def final_evaluate(ws: OrgWorkspace, message: Message, context: Context) -> Reco
 def secagg_train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
     """SecAgg+ (Flower's legacy FitIns/FitRes records): `secaggplus_mod` masks the reply before it leaves.
 
-    An adversary crafts its weights before masking, as under CKKS; SecAgg+ then clips every value to
-    `secagg.clipping_range` when it quantizes, which bounds (but does not remove) a boosted update."""
+    The weights pass the message's hooks before masking, as under CKKS (a simulated adversary's boosted
+    update among them); SecAgg+ then clips every value to `secagg.clipping_range` when it quantizes,
+    which bounds (but does not remove) a boosted update."""
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     r = int(fitins.config.get("server-round", 0))
     model = ws.student()
@@ -220,14 +195,11 @@ def secagg_train(ws: OrgWorkspace, message: Message, context: Context) -> Record
     if not all(np.all(np.isfinite(a)) for a in received):
         raise MessageRejected("the global parameters hold NaN or infinite values")
     load_parameters(model, dict(zip(names, received, strict=True)))
-    adversary = ws.job.adversaries.get(ws.index)
-    if adversary is not None and adversary.kind == "backdoor":
-        install_backdoor_data(ws, adversary)
     before = evaluate(ws, model)
     start = _weights(model)
-    fit = _train(ws, model, r, adversary)
+    fit = train_locally(ws, model, r)
     ws.save_student(model)
-    payload = _fedavg_payload(ws, model, start, adversary)
+    payload = _fedavg_payload(ws, model, start)
     updated = [payload[name] for name in names]
     metrics = dict(rounded_metrics({**before, **fit_metrics(fit), "org-index": ws.index}))
     result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(updated), len(ws.train_examples), metrics)
@@ -244,6 +216,5 @@ def pate_votes(ws: OrgWorkspace, message: Message, context: Context) -> RecordDi
     ws.save_student(model)
     chosen = votes(model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device)
     return reply(
-        sabotaged(ws, RecordDict({ARRAYS: to_array_record({"votes": chosen})})),
-        {**evaluate(ws, model), **fit_metrics(fit)},
+        RecordDict({ARRAYS: to_array_record({"votes": chosen})}), {**evaluate(ws, model), **fit_metrics(fit)}
     )

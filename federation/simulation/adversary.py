@@ -17,33 +17,29 @@ pass every check, so a real run carries them into the aggregate:
 
 Under ckks the client-side transformations are the same (the adversary controls its plaintext before
 encryption), so these also show what HE does not protect against.
+
+`adversary_mod` is the role as a Flower mod, which only the simulation's ClientApp installs
+(`federation.simulation.mods`). Around an adversary's `train` handler it installs the backdoored records
+and the attacker's own number of local steps, and puts `AdversaryHooks` in place of the honest ones at
+the two points the honest client offers (`federation.client.hooks`): the weights it sends and its soft
+labels, both before encryption or masking.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
 
-from secure_kd.config import Strict
+from federation.client import hooks
+from federation.client.guard import current_workspace
+from federation.client.hooks import ClientHooks
+from federation.roles import FEDAVG_KINDS, AdversaryConfig
+from federation.simulation.faults import handler_name
 from secure_kd.triggers import TextTrigger
-
-AdversaryKind = Literal["scale", "sign_flip", "backdoor", "poison_soft_labels"]
-FEDAVG_KINDS = frozenset({"scale", "sign_flip", "backdoor"})
-
-
-class AdversaryConfig(Strict):
-    kind: AdversaryKind
-    boost: float = Field(10.0, gt=0, description="scale / sign_flip / backdoor: factor on the update")
-    trigger: TextTrigger = TextTrigger(phrase="cf", target_text="zz")
-    poison_fraction: float = Field(0.5, gt=0, le=1, description="backdoor: share of records poisoned")
-    local_steps: int | None = Field(
-        None, ge=1, description="backdoor: local training steps of the attacker (default: train.max_steps)"
-    )
-    target_column: int = Field(0, ge=0, description="poison_soft_labels: column of the public index set")
-    strength: float = Field(1.0, gt=0, le=1, description="poison_soft_labels: mix toward the one-hot")
 
 
 def malicious_weights(
@@ -125,3 +121,44 @@ def install_backdoor_data(ws, adversary: AdversaryConfig) -> None:
     )
     _, heldout, texts = ws.private
     ws.__dict__["private"] = (train, heldout, texts)
+
+
+class AdversaryHooks(ClientHooks):
+    """What an adversary sends: its crafted weights (it skips `client_clip_norm`: clipping is what
+    honest clients do), its poisoned soft labels."""
+
+    def __init__(self, adversary: AdversaryConfig) -> None:
+        self.adversary = adversary
+
+    def fedavg_weights(self, ws, trained, start) -> dict[str, np.ndarray]:
+        return malicious_weights(self.adversary, trained, start)
+
+    def soft_labels(self, ws, labels: np.ndarray) -> np.ndarray:
+        if self.adversary.kind == "poison_soft_labels":
+            return poisoned_soft_labels(self.adversary, labels)
+        return labels
+
+
+def adversary_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The organization's `adversaries` entry, around its `train` handler (nothing for the others)."""
+    ws = current_workspace()
+    adversary = ws.job.adversaries.get(ws.index)
+    if adversary is None or handler_name(message) != "train.default":
+        return call_next(message, context)
+    if adversary.kind == "backdoor":
+        install_backdoor_data(ws, adversary)
+    job = ws.job
+    ws.public  # noqa: B018 - the public data derive from the job as given, not the attacker's steps
+    if adversary.local_steps is not None:  # a backdoor attacker may train longer (local_steps)
+        ws.job = job.model_copy(
+            update={"train": job.train.model_copy(update={"max_steps": adversary.local_steps})}
+        )
+    token = hooks.install(AdversaryHooks(adversary))
+    try:
+        return call_next(message, context)
+    finally:
+        hooks.remove(token)
+        ws.job = job
+
+
+adversary_mod.job_field = "adversaries"  # the job field this mod runs (federation.client.app)

@@ -4,7 +4,7 @@ Shared by `attacks.federated` and `defenses.robust_aggregation` (they may not im
 
 - `global_student(job)`: the fedavg global model the server saved (plaintext runs only).
 - `backdoor_success_rate`: over test records, insert the trigger phrase at the seeded boundary used for
-  poisoning (`federation.adversary.trigger_position`), cut the text right after it, and count the
+  poisoning (`federation.simulation.adversary.trigger_position`), cut the text right after it, and count the
   records whose greedy continuation reproduces the tokens of ` target_text` exactly.
 """
 
@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from safetensors.numpy import load_file
 
-from federation.adversary import AdversaryConfig, trigger_position
 from federation.config import FederatedJob
 from federation.job_data import job_data, record_text
 from federation.results import FederatedResult
+from federation.roles import AdversaryConfig
+from federation.simulation.adversary import trigger_position
 from federation.students import build_student, load_parameters
 from secure_kd.triggers import TextTrigger
 
