@@ -97,7 +97,7 @@ reproduce: install
 	$(BIN)/python benchmarks/experiments/backdoor_unlearning.py
 
 lint: install
-	$(BIN)/ruff check secure_kd federation attacks defenses tests benchmarks configs setup.py
+	$(BIN)/ruff check secure_kd federation attacks defenses apparatus tests benchmarks configs setup.py
 
 ## Refresh the lock of tested versions from the current environment.
 lock:
