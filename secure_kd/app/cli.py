@@ -222,13 +222,29 @@ def distill(
 
     job = load_config(config, _with_out(overrides, out), DistillJob)
     result = run_distill(job, resume=resume, progress=progress, log=console.print)
-    console.print(
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate every rank returns; rank 0 reports
+        return
+    console.print(_distill_summary(result))
+    console.print(f"results: {Path(job.out) / 'results.json'}  student: {result.student_dir}")
+
+
+def _distill_summary(result) -> str:
+    """One line; across tokenizers per-token perplexities are not comparable, bits per byte are."""
+    cross = result.cross_tokenizer
+    if cross:
+        return (
+            f"bits per byte: teacher {cross['teacher_bits_per_byte']['bits_per_byte']:.3f} | student "
+            f"{cross['student_bits_per_byte_before']['bits_per_byte']:.3f} -> "
+            f"{cross['student_bits_per_byte_after']['bits_per_byte']:.3f} | top-1 agreement (aligned) "
+            f"{result.agreement_before:.3f} -> {result.agreement_after:.3f} | "
+            f"{result.tokens_per_second:,.0f} tok/s"
+        )
+    return (
         f"teacher ppl {result.teacher_eval.perplexity:.2f} | student ppl "
         f"{result.student_before.perplexity:.2f} -> {result.student_after.perplexity:.2f} | top-1 agreement "
         f"{result.agreement_before:.3f} -> {result.agreement_after:.3f} | "
         f"{result.tokens_per_second:,.0f} tok/s"
     )
-    console.print(f"results: {Path(job.out) / 'results.json'}  student: {result.student_dir}")
 
 
 @app.command("eval")
