@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from federation.client_dp_config import ClientDPConfig
+from federation.client_dp_config import problems as client_dp_problems
 from federation.roles import FEDAVG_KINDS, AdversaryConfig, FaultKind
 from secure_kd.config import (
     SCHEMA_VERSION,
@@ -67,13 +69,21 @@ class TransferConfig(Strict):
     """The public transfer set (fed_distill, pate, p2p) and the shared layout of soft labels.
 
     Records are taken from the corpus before the private split, so no organization owns them. A soft
-    label is the teacher distribution restricted to a public index set, the `index_k` most frequent
-    target tokens of the transfer set (a unigram reference model over public text, chosen once),
-    plus one tail bucket: the same `[positions, index_k + 1]` layout for every client.
+    label is a client's distribution at `index_k` token ids per position plus one tail bucket: the same
+    `[positions, index_k + 1]` layout for every client (`federation.soft_labels`). The ids come from
+    public inputs only: without `reference`, the `index_k` most frequent target tokens of the transfer
+    set (one set for every position); with `reference`, each position's top-`index_k` under that public
+    model (e.g. `{source: smollm2}`, the asset every participant holds) on the transfer text.
     """
 
     n_records: int = Field(24, ge=1)
-    index_k: int = Field(64, ge=1, description="size of the public token index set")
+    index_k: int = Field(64, ge=1, description="token ids per position in the shared soft-label layout")
+    reference: ModelConfig | None = Field(
+        None,
+        description="a public model with the job's tokenizer whose per-position top-index_k forms the "
+        "layout (every participant and the server load it); none: the transfer set's index_k most "
+        "frequent target tokens for every position",
+    )
     digest_steps: int = Field(8, ge=1, description="distillation steps on the aggregated soft labels")
     filtering: FilteringConfig | None = Field(
         None, description="fed_distill: weight each organization's soft labels by its own data density"
@@ -237,6 +247,9 @@ class FederatedJob(Strict):
         description="attack studies: organization index -> malicious role (federation.roles)",
     )
     aggregation: AggregationConfig = AggregationConfig()
+    client_dp: ClientDPConfig | None = Field(
+        None, description="client-level DP for fedavg: clipped updates, Gaussian noise on their sum"
+    )
     organizations: list[str] = Field(
         default_factory=list,
         description="names of the organizations in order (deployment: their SuperNodes' `org-name`); "
@@ -306,6 +319,7 @@ def _problems(job: FederatedJob) -> list[str]:
             "transfer.filtering.floor_weight must be > 0 under ckks (the encrypted weights of a record no"
             " organization keeps would sum to 0)"
         )
+    found.extend(_reference_problems(job))
     if job.data.packing:
         found.append("data.packing mixes records of one organization into blocks; set data.packing: false")
     if job.organizations:
@@ -326,6 +340,20 @@ def _problems(job: FederatedJob) -> list[str]:
     if bad:
         found.append(f"simulate_faults names organizations {bad}, outside 0..{job.n_organizations - 1}")
     found.extend(_adversarial_problems(job))
+    if job.client_dp is not None:
+        found.extend(
+            client_dp_problems(
+                job.client_dp,
+                mode=job.mode,
+                protection=job.protection,
+                aggregation_rule=job.aggregation.rule,
+                client_clip_norm=job.aggregation.client_clip_norm,
+                required_clients=job.required_clients,
+                n_organizations=job.n_organizations,
+                rounds=job.rounds,
+                secagg_clipping_range=job.secagg.clipping_range,
+            )
+        )
     if job.teacher is not None and job.teacher.source == "teacher_layers":
         found.append("teacher.source cannot be 'teacher_layers'; that builds a student")
     found.extend(_teacher_layers_problems(job))
@@ -336,6 +364,28 @@ def _problems(job: FederatedJob) -> list[str]:
             check_private_objective(job.kd)
         except ValueError as exc:
             found.append(str(exc))
+    return found
+
+
+def _reference_problems(job: FederatedJob) -> list[str]:
+    """`transfer.reference` is a public model that scores the transfer text with the job's tokenizer."""
+    reference = job.transfer.reference
+    if reference is None:
+        return []
+    found: list[str] = []
+    if reference.source in ("teacher_layers", "served"):
+        found.append(
+            f"transfer.reference.source: {reference.source} cannot be a reference: give a public model "
+            "every participant loads (smollm2, a local directory, or tiny)"
+        )
+    if reference.lora is not None:
+        found.append("transfer.reference.lora: the reference is a fixed public model; drop lora")
+    if reference.source != "tiny" and job.tokenizer.startswith("tiny:"):
+        found.append(
+            f"transfer.reference.source: {reference.source} scores text with its own tokenizer, but "
+            f"tokenizer is {job.tokenizer!r}: set tokenizer: {reference.source} (or teacher, when the "
+            "teacher is that model)"
+        )
     return found
 
 

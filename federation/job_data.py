@@ -1,5 +1,5 @@
 """What every participant derives identically from the job alone: the public sets, the tokenizer, the
-soft-label layout.
+soft-label layout (with `transfer.reference`, from that public model's top-k on the transfer text).
 
 Every organization and the server compute the same `JobData` from the same job (`job_data` caches it
 per process, keyed by `job_digest`), so none of it ever travels in a message. Shared by the ClientApp
@@ -15,7 +15,7 @@ from federation.config import FederatedJob
 from federation.partition import FederatedSplit, federated_split
 from federation.soft_labels import SoftLabelLayout, build_layout
 from secure_kd.data import TokenizedExample, tokenize_records, train_tiny_tokenizer
-from secure_kd.models import load_tokenizer
+from secure_kd.models import load_teacher, load_tokenizer
 from secure_kd.trainer import config_hash
 
 
@@ -58,6 +58,19 @@ def _tokenizer(job: FederatedJob, split: FederatedSplit):
     return load_tokenizer(spec)
 
 
+def _layout(job: FederatedJob, transfer: list[TokenizedExample], vocab_size: int, pad_id: int):
+    """The soft-label layout: the unigram index, or `transfer.reference`'s top-k (loaded for this only)."""
+    k = min(job.transfer.index_k, vocab_size - 1)
+    spec = job.transfer.reference
+    if spec is None:
+        return build_layout(transfer, k, vocab_size)
+    reference = load_teacher(spec, vocab_size=vocab_size, seed=job.seed, pad_token_id=pad_id)
+    try:
+        return build_layout(transfer, k, vocab_size, reference=reference)
+    finally:
+        del reference
+
+
 def job_data(job: FederatedJob) -> JobData:
     """The public part of the job, computed once per process."""
     key = job_digest(job)
@@ -70,6 +83,6 @@ def job_data(job: FederatedJob) -> JobData:
         )
         test = tokenize_records(split.test, tokenizer, **tokenize)
         transfer = tokenize_records(split.transfer, tokenizer, **tokenize)
-        layout = build_layout(transfer, min(job.transfer.index_k, len(tokenizer) - 1), len(tokenizer))
+        layout = _layout(job, transfer, len(tokenizer), pad_id)
         _JOB_DATA[key] = JobData(split, tokenizer, pad_id, test, transfer, layout)
     return _JOB_DATA[key]

@@ -48,6 +48,9 @@ class FederatedResult(BaseModel):
     epsilon: dict[str, float | None] = Field(
         default_factory=dict, description="per organization, its DP ledger"
     )
+    client_dp: dict[str, Any] | None = Field(
+        None, description="client-level DP (fedavg): the federation's accounting, as in <out>/privacy.json"
+    )
     extra: dict[str, Any] = Field(default_factory=dict)
     seconds: float = 0.0
     completed: bool = False

@@ -10,8 +10,8 @@ What it does:
    deployment does, e.g. alongside the SuperNode keys);
 2. runs `build_server_app(job)` and `simulation_client_app(job)` (the ClientApp with the test roles'
    mods, federation.simulation.mods) with `flwr.simulation.run_simulation`
-   (Ray backend, `n_organizations` SuperNodes, at most `simultaneous_clients` ClientApps at once),
-   with a round progress bar;
+   (Ray backend, `n_organizations` SuperNodes, at most `simultaneous_clients` ClientApps at once; with
+   `RAY_ADDRESS` set, on that existing Ray cluster, `ray_init_args`), with a round progress bar;
 3. returns the `FederatedResult` the ServerApp wrote to `<out>/results.json`.
 
 The same apps run under `flwr run .` (pyproject's `[tool.flwr.app]`; see docs/federation.md).
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from federation.client.errors import read_failures
@@ -61,12 +62,27 @@ def prepare_organizations(job: FederatedJob) -> Path:
     return trust
 
 
-def _backend_config(job: FederatedJob) -> dict:
-    workers = job.simultaneous_clients or os.cpu_count() or 1
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": workers, "include_dashboard": False, "logging_level": logging.ERROR},
-    }
+RAY_ADDRESS = "RAY_ADDRESS"
+
+
+def ray_init_args(job: FederatedJob, environ: Mapping[str, str] | None = None) -> dict:
+    """The arguments Flower's Ray backend passes to `ray.init`.
+
+    On this machine (no `RAY_ADDRESS`), Ray starts a local instance with `simultaneous_clients` CPUs
+    (default: the CPU count), which caps how many ClientApps run at once. With `RAY_ADDRESS` set,
+    `ray.init()` connects to that existing cluster instead, and Ray refuses resource arguments there
+    ("When connecting to an existing cluster, num_cpus and num_gpus must not be provided"): the cluster's
+    own resources and `client_resources` decide the concurrency, and only logging settings are passed
+    (the address itself is read by `ray.init` from the environment)."""
+    environ = os.environ if environ is None else environ
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR}
+    if environ.get(RAY_ADDRESS):
+        return quiet
+    return {"num_cpus": job.simultaneous_clients or os.cpu_count() or 1, **quiet}
+
+
+def _backend_config(job: FederatedJob, environ: Mapping[str, str] | None = None) -> dict:
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray_init_args(job, environ)}
 
 
 def _importable_by_workers() -> None:

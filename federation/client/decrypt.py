@@ -9,10 +9,10 @@
   room: then the finest parameters that exist, and fewer decimals are released.
 - `open_aggregate(...)`: before decrypting, the header must be an aggregate of this run's key with the
   expected length and between `min_clients` and `n_organizations` contributors; after, the total weight
-  must fit them (fed_distill: exactly the contributor count; fedavg: an integer at least that) and the
-  values must be finite and pass the caller's check (soft labels are distributions). The mean is then
-  rounded to `he.mean_release_decimals` decimals, derived from the real noise bound and weight, never
-  from a number the run chooses alone.
+  must fit them (fed_distill and client_dp fedavg: exactly the contributor count; fedavg: an integer at
+  least that) and the values must be finite and pass the caller's check (soft labels are
+  distributions). The mean is then rounded to `he.mean_release_decimals` decimals, derived from the
+  real noise bound and weight, never from a number the run chooses alone.
 - The first aggregate that fails any of this makes the organization stop decrypting for the rest of
   the run (`decryption-stopped.json` in its directory, by run id, kept across `query.hello`): a
   deviating server learns one generic `malformed-aggregate` code (`federation.client.errors`) and
@@ -121,10 +121,11 @@ def _check_header(job: FederatedJob, keyring: Keyring, blob: bytes, n_values: in
 
 
 def _check_weight(job: FederatedJob, weight: float, n_contributors: int) -> None:
-    if job.mode == "fed_distill":
+    if job.mode == "fed_distill" or job.client_dp is not None:
         if abs(weight - n_contributors) > WEIGHT_TOLERANCE:
             raise _Refused(
-                "the decrypted total weight is not the contributor count (fed_distill weighs 1 each)"
+                "the decrypted total weight is not the contributor count (fed_distill and client-level "
+                "DP fedavg weigh 1 each)"
             )
     elif weight < n_contributors - WEIGHT_TOLERANCE or abs(weight - round(weight)) > WEIGHT_TOLERANCE:
         raise _Refused(

@@ -4,8 +4,10 @@ The handlers of the aggregating modes (`federation.client.rounds`) ask `current(
 hooks at two places, both before protection (CKKS encryption, SecAgg+ masking), where only the sender
 can still change the plaintext:
 
-- `fedavg_weights(ws, trained, start)`: the weights it sends; honest: the trained weights, clipped to
-  `aggregation.client_clip_norm` around the round's global model when the job asks for it;
+- `fedavg_weights(ws, trained, start)`: the weights it sends; honest: the trained weights, clipped
+  around the round's global model to `client_dp.clip_norm` (client-level DP with noise added by the
+  clients; the noise share is added after this point, `federation.client.rounds`) or to
+  `aggregation.client_clip_norm` when the job asks for it;
 - `soft_labels(ws, labels)`: its soft labels on the transfer set (fed_distill); honest: as computed.
 
 `HONEST` is the default of every message. Only a Flower mod of the simulation
@@ -30,6 +32,17 @@ from federation.clipping import clip_update
 
 if TYPE_CHECKING:
     from federation.client.workspace import OrgWorkspace
+    from federation.config import FederatedJob
+
+
+def client_clip_bound(job: FederatedJob) -> float | None:
+    """The L2 bound an honest client clips its fedavg update to: client-level DP's C when the clients add
+    the noise (with `noise: server` the server clips, as Flower's server-side fixed clipping), else
+    `aggregation.client_clip_norm`."""
+    dp = job.client_dp
+    if dp is not None and dp.noise == "client":
+        return dp.clip_norm
+    return job.aggregation.client_clip_norm
 
 
 class ClientHooks:
@@ -38,7 +51,7 @@ class ClientHooks:
     def fedavg_weights(
         self, ws: OrgWorkspace, trained: dict[str, np.ndarray], start: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        bound = ws.job.aggregation.client_clip_norm
+        bound = client_clip_bound(ws.job)
         return trained if bound is None else clip_update(trained, start, bound)
 
     def soft_labels(self, ws: OrgWorkspace, labels: np.ndarray) -> np.ndarray:

@@ -5,21 +5,31 @@ it reads (`federation.messages`), trains through the engine (`federation.client.
 the reply content: plaintext arrays with `num-examples`, a CKKS ciphertext of the pre-weighted payload
 and its weight (the server learns neither), or, under SecAgg+, the legacy FitRes that Flower's
 `secaggplus_mod` masks before it leaves.
+
+With client-level DP (`client_dp`, `federation.client_dp`) a fedavg update weighs 1, is clipped to C by
+the honest hooks and, with `noise: client`, carries this organization's noise share before it is
+encrypted, masked or sent; under SecAgg+ the update itself (weights - global) is masked, so that
+`secagg.clipping_range` bounds C plus the noise rather than the weights. An organization adds a share
+to each round at most once per run and to at most `client_dp.contribution_cap(job)` rounds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code as StatusCode
+from flwr.common import FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from federation import client_dp
 from federation.client import hooks
 from federation.client.decrypt import open_aggregate
+from federation.client.errors import ClientFailure
 from federation.client.filtering import ensemble_from_weighted_sum, transfer_weights
 from federation.client.training import LocalFit, distill_from, evaluate, train_locally
 from federation.client.workspace import OrgWorkspace
 from federation.crypto.he import Keyring, encrypt
+from federation.failure_codes import Code
 from federation.messages import (
     ARRAYS,
     CONFIG,
@@ -133,9 +143,44 @@ def _weights(model) -> dict[str, np.ndarray]:
     return {n: t.float().cpu().numpy().copy() for n, t in zip(names, tensors, strict=True)}
 
 
-def _fedavg_payload(ws: OrgWorkspace, model, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The weights this organization sends: its own, clipped if the job asks (the message's hooks)."""
-    return hooks.current().fedavg_weights(ws, _weights(model), start)
+CONTRIBUTIONS = "client_dp_rounds"  # state.json: the rounds of this run this organization added a share to
+
+
+def _noise_share(ws: OrgWorkspace, weights: dict[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
+    """client_dp with `noise: client`: the clipped weights plus this organization's share N(0, s^2),
+    s = sigma * C / sqrt(k) (federation.client_dp). The round is recorded before the share leaves, and a
+    round already contributed to, or one past the cap, is refused: a second noisy copy of an update is a
+    release the server's accounting does not count."""
+    done = [int(x) for x in ws.state().get(CONTRIBUTIONS, [])]
+    if r in done:
+        raise ClientFailure(
+            Code.BUDGET_SPENT, f"round {r} asked again: this organization already added a DP share to it"
+        )
+    cap = client_dp.contribution_cap(ws.job)
+    if len(done) >= cap:
+        raise ClientFailure(
+            Code.BUDGET_SPENT,
+            f"this organization has contributed to {len(done)} round(s) of this run, the most client_dp "
+            f"allows (rounds, or what target_epsilon covers at the job's noise multiplier: {cap})",
+        )
+    ws.update_state(**{CONTRIBUTIONS: [*done, r]})
+    return client_dp.add_noise(weights, client_dp.share_std(ws.job), client_dp.noise_generator())
+
+
+def _fedavg_payload(ws: OrgWorkspace, model, start: dict[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
+    """The weights this organization sends: its own, clipped if the job asks (the message's hooks), with
+    its client-level DP noise share when the clients add the noise."""
+    weights = hooks.current().fedavg_weights(ws, _weights(model), start)
+    dp = ws.job.client_dp
+    if dp is not None and dp.noise == "client":
+        weights = _noise_share(ws, weights, r)
+    return weights
+
+
+def _fedavg_weight(ws: OrgWorkspace) -> int:
+    """An update's weight: its number of examples, or 1 under client-level DP (the sensitivity bound is
+    on the unweighted sum; an example count would be released outside the guarantee)."""
+    return 1 if ws.job.client_dp is not None else len(ws.train_examples)
 
 
 def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
@@ -154,8 +199,8 @@ def train(ws: OrgWorkspace, message: Message, context: Context) -> RecordDict:
     fit = train_locally(ws, model, r)
     ws.save_student(model)
     if ws.job.mode == "fedavg":
-        payload = _fedavg_payload(ws, model, start)
-        weight = len(ws.train_examples)
+        payload = _fedavg_payload(ws, model, start, r)
+        weight = _fedavg_weight(ws)
     else:
         payload, kept = _soft_label_payload(ws, model)
         if kept is not None and ws.job.protection == "plaintext":  # under CKKS the weights stay hidden
@@ -184,7 +229,8 @@ def secagg_train(ws: OrgWorkspace, message: Message, context: Context) -> Record
 
     The weights pass the message's hooks before masking, as under CKKS (a simulated adversary's boosted
     update among them); SecAgg+ then clips every value to `secagg.clipping_range` when it quantizes,
-    which bounds (but does not remove) a boosted update."""
+    which bounds (but does not remove) a boosted update. Under client-level DP the masked vector is the
+    update (weights - global) plus the noise share, each weighing the same (`secagg.max_weight`)."""
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     r = int(fitins.config.get("server-round", 0))
     model = ws.student()
@@ -199,10 +245,14 @@ def secagg_train(ws: OrgWorkspace, message: Message, context: Context) -> Record
     start = _weights(model)
     fit = train_locally(ws, model, r)
     ws.save_student(model)
-    payload = _fedavg_payload(ws, model, start)
+    payload = _fedavg_payload(ws, model, start, r)
+    weight = len(ws.train_examples)
+    if ws.job.client_dp is not None:
+        payload = {n: (payload[n].astype(np.float64) - start[n]).astype(np.float32) for n in names}
+        weight = max(1, int(ws.job.secagg.max_weight))  # equal weights: the mean of the updates
     updated = [payload[name] for name in names]
     metrics = dict(rounded_metrics({**before, **fit_metrics(fit), "org-index": ws.index}))
-    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(updated), len(ws.train_examples), metrics)
+    result = FitRes(Status(StatusCode.OK, ""), ndarrays_to_parameters(updated), weight, metrics)
     return compat.fitres_to_recorddict(result, keep_input=True)
 
 

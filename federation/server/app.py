@@ -5,8 +5,9 @@
 
 The server waits for the organizations, learns who is who (`query.hello`), runs the CKKS key ceremony
 when the job asks for it (the dealer's sealed secret contexts are relayed as opaque bytes; the server
-keeps only the public context), then runs `rounds` rounds of the mode's strategy and writes
-`<out>/results.json` (also after a failure, with the error). Every exchange goes through `Session`
+keeps only the public context), then runs `rounds` rounds of the mode's strategy (fewer when its privacy
+budget stops the run before a round: client-level DP, `stop_before`) and writes `<out>/results.json`
+(also after a failure, with the error). Every exchange goes through `Session`
 (session.py), which drops a client that fails, times out or sends a message that fails validation,
 logs the reason, and stops the run if fewer than `min_clients` organizations are left in a round.
 """
@@ -174,6 +175,9 @@ class FederationServer:
 
     def _write(self) -> None:
         private_dir(self.out)  # results name the organizations, their losses and epsilons
+        strategy = getattr(self, "strategy", None)
+        if strategy is not None:
+            self.result.client_dp = strategy.privacy_report()
         atomic_write_json(self.out / "results.json", self.result.model_dump(mode="json"), mode=0o600)
 
     def _note_epsilon(self, record: RoundRecord) -> None:
@@ -218,6 +222,10 @@ class FederationServer:
         with Progress(*columns, disable=not self.progress) as bar:
             task = bar.add_task(f"{self.job.mode}/{self.job.protection}", total=self.job.rounds, status="")
             for r in range(1, self.job.rounds + 1):
+                stop = self.strategy.stop_before(r)  # a client-level privacy budget: stop cleanly here
+                if stop is not None:
+                    bar.update(task, status="stopped by the privacy budget")
+                    break
                 record = self.strategy.round(r)
                 self.result.rounds.append(record)
                 self._note_epsilon(record)

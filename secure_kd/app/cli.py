@@ -287,6 +287,12 @@ def federate(
     except FederationFailed as exc:
         raise ValueError(str(exc)) from None
     console.print(f"federation done: {len(result.rounds)} rounds; results: {Path(job.out) / 'results.json'}")
+    if result.client_dp is not None:  # client-level DP: the claim, and why the run stopped early if it did
+        dp = result.client_dp
+        console.print(
+            f"client-level DP: epsilon {dp['epsilon']:.4g} (delta {dp['delta']:g}) for this federation; "
+            f"{Path(job.out) / 'privacy.json'}" + (f"; {dp['stop_reason']}" if dp["stop_reason"] else "")
+        )
 
 
 @app.command("federate-export")

@@ -72,6 +72,14 @@ class Strategy(ABC):
     def finish(self) -> RoundRecord | None:
         return None
 
+    def stop_before(self, r: int) -> str | None:
+        """Why the run must not start round `r` (a privacy budget), or None to go on."""
+        return None
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        """The run's client-level DP accounting (results.json `client_dp`), if the strategy has one."""
+        return None
+
     def _metrics(self, content: RecordDict, *, required: tuple[str, ...] = ()) -> dict[str, float]:
         return read_metrics(content, required, CLIENT_METRICS + (NUM_EXAMPLES,))
 

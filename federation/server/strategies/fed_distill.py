@@ -28,7 +28,12 @@ if TYPE_CHECKING:
 class FedDistillStrategy(AggregatingStrategy):
     def setup(self) -> dict[str, Any]:
         layout = self.session.data.layout
-        return {"transfer_positions": layout.n_positions, "index_k": layout.k, "layout": layout.fingerprint}
+        return {
+            "transfer_positions": layout.n_positions,
+            "index_k": layout.k,
+            "index": layout.kind,
+            "layout": layout.fingerprint,
+        }
 
     @property
     def filtered(self) -> bool:

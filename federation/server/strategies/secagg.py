@@ -8,6 +8,10 @@ weighted average. Because the updates are masked, the server cannot validate the
 malicious value is bounded by the clipping range, not rejected (docs/threat-model.md compares this with
 CKKS). The workflow talks to the legacy Strategy API, so the round uses Flower's `LegacyContext` and a
 legacy `FedAvg` whose metrics hook records who contributed.
+
+Under client-level DP (`client_dp`, noise added by the clients) each client masks its update (weights -
+global) plus its noise share with the same weight, so the unmasked result is the mean of the noised
+updates and the new global model is the old one plus it; the server only ever sees that noised sum.
 """
 
 from __future__ import annotations
@@ -95,10 +99,12 @@ class SecAggFedAvgStrategy(FedAvgStrategy):
             raise ValueError(
                 "the SecAgg+ aggregate does not have the student's parameter shapes or is not finite"
             )
+        if self.job.client_dp is not None:  # the mean of the noised updates
+            arrays = [self.plain[n].astype(np.float64) + a for n, a in zip(names, arrays, strict=True)]
         self.plain = {n: a.astype(np.float32) for n, a in zip(names, arrays, strict=True)}
         aggregate = {
             "kind": "secagg+",
             "contributors": len(metrics),
             "note": "bytes of the SecAgg+ stages are not metered",
         }
-        return s.record(r, metrics, aggregate)
+        return self._noted(s.record(r, metrics, aggregate))
