@@ -361,6 +361,20 @@ class TrainConfig(Strict):
     privacy: PrivacyConfig | None = Field(None, description="DP-SGD of the student; see docs/privacy.md")
 
 
+class CanaryAuditConfig(Strict):
+    """`audit.canaries`: `n` canary records for a one-run DP audit (secure_kd.audit_canaries), each
+    inserted with probability 1/2, drawn from `seed`; which went in is written to the run's sidecar."""
+
+    n: int = Field(..., ge=2, le=100_000, description="how many canaries (each inserted with prob. 1/2)")
+    seed: int = Field(0, description="draws the secrets and which canaries are inserted")
+
+
+class JobAuditConfig(Strict):
+    """`audit`: what a training job prepares for auditing it afterwards."""
+
+    canaries: CanaryAuditConfig | None = None
+
+
 class DistillJob(Strict):
     """`secure-kd distill`: distil a student from a teacher."""
 
@@ -379,6 +393,9 @@ class DistillJob(Strict):
     kd: KDConfig = KDConfig()
     train: TrainConfig = TrainConfig()
     cache_dir: str | None = Field(None, description="default: <out>/teacher-cache")
+    audit: JobAuditConfig = Field(
+        JobAuditConfig(), description="canaries for a one-run DP audit (`secure-kd audit --canaries`)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillJob:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from secure_kd.audit_canaries import SIDECAR_NAME, insert_canaries, make_canaries, write_sidecar
+from secure_kd.audit_canaries import TOPIC as AUDIT_CANARY_TOPIC
 from secure_kd.config import SCHEMA_VERSION, DistillJob, check_against_vocab
 from secure_kd.data import (
     TokenizedExample,
@@ -100,6 +102,7 @@ class DistillResult(BaseModel):
     cache: dict[str, Any] | None = None
     privacy: dict[str, Any] | None = None
     cross_tokenizer: dict[str, Any] | None = None
+    audit_canaries: dict[str, Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -228,6 +231,22 @@ def _check_same_data(dist: Distributed, data_fp: str) -> None:
         )
 
 
+def _with_audit_canaries(
+    job: DistillJob, train_records: list[dict], source_records: list[dict], dist: Distributed
+) -> tuple[list[dict], dict[str, Any]]:
+    """The training records with the inserted audit canaries, and what results.json says of them (how
+    many, not which: that is in the private sidecar, written by rank 0)."""
+    spec = job.audit.canaries
+    texts = [record_text(r, job.data.text_field) for r in source_records]
+    canaries = make_canaries(spec.n, spec.seed, avoid=texts)
+    records = insert_canaries(train_records, canaries, text_field=job.data.text_field, seed=spec.seed)
+    sidecar = Path(job.out) / SIDECAR_NAME
+    if dist.is_main:
+        write_sidecar(job.out, canaries, n=spec.n, seed=spec.seed)
+    n_in = sum(c.inserted for c in canaries)
+    return records, {"n": spec.n, "seed": spec.seed, "n_inserted": n_in, "sidecar": str(sidecar)}
+
+
 def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True, log=print) -> DistillResult:
     """Run the job (data parallel when launched by torchrun or accelerate launch); see the module."""
     with launched(resolve_device(job.device)) as (dist, device):
@@ -250,9 +269,14 @@ def _run_distill(
     seed_everything(job.seed)
 
     train_records, heldout_records, data_info, source_records = _records(job)
+    canary_info = None
+    if job.audit.canaries is not None:  # one-run DP audit: after the split, so none is held out
+        train_records, canary_info = _with_audit_canaries(job, train_records, source_records, dist)
     # A tokenizer trained on the canaries can learn a secret as one token and fake high exposure.
     tokenizer_texts = [
-        record_text(r, job.data.text_field) for r in train_records if r.get("topic") != "canary"
+        record_text(r, job.data.text_field)
+        for r in train_records
+        if r.get("topic") not in ("canary", AUDIT_CANARY_TOPIC)
     ]
     teacher_tok = _tokenizer(job, tokenizer_texts, out, job.teacher_tokenizer)
     tokenizer = teacher_tok  # the student's
@@ -371,7 +395,9 @@ def _run_distill(
         from secure_kd.dp.ledger import dataset_key
         from secure_kd.dp.trainer import DPDistiller
 
-        # every record of the source, before the seed-dependent split: one budget per dataset
+        # every record of the source, before the seed-dependent split: one budget per dataset. Audit
+        # canaries are not in the key (another canary seed must not open a fresh budget on the same
+        # records); they are trained, sampled and counted in the sample rate like any record.
         key = dataset_key([record_text(r, job.data.text_field) for r in source_records])
         caveats = []
         if job.teacher_tokenizer.startswith("tiny:") or job.student_tokenizer.startswith("tiny:"):
@@ -458,6 +484,7 @@ def _run_distill(
         cache=cache_info,
         privacy=distiller.report.model_dump(mode="json") if getattr(distiller, "report", None) else None,
         cross_tokenizer=cross_info,
+        audit_canaries=canary_info,
     )
     # private: losses and evaluations on private text are not covered by DP (docs/privacy.md)
     if dist.is_main:

@@ -15,6 +15,7 @@ on the epsilon of the mechanism that produced this run (it never proves privacy,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -82,3 +83,55 @@ def one_run_epsilon_lower_bound(
         else:
             high = middle
     return low
+
+
+GUESS_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)
+"""Shares of the canaries guessed on (half "in" at the top of the scores, half "out" at the bottom). The
+paper abstains on most canaries and reports several guess counts; here the best of these four is
+reported, its confidence corrected for the choice (Bonferroni: each is tested at 1 - (1 - c) / 4)."""
+
+
+def guess_counts(scores: Sequence[float], inserted: Sequence[bool], k: int) -> tuple[int, int]:
+    """(n_guesses, n_correct) when the `k` highest scores are guessed inserted and the `k` lowest not.
+    Ties are broken by position, never by the insertion bit."""
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    truth = np.asarray(inserted, dtype=bool)[order]
+    if not 0 < 2 * k <= len(truth):
+        raise ValueError(f"need 0 < 2k <= {len(truth)} canaries, got k={k}")
+    return 2 * k, int(truth[:k].sum() + (~truth[len(truth) - k :]).sum())
+
+
+def audit_from_scores(
+    scores: Sequence[float],
+    inserted: Sequence[bool],
+    *,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+    fractions: Sequence[float] = GUESS_FRACTIONS,
+) -> dict:
+    """The one-run bound from per-canary scores (higher = more likely inserted): one guess count per
+    fraction, each bound at the Bonferroni-corrected confidence, and the largest of them, which holds at
+    `confidence` whichever count gave it."""
+    m = len(scores)
+    if m != len(inserted) or m < 2:
+        raise ValueError(f"need one insertion bit per score and >= 2 canaries, got {m} and {len(inserted)}")
+    ks = sorted({max(1, int(f * m) // 2) for f in fractions})
+    per_test = 1.0 - (1.0 - confidence) / len(ks)
+    tried = []
+    for k in ks:
+        r, v = guess_counts(scores, inserted, k)
+        bound = one_run_epsilon_lower_bound(m, r, v, delta=delta, confidence=per_test)
+        tried.append({"n_guesses": r, "n_correct": v, "epsilon_lower_bound": bound})
+    best = max(tried, key=lambda t: t["epsilon_lower_bound"])
+    return {
+        "epsilon_lower_bound": best["epsilon_lower_bound"],
+        "n_canaries": m,
+        "n_inserted": int(np.sum(inserted)),
+        "n_guesses": best["n_guesses"],
+        "n_correct": best["n_correct"],
+        "delta": delta,
+        "confidence": confidence,
+        "per_test_confidence": per_test,
+        "tried": tried,
+        "method": f"best of {len(ks)} guess counts, Bonferroni-corrected (each at {per_test:.4g})",
+    }

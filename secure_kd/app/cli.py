@@ -411,8 +411,14 @@ def audit_cmd(
         None, "--fail-on", help="low|medium|high: exit 3 when a risk is at or above it"
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    canaries: list[Path] = typer.Option(
+        [], "--canaries", help="a training run trained with audit.canaries: its one-run DP audit (repeatable)"
+    ),
 ) -> None:
     """Run an attack suite against a model; write results.json and a self-contained report.html.
+
+    With --canaries RUN_DIR, also the one-run DP audit of that run (its epsilon lower bound next to its
+    claimed epsilon); with --canaries and no --config, --data or --secrets, only that.
 
     Exit codes: 0 done, 2 bad input (nothing run), 3 a risk at or above --fail-on, 4 an attack failed
     (the audit is incomplete). An attack that cannot apply to the model is skipped with the reason."""
@@ -420,6 +426,9 @@ def audit_cmd(
     from secure_kd.app.report.config import AuditConfig
     from secure_kd.app.report.plan import check_suite
 
+    if canaries and config is None and data is None and secrets is None:
+        _one_run_only(canaries, model, out)
+        return
     given = {"model": model, "teacher": teacher, "data": data, "secrets": secrets, "fail_on": fail_on}
     values = {key: value for key, value in given.items() if value is not None}
     if out is not None:
@@ -433,6 +442,8 @@ def audit_cmd(
     if problems:  # before anything runs: a typo in the last entry must not cost the first ones' time
         raise ConfigError(problems, str(config or "audit"))
     result = run_audit(job, resume=resume, console=console)
+    if canaries:
+        result = _write_one_run(result, canaries, job.model, Path(job.out))
     for entry in result.entries:
         if entry.status == "skipped":
             console.print(f"[yellow]skipped:[/] {escape(f'{entry.id}: {entry.reason}')}", highlight=False)
@@ -448,6 +459,32 @@ def audit_cmd(
         typer.echo(line)
     if code:
         raise typer.Exit(code)
+
+
+def _write_one_run(result, runs: list[Path], model: str | None, out: Path):
+    from secure_kd.app.report.html import write_report
+    from secure_kd.app.report.one_run import attach_one_run, summary_line
+    from secure_kd.plugins import write_result
+
+    for run in runs:
+        if not run.is_dir():
+            raise ValueError(f"--canaries {run}: not a directory; give a training run's --out directory")
+    result = attach_one_run(result, [str(r) for r in runs], model=model)
+    write_result(out, result)
+    write_report(out, result)
+    for audit in result.one_run:
+        console.print(escape(summary_line(audit)), highlight=False)
+    return result
+
+
+def _one_run_only(runs: list[Path], model: str | None, out: Path | None) -> None:
+    from secure_kd.app.report.one_run import standalone_result
+
+    out = out or Path("runs/audit")
+    out.mkdir(parents=True, exist_ok=True)
+    result = standalone_result([str(r) for r in runs], "student_after.perplexity", str(out))
+    _write_one_run(result, runs, model, out)
+    console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
 
 
 @app.command("report")

@@ -63,3 +63,6 @@ class AuditResult(BaseModel):
     provenance: dict[str, Any]
     privacy_ledger: list[provenance.PrivacyEntry]
     seconds: float
+    one_run: list[dict[str, Any]] = Field(
+        default_factory=list, description="one-run DP audits of runs with canaries (report/one_run.py)"
+    )
