@@ -16,6 +16,8 @@ from pydantic import Field, model_validator
 
 from federation.client_dp_config import ClientDPConfig
 from federation.client_dp_config import problems as client_dp_problems
+from federation.cross_tokenizer_config import OrganizationModel
+from federation.cross_tokenizer_config import problems as cross_tokenizer_problems
 from federation.roles import FEDAVG_KINDS, AdversaryConfig, FaultKind
 from secure_kd.config import (
     SCHEMA_VERSION,
@@ -250,6 +252,11 @@ class FederatedJob(Strict):
     client_dp: ClientDPConfig | None = Field(
         None, description="client-level DP for fedavg: clipped updates, Gaussian noise on their sum"
     )
+    organization_models: dict[int, OrganizationModel] = Field(
+        default_factory=dict,
+        description="organization index -> its own tokenizer and student (federation.cross_tokenizer_config);"
+        " different tokenizers federate in fed_distill only",
+    )
     organizations: list[str] = Field(
         default_factory=list,
         description="names of the organizations in order (deployment: their SuperNodes' `org-name`); "
@@ -265,6 +272,9 @@ class FederatedJob(Strict):
         return int(self.max_message_mb * 1024 * 1024)
 
     def student_for(self, index: int) -> ModelConfig:
+        own = self.organization_models.get(index)
+        if own is not None and own.student is not None:
+            return own.student
         return self.students[index % len(self.students)] if self.students else self.student
 
     def org_name(self, index: int) -> str:
@@ -320,6 +330,7 @@ def _problems(job: FederatedJob) -> list[str]:
             " organization keeps would sum to 0)"
         )
     found.extend(_reference_problems(job))
+    found.extend(cross_tokenizer_problems(job))
     if job.data.packing:
         found.append("data.packing mixes records of one organization into blocks; set data.packing: false")
     if job.organizations:

@@ -23,6 +23,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from federation import client_dp
 from federation.client import hooks
+from federation.client.cross_tokenizer import byte_soft_labels, is_byte_layout
 from federation.client.decrypt import open_aggregate
 from federation.client.errors import ClientFailure
 from federation.client.filtering import ensemble_from_weighted_sum, transfer_weights
@@ -125,7 +126,10 @@ def _soft_label_payload(ws: OrgWorkspace, model) -> tuple[dict[str, np.ndarray],
     message's hooks (`federation.client.hooks`) before they are weighted, so every layout carries what
     a simulated adversary puts there."""
     public = ws.public
-    labels = soft_labels(model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device)
+    if is_byte_layout(ws):  # across tokenizers: rows of the byte-aligned layout (federation.byte_layout)
+        labels = byte_soft_labels(ws, model)
+    else:
+        labels = soft_labels(model, public.transfer, public.layout, pad_id=public.pad_id, device=ws.device)
     labels = hooks.current().soft_labels(ws, labels)
     filtering = ws.job.transfer.filtering
     if filtering is None:

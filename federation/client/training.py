@@ -8,7 +8,8 @@ given, or one calibrated so that `rounds` rounds of local steps end at `target_e
 rounds are not starved by a budget calibrated for a single round.
 
 Distillation from soft labels (the ensemble of fed_distill, a peer's in p2p) trains on public
-transfer records only, so it needs no DP.
+transfer records only, so it needs no DP. Across tokenizers (`organization_models`) the ensemble is on the byte-aligned
+layout and the distillation is `federation.client.cross_tokenizer`'s own loop on its rows.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from federation.client.cross_tokenizer import distill_from_bytes, heldout_bits_per_byte, is_byte_layout
 from federation.client.workspace import OrgWorkspace
 from federation.soft_labels import EnsembleTargets
 from federation.students import language_modelling, mean_loss
@@ -135,6 +137,8 @@ def train_locally(ws: OrgWorkspace, model: nn.Module, round_index: int) -> Local
 
 def distill_from(ws: OrgWorkspace, model: nn.Module, soft: object, round_index: int, *, steps: int) -> float:
     """Distil the student towards `soft` ([positions, k + 1] on the transfer set); returns the last loss."""
+    if is_byte_layout(ws):  # across tokenizers (federation.client.cross_tokenizer)
+        return distill_from_bytes(ws, model, soft, round_index, steps=steps)
     targets = EnsembleTargets(soft, ws.public.layout, ws.device)
     train = ws.job.train.model_copy(update={"max_steps": steps, "privacy": None})
     distiller = Distiller(
@@ -161,7 +165,10 @@ def evaluate(ws: OrgWorkspace, model: nn.Module) -> dict[str, float]:
         batch_size=ws.job.train.batch_size,
         device=ws.device,
     )
-    return {
+    out = {
         "heldout-loss": mean_loss(model, ws.heldout_examples, **common),
         "test-loss": mean_loss(model, ws.public.test, **common),
     }
+    if is_byte_layout(ws):  # per-token losses of two tokenizers are not comparable, bits per byte are
+        out["heldout-bits-per-byte"] = heldout_bits_per_byte(ws, model)
+    return out

@@ -32,7 +32,7 @@ from torch import nn
 from federation.client.student_store import load_student_file, save_student_file
 from federation.config import FederatedJob
 from federation.crypto.identity import OrgKeys, TrustStore
-from federation.job_data import JobData, job_data, record_text
+from federation.job_data import JobData, organization_data, record_text
 from federation.partition import OrganizationData, split_own_records
 from federation.students import build_student, build_teacher
 from secure_kd.data import TokenizedExample, load_records, tokenize_records
@@ -90,7 +90,8 @@ class OrgWorkspace:
     # -- data ----------------------------------------------------------------------------------------
     @cached_property
     def public(self) -> JobData:
-        return job_data(self.job)
+        """The public sets tokenized with this organization's tokenizer (its `organization_models` entry)."""
+        return organization_data(self.job, self.index)
 
     @cached_property
     def own_data(self) -> OrganizationData:

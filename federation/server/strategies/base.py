@@ -46,6 +46,7 @@ CLIENT_METRICS = (
     "kilobytes",
     "profile-epsilon",
     "kept-fraction",
+    "heldout-bits-per-byte",
 )
 
 
