@@ -414,6 +414,12 @@ def audit_cmd(
     canaries: list[Path] = typer.Option(
         [], "--canaries", help="a training run trained with audit.canaries: its one-run DP audit (repeatable)"
     ),
+    predict: bool = typer.Option(
+        False,
+        "--predict",
+        help="before distilling: which --data records will the student memorize, from "
+        "--teacher (and the initial student --model) alone; lists the records to drop or deduplicate",
+    ),
 ) -> None:
     """Run an attack suite against a model; write results.json and a self-contained report.html.
 
@@ -426,6 +432,9 @@ def audit_cmd(
     from secure_kd.app.report.config import AuditConfig
     from secure_kd.app.report.plan import check_suite
 
+    if predict:
+        _predict_only(teacher, data, model, out)
+        return
     if canaries and config is None and data is None and secrets is None:
         _one_run_only(canaries, model, out)
         return
@@ -482,8 +491,43 @@ def _one_run_only(runs: list[Path], model: str | None, out: Path | None) -> None
 
     out = out or Path("runs/audit")
     out.mkdir(parents=True, exist_ok=True)
-    result = standalone_result([str(r) for r in runs], "student_after.perplexity", str(out))
+    runs_ = [str(r) for r in runs]
+    result = standalone_result({"canaries": runs_, "out": str(out)}, runs_, "student_after.perplexity")
     _write_one_run(result, runs, model, out)
+    console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
+
+
+def _predict_only(teacher: str | None, data: str | None, model: str | None, out: Path | None) -> None:
+    from secure_kd.app.report.forecast import run_forecast
+    from secure_kd.app.report.html import write_report
+    from secure_kd.app.report.one_run import standalone_result
+    from secure_kd.plugins import write_result
+
+    if teacher is None or data is None:
+        raise ValueError(
+            "--predict needs --teacher DIR (the teacher to distil from) and --data FILE (the records to "
+            "distil on); --model DIR adds the initial student's KL to the teacher"
+        )
+    for name, path in (("--teacher", teacher), ("--model", model)):
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(f"{name} {path}: not a directory; give a local Hugging Face model directory")
+    if not Path(data).is_file():
+        raise ValueError(f"--data {data}: no such file; give the .jsonl/.json/.csv/.parquet/.txt records")
+    out = out or Path("runs/audit")
+    out.mkdir(parents=True, exist_ok=True)
+    found = run_forecast(teacher, data, student=model)
+    config = {"predict": True, "teacher": teacher, "data": data, "model": model, "out": str(out)}
+    result = standalone_result(config, [], "student_after.perplexity").model_copy(
+        update={"forecast": found, "teacher": teacher, "data": data, "seconds": found["seconds"]}
+    )
+    write_result(out, result)
+    write_report(out, result)
+    shown = ", ".join(str(d["index"]) for d in found["drop"][:10])
+    shown += " ..." if len(found["drop"]) > 10 else ""
+    console.print(
+        f"forecast: {len(found['drop'])} of {found['n_records']} records to review (indices {shown}); "
+        f"{len(found['duplicates'])} duplicate groups"
+    )
     console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from secure_kd.app.report.config import DEFAULT_THRESHOLDS, Threshold
 from secure_kd.app.report.figures import FIGURES, privacy_utility_figure
+from secure_kd.app.report.forecast import forecast_html
 from secure_kd.app.report.one_run import one_run_html
 from secure_kd.app.report.result import AuditResult
 from secure_kd.app.report.verdict import canary_headline
@@ -261,6 +262,7 @@ def render_html(result: AuditResult) -> str:
         f"<h2>Figures</h2>{_figures(result)}"
         f"<h2>Privacy ledger (DP runs)</h2>{_ledger(result)}"
         f"{one_run_html(result)}"
+        f"{forecast_html(result)}"
         f"<h2>Reproduction</h2>{_provenance(result)}"
     )
     return (

@@ -27,11 +27,11 @@ EXPLAIN = (
 )
 
 
-def standalone_result(run_dirs: list[str], utility_key: str, out: str) -> AuditResult:
-    """An audit result with no attack entries, for `--canaries` alone."""
+def standalone_result(config: dict[str, Any], run_dirs: list[str], utility_key: str) -> AuditResult:
+    """An audit result with no attack entries (`--canaries` or `--predict` alone), `config` as given."""
     return AuditResult(
         model=None, teacher=None, data=None, entries=[], measurements=[], verdicts=[], overall=None,
-        failed=[], config={"canaries": run_dirs, "out": out, "utility_key": utility_key},
+        failed=[], config={**config, "utility_key": utility_key},
         provenance={"versions": provenance.package_versions(), "git_commit": provenance.git_commit()},
         privacy_ledger=provenance.privacy_ledger([Path(d) for d in run_dirs], utility_key), seconds=0.0,
     )  # fmt: skip

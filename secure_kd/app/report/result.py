@@ -66,3 +66,7 @@ class AuditResult(BaseModel):
     one_run: list[dict[str, Any]] = Field(
         default_factory=list, description="one-run DP audits of runs with canaries (report/one_run.py)"
     )
+    forecast: dict[str, Any] | None = Field(
+        None,
+        description="records the student is likely to memorize, before distillation (report/forecast.py)",
+    )
