@@ -232,3 +232,29 @@ def test_two_tokenizers_federate_under_ckks_and_every_student_improves(tmp_path)
         assert by_hand_after == pytest.approx(after[f"org-{i}"], abs=2e-3)
         assert by_hand_after < by_hand_before - 0.1, (i, by_hand_before, by_hand_after)
     assert all("digest-loss" in c.metrics for c in result.final.clients)
+
+
+def test_in_plaintext_the_ensemble_is_the_mean_of_the_uploaded_rows(tmp_path):
+    job = _job(out=str(tmp_path / "run"), rounds=1, protection="plaintext", **{"data.max_length": 32})
+    _, grid = federate(job)
+    uploads = [reply.content["arrays"]["soft-labels"].numpy() for _, reply in grid.sent("train")]
+    layout = job_data(job).layout
+    assert len(uploads) == 4 and all(u.shape == layout.shape for u in uploads)
+    ensemble = grid.sent("train.digest")[0][0].content["arrays"]["soft-labels"].numpy()
+    np.testing.assert_allclose(ensemble, sum(uploads) / 4, atol=1e-12)
+
+
+def test_the_fingerprint_binds_the_text_and_every_tokenizer(pair):
+    tokenizers, records, examples, layout = pair
+    texts = [r["text"] for r in records]
+    again = build_byte_layout(texts, tokenizers, examples, k=6)
+    assert again.fingerprint == layout.fingerprint
+    other = {"a": tokenizers["a"], "b": train_tiny_tokenizer(TEXTS, 300)}
+    other_examples = {n: tokenize_records(records, tok, max_length=14) for n, tok in other.items()}
+    assert build_byte_layout(texts, other, other_examples, k=6).fingerprint != layout.fingerprint
+    edited = [texts[0].replace("cat", "cot"), *texts[1:]]
+    edited_examples = {
+        n: tokenize_records([{"text": t} for t in edited], tok, max_length=14)
+        for n, tok in tokenizers.items()
+    }
+    assert build_byte_layout(edited, tokenizers, edited_examples, k=6).fingerprint != layout.fingerprint
