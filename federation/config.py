@@ -86,6 +86,11 @@ class TransferConfig(Strict):
         "layout (every participant and the server load it); none: the transfer set's index_k most "
         "frequent target tokens for every position",
     )
+    layout: Literal["auto", "tokens", "bytes"] = Field(
+        "auto",
+        description="fed_distill: tokens (index_k ids + tail), bytes (the byte-aligned layout of "
+        "federation.byte_layout, index_k public bytes per span), auto: bytes across tokenizers, else tokens",
+    )
     digest_steps: int = Field(8, ge=1, description="distillation steps on the aggregated soft labels")
     filtering: FilteringConfig | None = Field(
         None, description="fed_distill: weight each organization's soft labels by its own data density"

@@ -51,6 +51,11 @@ def is_cross_tokenizer(job: Any) -> bool:
     return len(tokenizer_specs(job)) > 1
 
 
+def uses_byte_layout(job: Any) -> bool:
+    """Soft labels on the byte-aligned layout: across tokenizers, or where `transfer.layout` asks."""
+    return job.transfer.layout == "bytes" or (job.transfer.layout == "auto" and is_cross_tokenizer(job))
+
+
 _MODE_REASONS = {
     "fedavg": "averages weights whose embedding and output rows are one tokenizer's token ids",
     "pate": "counts votes for one tokenizer's token ids",
@@ -66,6 +71,20 @@ def _spec_problem(spec: str, where: str) -> str | None:
     if spec == "teacher":
         return f"{where}: teacher is the job's teacher tokenizer; name the tokenizer itself (e.g. smollm2)"
     return None
+
+
+def _byte_layout_problems(job: Any) -> list[str]:
+    """transfer.layout: bytes with one tokenizer: what the byte-aligned layout cannot carry."""
+    found = []
+    if job.mode != "fed_distill":
+        found.append(f"transfer.layout: bytes is a layout of fed_distill's soft labels; mode is {job.mode}")
+    if job.transfer.reference is not None:
+        found.append("transfer.layout: bytes needs no reference model; drop transfer.reference")
+    if job.transfer.filtering is not None:
+        found.append("transfer.filtering weights token positions; with transfer.layout: bytes drop it")
+    if job.adversaries:
+        found.append("adversaries are not supported on the byte-aligned layout yet; drop adversaries")
+    return found
 
 
 def problems(job: Any) -> list[str]:
@@ -93,9 +112,17 @@ def problems(job: Any) -> list[str]:
                 f"organization_models.{index}.student: fedavg averages weights, so every organization needs "
                 "the job's student; drop it or use mode fed_distill"
             )
-    if not is_cross_tokenizer(job):
+    cross = is_cross_tokenizer(job)
+    if not cross and uses_byte_layout(job):
+        found.extend(_byte_layout_problems(job))
+    if not cross:
         return found
     specs = ", ".join(tokenizer_specs(job))
+    if job.transfer.layout == "tokens":
+        found.append(
+            f"{NO_ANCHOR}: transfer.layout: tokens puts one tokenizer's ids in the shared slots, and the "
+            f"organizations use {specs}; set transfer.layout: bytes (or auto)"
+        )
     if job.mode != "fed_distill":
         found.append(
             f"{NO_ANCHOR}: the organizations use tokenizers {specs}, and mode {job.mode} "

@@ -16,7 +16,7 @@ from typing import Any
 
 from federation.byte_layout import build_byte_layout
 from federation.config import FederatedJob
-from federation.cross_tokenizer_config import is_cross_tokenizer, tokenizer_of, tokenizer_specs
+from federation.cross_tokenizer_config import tokenizer_of, tokenizer_specs, uses_byte_layout
 from federation.partition import FederatedSplit, federated_split
 from federation.soft_labels import SoftLabelLayout, build_layout
 from secure_kd.data import TokenizedExample, tokenize_records, train_tiny_tokenizer
@@ -93,7 +93,7 @@ def _build(job: FederatedJob) -> dict[str, JobData]:
     split = federated_split(job)
     used = tokenizer_specs(job)
     sides = {spec: _tokenized(job, split, spec) for spec in dict.fromkeys([job.tokenizer, *used])}
-    if is_cross_tokenizer(job):
+    if uses_byte_layout(job):
         texts = [record_text(r, job.data.text_field) for r in split.transfer]
         layout = build_byte_layout(
             texts,

@@ -161,6 +161,7 @@ def _job(**changes) -> FederatedJob:
         ({"organization_models.7": "{tokenizer: 'tiny:400'}"}, "organization_models names organizations [7]"),
         ({"organization_models.3": "{tokenizer: 'tiny:100'}"}, "organization_models.3.tokenizer='tiny:100'"),
         ({"organization_models.3": "{nope: 1}"}, "organization_models.3.nope"),
+        ({"transfer.layout": "tokens"}, "No anchor federates across tokenizers: transfer.layout: tokens"),
     ],
 )
 def test_what_cannot_federate_across_tokenizers_is_refused_with_the_field_and_the_fix(override, needle):
@@ -176,6 +177,11 @@ def test_one_tokenizer_for_every_organization_keeps_the_token_layout():
         mode="fedavg", **{"organization_models.2": "{tokenizer: 'tiny:320'}", "organization_models.3": "{}"}
     )
     assert fedavg.mode == "fedavg"
+    bytes_one = _job(organization_models="{}", **{"transfer.layout": "bytes"})
+    layout = job_data(bytes_one).layout
+    assert layout.kind == "byte-aligned" and list(layout.views) == ["tiny:320"]
+    with pytest.raises(ConfigError, match="transfer.layout: bytes is a layout of fed_distill's soft labels"):
+        _job(organization_models="{}", mode="fedavg", **{"transfer.layout": "bytes"})
 
 
 def _bits_per_byte_by_hand(model, tokenizer, texts: list[str], max_length: int) -> float:

@@ -8,8 +8,8 @@ given, or one calibrated so that `rounds` rounds of local steps end at `target_e
 rounds are not starved by a budget calibrated for a single round.
 
 Distillation from soft labels (the ensemble of fed_distill, a peer's in p2p) trains on public
-transfer records only, so it needs no DP. Across tokenizers (`organization_models`) the ensemble is on the byte-aligned
-layout and the distillation is `federation.client.cross_tokenizer`'s own loop on its rows.
+transfer records only, so it needs no DP. On the byte-aligned layout (across tokenizers, or
+`transfer.layout: bytes`) the distillation is `federation.client.cross_tokenizer`'s own loop on its rows.
 """
 
 from __future__ import annotations
