@@ -8,6 +8,9 @@ Usage::
     mean = decrypt_mean(keyring, total, len(update))    # clients; decrypt / decrypt_weight
     to_server = release(mean, decimals=...)             # round (or noise) before it leaves
 
+The key material (`Keyring`, the server's `PublicContext`) is in he_keyring.py and the rounding of
+decrypted values (`release`) in he_release.py; this module re-exports both with the operations.
+
 Every client holds the one secret key (they must all decrypt the aggregate); the server
 holds a context with the parameters only and can neither decrypt nor encrypt. Each update
 carries its weight in one extra encrypted slot, so the server learns neither individual
@@ -43,7 +46,6 @@ algebra. Rounding far above the noise (Lattigo's mitigation) or adding flooding 
 from __future__ import annotations
 
 import math
-import secrets
 from collections import Counter
 from dataclasses import dataclass
 
@@ -52,29 +54,21 @@ import tenseal as ts
 import tenseal.sealapi  # noqa: F401  registers seal::Modulus, needed to read the coefficient moduli
 
 from federation.crypto.codec import (
-    KEY_ID_BYTES,
-    FramedContext,
     PayloadFormatError,
     PayloadHeader,
     PayloadKind,
-    PayloadLimits,
     chunk_at,
     iter_chunks,
-    pack_context,
     pack_payload,
     read_payload_header,
-    unpack_context,
 )
+from federation.crypto.he_keyring import MAX_VALUES, Keyring, PublicContext, load_public_context
 from federation.crypto.he_params import (
-    RELEASE_MARGIN_BITS,
-    SPECIAL_PRIME_BITS,
     CkksParameters,
     choose_parameters,
     choose_release_parameters,
 )
-
-# Most values one payload may hold (200M float32 parameters is ~6 GB on the wire).
-MAX_VALUES = 200_000_000
+from federation.crypto.he_release import mean_release_decimals, release, release_decimals
 
 __all__ = [
     "CkksParameters",
@@ -98,164 +92,6 @@ __all__ = [
     "release",
     "release_decimals",
 ]
-
-
-def _context_parameters(context: ts.Context, max_clients: int) -> CkksParameters:
-    seal_context = context.seal_context().data
-    degree = seal_context.first_context_data().parms().poly_modulus_degree()
-    moduli = seal_context.key_context_data().parms().coeff_modulus()
-    return CkksParameters(
-        poly_modulus_degree=degree,
-        coeff_mod_bit_sizes=tuple(m.bit_count() for m in moduli),
-        global_scale=context.global_scale,
-        max_clients=max_clients,
-    )
-
-
-class Keyring:
-    """The clients' CKKS key material. Build with `generate`, `for_payload` or
-    `from_secret_context`; it never leaves a client except sealed (federation/crypto/keys.py)."""
-
-    def __init__(self, context: ts.Context, parameters: CkksParameters, key_id: bytes) -> None:
-        if not context.is_private():
-            raise ValueError("a Keyring needs a context with the secret key")
-        if len(key_id) != KEY_ID_BYTES:
-            raise ValueError(f"key_id must be {KEY_ID_BYTES} bytes")
-        self._context = context
-        self.parameters = parameters
-        self.key_id = key_id
-
-    @classmethod
-    def generate(
-        cls,
-        *,
-        poly_modulus_degree: int = 8192,
-        coeff_mod_bit_sizes: tuple[int, ...] = (60, SPECIAL_PRIME_BITS),
-        global_scale: float = 2.0**35,
-        max_clients: int = 64,
-    ) -> Keyring:
-        parameters = CkksParameters(
-            poly_modulus_degree=poly_modulus_degree,
-            coeff_mod_bit_sizes=tuple(coeff_mod_bit_sizes),
-            global_scale=global_scale,
-            max_clients=max_clients,
-        )
-        return cls.from_parameters(parameters)
-
-    @classmethod
-    def from_parameters(cls, parameters: CkksParameters) -> Keyring:
-        context = ts.context(
-            ts.SCHEME_TYPE.CKKS,
-            parameters.poly_modulus_degree,
-            coeff_mod_bit_sizes=list(parameters.coeff_mod_bit_sizes),
-            encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
-            n_threads=1,
-        )
-        context.global_scale = parameters.global_scale
-        return cls(context, parameters, secrets.token_bytes(KEY_ID_BYTES))
-
-    @classmethod
-    def for_payload(
-        cls, n_values: int, *, max_abs_update: float, abs_error: float = 1e-6, max_clients: int = 64
-    ) -> Keyring:
-        """Generate a keyring with `choose_parameters(...)`."""
-        return cls.from_parameters(
-            choose_parameters(
-                n_values, max_abs_update=max_abs_update, abs_error=abs_error, max_clients=max_clients
-            )
-        )
-
-    @classmethod
-    def from_secret_context(cls, data: bytes) -> Keyring:
-        framed = unpack_context(data, secret=True)
-        context = _load_tenseal_context(framed, secret=True)
-        return cls(context, _context_parameters(context, framed.max_clients), framed.key_id)
-
-    def public_context(self) -> bytes:
-        """Parameters only: no secret key, no Galois or relinearization keys (there is no public key
-        under symmetric encryption). This is all the server needs to add ciphertexts."""
-        raw = self._context.serialize(
-            save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-        )
-        return pack_context(self._framed(raw, secret=False))
-
-    def secret_context(self) -> bytes:
-        """The whole key: send it only sealed to another client (federation.crypto.keys.seal_for)."""
-        raw = self._context.serialize(
-            save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
-        )
-        return pack_context(self._framed(raw, secret=True))
-
-    def _framed(self, raw: bytes, *, secret: bool) -> FramedContext:
-        return FramedContext(
-            self.key_id, secret, self.parameters.poly_modulus_degree, self.parameters.max_clients, raw
-        )
-
-    @property
-    def slots(self) -> int:
-        return self.parameters.slots
-
-    @property
-    def max_abs_sum(self) -> float:
-        return self.parameters.max_abs_sum
-
-    @property
-    def max_abs_update(self) -> float:
-        return self.parameters.max_abs_update
-
-    def noise_bound(self, n_clients: int) -> float:
-        return self.parameters.noise_bound(n_clients)
-
-    def _limits(self) -> PayloadLimits:
-        return PayloadLimits(self.key_id, self.slots, self.parameters.max_ciphertext_bytes(), MAX_VALUES)
-
-    def __repr__(self) -> str:
-        p = self.parameters
-        return (
-            f"Keyring(key_id={self.key_id.hex()[:12]}, N={p.poly_modulus_degree}, "
-            f"coeff_mod_bit_sizes={p.coeff_mod_bit_sizes}, scale=2**{math.log2(p.global_scale):g})"
-        )
-
-
-def _load_tenseal_context(framed: FramedContext, *, secret: bool) -> ts.Context:
-    try:
-        context = ts.context_from(framed.tenseal_bytes, n_threads=1)
-    except Exception as error:  # TenSEAL raises ValueError or RuntimeError on bad bytes
-        raise PayloadFormatError(f"not a valid TenSEAL context: {error}") from error
-    if context.is_private() != secret:
-        raise PayloadFormatError(
-            "the public context holds a secret key: the server must never receive it"
-            if context.is_private()
-            else "the secret context holds no secret key"
-        )
-    degree = context.seal_context().data.first_context_data().parms().poly_modulus_degree()
-    if degree != framed.poly_modulus_degree:
-        raise PayloadFormatError(
-            f"context header says N={framed.poly_modulus_degree}, the context has N={degree}"
-        )
-    return context
-
-
-@dataclass(frozen=True)
-class PublicContext:
-    """What the server holds: a TenSEAL context that can add but not decrypt or encrypt."""
-
-    context: ts.Context
-    key_id: bytes
-    parameters: CkksParameters
-
-    @property
-    def limits(self) -> PayloadLimits:
-        return PayloadLimits(
-            self.key_id, self.parameters.slots, self.parameters.max_ciphertext_bytes(), MAX_VALUES
-        )
-
-
-def load_public_context(data: bytes) -> PublicContext:
-    """Load `keyring.public_context()` bytes; refuses anything holding a secret key."""
-    framed = unpack_context(data, secret=False)
-    context = _load_tenseal_context(framed, secret=False)
-    return PublicContext(context, framed.key_id, _context_parameters(context, framed.max_clients))
 
 
 class InvalidCiphertextError(ValueError):
@@ -493,51 +329,6 @@ def decrypt_mean(keyring: Keyring, ciphertext: bytes, length: int) -> np.ndarray
     return decrypt_aggregate(keyring, ciphertext, length).mean
 
 
-def release_decimals(error_bound: float, *, margin_bits: int = RELEASE_MARGIN_BITS) -> int:
-    """Decimals for `release` that round at least 2**margin_bits above `error_bound` (for a
-    mean: keyring.noise_bound(n_clients) / total_weight). A value then changes with the noise
-    only when it lies within the noise of a rounding boundary, with probability ~2**-margin_bits
-    for values spread over the grid."""
-    if not (error_bound > 0 and math.isfinite(error_bound)):
-        raise ValueError(f"error_bound must be a positive finite number, got {error_bound}")
-    return math.floor(-math.log10(error_bound * 2.0**margin_bits))
-
-
-def mean_release_decimals(
-    parameters: CkksParameters,
-    total_weight: float,
-    *,
-    max_decimals: int,
-    margin_bits: int = RELEASE_MARGIN_BITS,
-) -> int:
-    """Decimals at which a decrypted mean of `total_weight` may leave a client: at most `max_decimals`,
-    and a grid at least 2**margin_bits above the noise of the mean, bounded by the noise of an aggregate
-    of `parameters.max_clients` fresh updates (the most an honest aggregate sums) over the weight."""
-    if not (total_weight > 0 and math.isfinite(total_weight)):
-        raise ValueError("total_weight must be a positive finite number")
-    bound = parameters.noise_bound(parameters.max_clients) / total_weight
-    return min(max_decimals, release_decimals(bound, margin_bits=margin_bits))
-
-
 def read_header(keyring: Keyring, ciphertext: bytes) -> PayloadHeader:
     """The checked header of a payload made under `keyring` (no ciphertext is parsed)."""
     return _header_for(keyring, ciphertext, None)
-
-
-def release(values, *, decimals: int, noise_std: float = 0.0, seed: int | None = None) -> np.ndarray:
-    """Prepare decrypted values to leave the clients (for the server, a report, a final model).
-
-    CKKS decryptions carry the encryption noise, and an adversary holding a ciphertext and its
-    exact decryption can recover the secret key (Li & Micciancio 2021). Rounding to `decimals`
-    (see `release_decimals`) drops the noise bits, as Lattigo's DecodeAndRound does;
-    `noise_std` > 0 first adds Gaussian flooding noise, OpenFHE's provable mitigation when
-    its standard deviation is far above `Keyring.noise_bound` (the statistical distance it
-    leaves shrinks with bound / noise_std). Use both when values are released repeatedly."""
-    array = np.asarray(values, dtype=np.float64)
-    if not (noise_std >= 0 and math.isfinite(noise_std)):
-        raise ValueError(f"noise_std must be a non-negative finite number, got {noise_std}")
-    if noise_std > 0:
-        # Flooding noise must be unpredictable to whoever sees the result: seed only for tests.
-        rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
-        array = array + rng.normal(0.0, noise_std, size=array.shape)
-    return np.round(array, decimals)
