@@ -414,6 +414,12 @@ def audit_cmd(
     canaries: list[Path] = typer.Option(
         [], "--canaries", help="a training run trained with audit.canaries: its one-run DP audit (repeatable)"
     ),
+    inherit: bool = typer.Option(
+        False,
+        "--inherit",
+        help="per --data record: memorized by --teacher only, by both, by the student "
+        "--model only; the inherited fraction with its interval",
+    ),
     predict: bool = typer.Option(
         False,
         "--predict",
@@ -434,6 +440,9 @@ def audit_cmd(
 
     if predict:
         _predict_only(teacher, data, model, out)
+        return
+    if inherit:
+        _inherit_only(teacher, data, model, out)
         return
     if canaries and config is None and data is None and secrets is None:
         _one_run_only(canaries, model, out)
@@ -527,6 +536,44 @@ def _predict_only(teacher: str | None, data: str | None, model: str | None, out:
     console.print(
         f"forecast: {len(found['drop'])} of {found['n_records']} records to review (indices {shown}); "
         f"{len(found['duplicates'])} duplicate groups"
+    )
+    console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
+
+
+def _inherit_only(teacher: str | None, data: str | None, model: str | None, out: Path | None) -> None:
+    from secure_kd.app.report.html import write_report
+    from secure_kd.app.report.inheritance import run_inheritance
+    from secure_kd.app.report.one_run import standalone_result
+    from secure_kd.plugins import write_result
+
+    if teacher is None or model is None or data is None:
+        raise ValueError(
+            "--inherit needs --teacher DIR (fine-tuned on the records), --model DIR (the student distilled "
+            "from it) and --data FILE (the records)"
+        )
+    for name, path in (("--teacher", teacher), ("--model", model)):
+        if not Path(path).is_dir():
+            raise ValueError(f"{name} {path}: not a directory; give a local Hugging Face model directory")
+    if not Path(data).is_file():
+        raise ValueError(f"--data {data}: no such file; give the .jsonl/.json/.csv/.parquet/.txt records")
+    out = out or Path("runs/audit")
+    out.mkdir(parents=True, exist_ok=True)
+    found = run_inheritance(teacher, model, data)
+    config = {"inherit": True, "teacher": teacher, "model": model, "data": data, "out": str(out)}
+    result = standalone_result(config, [], "student_after.perplexity").model_copy(
+        update={"inheritance": found, "model": model, "teacher": teacher, "data": data}
+    )
+    write_result(out, result)
+    write_report(out, result)
+    c, fraction = found["counts"], found["inherited_fraction"]
+    share = (
+        "-"
+        if fraction is None
+        else f"{fraction:.2f} (95% CI {found['inherited_ci'][0]:.2f}-{found['inherited_ci'][1]:.2f})"
+    )
+    console.print(
+        f"memorized by the teacher only {c['teacher_only']}, both {c['both']}, the student only "
+        f"{c['student_only']} (of {found['n_eligible']} eligible records); inherited fraction {share}"
     )
     console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}")
 

@@ -11,6 +11,7 @@ from typing import Any
 from secure_kd.app.report.config import DEFAULT_THRESHOLDS, Threshold
 from secure_kd.app.report.figures import FIGURES, privacy_utility_figure
 from secure_kd.app.report.forecast import forecast_html
+from secure_kd.app.report.inheritance import inheritance_html
 from secure_kd.app.report.one_run import one_run_html
 from secure_kd.app.report.result import AuditResult
 from secure_kd.app.report.verdict import canary_headline
@@ -263,6 +264,7 @@ def render_html(result: AuditResult) -> str:
         f"<h2>Privacy ledger (DP runs)</h2>{_ledger(result)}"
         f"{one_run_html(result)}"
         f"{forecast_html(result)}"
+        f"{inheritance_html(result.inheritance)}"
         f"<h2>Reproduction</h2>{_provenance(result)}"
     )
     return (

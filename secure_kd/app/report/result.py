@@ -70,3 +70,6 @@ class AuditResult(BaseModel):
         None,
         description="records the student is likely to memorize, before distillation (report/forecast.py)",
     )
+    inheritance: dict[str, Any] | None = Field(
+        None, description="teacher/student memorization per record (report/inheritance.py)"
+    )
