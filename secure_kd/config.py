@@ -152,6 +152,12 @@ class DataConfig(Strict):
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     text_field: str = "text"
+    privileged_field: str | None = Field(
+        None,
+        min_length=1,
+        description="kd.mode: self_privileged: the field of each record holding the privileged context "
+        "(a document, a solution, a customer record) that only the self-teacher sees, before the prompt",
+    )
     max_length: int = Field(128, ge=8)
     packing: bool = False
     mask_prompt: bool = True
@@ -187,7 +193,10 @@ class KDConfig(Strict):
     a value out of range, a missing one or one of another objective is refused at `kd.params.<name>`.
     `kd_weight` * KD loss + `ce_weight` * cross-entropy on the labels; `teacher_targets`: live
     teacher or the offline top-k cache; `mode`: off_policy, on_policy (the student generates a share
-    `lmbda` of the batches, GKD) or seq_kd (the teacher's generations are the targets).
+    `lmbda` of the batches, GKD), seq_kd (the teacher's generations are the targets) or
+    self_privileged (the teacher is the student's own weights, `self_teacher`, shown the record's
+    `data.privileged_field` before the prompt; `token_share` of the response tokens distilled;
+    secure_kd.self_distill).
     """
 
     model_config = ConfigDict(
@@ -213,8 +222,22 @@ class KDConfig(Strict):
         "vocab 49,152), which measured fastest on CPU",
     )
     fused: bool = False
-    mode: Literal["off_policy", "on_policy", "seq_kd"] = "off_policy"
-    lmbda: float = Field(0.5, ge=0, le=1, description="on_policy: fraction of batches the student generates")
+    mode: Literal["off_policy", "on_policy", "seq_kd", "self_privileged"] = "off_policy"
+    lmbda: float = Field(
+        0.5, ge=0, le=1, description="on_policy, self_privileged: fraction of batches the student generates"
+    )
+    self_teacher: Literal["frozen", "shared"] = Field(
+        "frozen",
+        description="self_privileged: the teacher is a frozen copy of the student made at the start (frozen) "
+        "or the live student itself under no_grad (shared)",
+    )
+    token_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="self_privileged: distil at most this share of each example's response tokens, those "
+        "where the privileged teacher is the more certain (token_selective's rule); 1.0 = every token",
+    )
     max_new_tokens: int = Field(32, gt=0)
     generation_temperature: float = Field(1.0, gt=0)
     teacher_max_length: int | None = Field(
@@ -257,6 +280,17 @@ class KDConfig(Strict):
             )
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train; set one of them > 0")
+        if self.mode != "self_privileged":
+            given = [f for f in ("self_teacher", "token_share") if f in self.model_fields_set]
+            if given and (self.token_share != 1.0 or self.self_teacher != "frozen"):
+                raise ValueError(
+                    f"{' and '.join(given)} apply to mode: self_privileged only, not mode {self.mode!r}; "
+                    "remove them or set mode: self_privileged (with data.privileged_field)"
+                )
+        elif self.fused:
+            raise ValueError(
+                "mode: self_privileged has no fused form (the teacher reads another input); set fused: false"
+            )
         return self
 
 
@@ -399,6 +433,7 @@ class DistillJob(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillJob:
+        _check_self_privileged(self)  # first: it makes the teacher the student's model
         if self.teacher.source == "teacher_layers":
             raise ValueError("teacher.source cannot be 'teacher_layers'; that is a way to build a student")
         if self.teacher_tokenizer.startswith("tiny:") and self.teacher.source == "smollm2":
@@ -509,6 +544,44 @@ def _check_private_job(job: DistillJob) -> None:
             f"train.privacy with kd.loss {job.kd.loss!r}: its state is updated from whole batches, outside "
             "DP-SGD; choose a stateless objective (forward_kl, reverse_kl, jsd, tvd, skew_*, ce, ...)"
         )
+
+
+def _check_self_privileged(job: DistillJob) -> None:
+    """kd.mode: self_privileged and data.privileged_field go together; the teacher is the student.
+
+    The job's `teacher` becomes the student's model (without LoRA or frozen embeddings) so that the
+    tokenizer and the model sizes resolve as for the student; a `teacher` block that says otherwise is
+    refused, since it would be ignored."""
+    field, mode = job.data.privileged_field, job.kd.mode
+    if mode == "self_privileged" and field is None:
+        raise ValueError(
+            "kd.mode: self_privileged needs data.privileged_field: the field of each record holding the "
+            "context only the teacher sees (e.g. data.privileged_field: context)"
+        )
+    if field is not None and mode != "self_privileged":
+        raise ValueError(
+            f"data.privileged_field {field!r} is set but kd.mode is {mode!r}, which would never read it; set "
+            "kd.mode: self_privileged, or remove data.privileged_field"
+        )
+    if mode != "self_privileged":
+        return
+    if job.student.source in ("teacher_layers", "served"):
+        raise ValueError(
+            f"kd.mode: self_privileged trains the student against its own weights; student.source "
+            f"{job.student.source!r} is not a model of its own: use tiny, smollm2 or a model directory"
+        )
+    if job.data.packing:
+        raise ValueError(
+            "kd.mode: self_privileged puts each record's privileged context before its own prompt, which a "
+            "packed block of several records cannot do; set data.packing: false"
+        )
+    own = job.student.model_copy(update={"lora": None, "freeze_embeddings": False})
+    if "teacher" in job.model_fields_set and job.teacher != own:
+        raise ValueError(
+            "kd.mode: self_privileged: the teacher is the student's own weights (kd.self_teacher: frozen or "
+            "shared), so a `teacher` block would be ignored; remove it"
+        )
+    job.__dict__["teacher"] = own  # without re-validation (this validator runs on every assignment)
 
 
 class ConfigError(ValueError):

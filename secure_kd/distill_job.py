@@ -64,6 +64,7 @@ from secure_kd.models import (
     vocab_size_of,
 )
 from secure_kd.paths import atomic_write_json
+from secure_kd.self_distill import ledger_texts, privileged_targets, self_teacher
 from secure_kd.teacher_targets import CachedTeacher
 from secure_kd.trainer import Distiller, config_hash
 
@@ -311,6 +312,8 @@ def _run_distill(
     student = load_student(
         job.student, teacher=teacher, vocab_size=student_width, seed=job.seed, pad_token_id=pad_id
     ).to(device)
+    if job.kd.mode == "self_privileged":  # the teacher is the student's own weights
+        teacher = self_teacher(student, job.kd.self_teacher)
     vocab = model_vocabularies(tokenizer, teacher_tok, student, teacher)
     padded = not cross and vocab.student.width != vocab.teacher.width
     if padded:  # one tokenizer in two widths: padding, trimmed (anything else is refused here)
@@ -365,6 +368,8 @@ def _run_distill(
         }
     else:
         targets = same_tokenizer_targets(job, teacher, vocab)
+    if job.kd.mode == "self_privileged":
+        targets = privileged_targets(job, teacher, tokenizer, train_records, train)
 
     run_hash = config_hash(
         {
@@ -398,7 +403,8 @@ def _run_distill(
         # every record of the source, before the seed-dependent split: one budget per dataset. Audit
         # canaries are not in the key (another canary seed must not open a fresh budget on the same
         # records); they are trained, sampled and counted in the sample rate like any record.
-        key = dataset_key([record_text(r, job.data.text_field) for r in source_records])
+        texts = [record_text(r, job.data.text_field) for r in source_records]
+        key = dataset_key(ledger_texts(source_records, texts, job.data.privileged_field))
         caveats = []
         if job.teacher_tokenizer.startswith("tiny:") or job.student_tokenizer.startswith("tiny:"):
             caveats.append(TOKENIZER_CAVEAT)

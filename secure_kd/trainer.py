@@ -40,6 +40,7 @@ from secure_kd.distributed import current as current_distributed
 from secure_kd.generation import generate_continuations
 from secure_kd.losses import fused_linear_kd_loss, get_loss, loss_info
 from secure_kd.progress import TrainProgress
+from secure_kd.self_distill import TokenShareObjective
 from secure_kd.teacher_targets import TeacherTargets, shift_labels
 
 
@@ -108,7 +109,9 @@ class Distiller:
         examples: `TokenizedExample`s (e.g. from `secure_kd.data.tokenize_records`); positions whose
             label is -100 (padding, masked prompts) are not trained on.
         kd: `KDConfig`: the objective (`kd.loss`, `kd.params`), temperature, `kd_weight` / `ce_weight`,
-            `mode` (off_policy, on_policy with mixing ratio `lmbda`, seq_kd), top-k and tail policy.
+            `mode` (off_policy, on_policy with mixing ratio `lmbda`, seq_kd, self_privileged: `teacher`
+            the student's own weights, `targets` a `secure_kd.self_distill.PrivilegedSelfTeacher`),
+            top-k and tail policy.
         train: `TrainConfig`: epochs or `max_steps`, batch size, gradient accumulation, learning rate and
             schedule, clipping, precision, `checkpoint_every`.
         out: directory of the checkpoints (`out/checkpoints/step-N`).
@@ -202,7 +205,9 @@ class Distiller:
             entry = self.objective_module
         if self.kd.kd_weight > 0 and self.vocab is not None and padded_to_other_width(self.vocab):
             self.padded_vocab = True
-            return PaddedVocabObjective(entry, self.vocab)
+            entry = PaddedVocabObjective(entry, self.vocab)
+        if self.kd.mode == "self_privileged" and self.kd.token_share < 1:
+            entry = TokenShareObjective(entry, self.kd.token_share)  # secure_kd.self_distill
         return entry
 
     def _check_cross_tokenizer(self, support: str) -> None:
@@ -284,7 +289,8 @@ class Distiller:
         )
         if self.kd.mode == "seq_kd":
             return generate_continuations(self.teacher, batch, **generate)
-        if self.kd.mode == "on_policy" and random.Random(self.seed * 7919 + step).random() < self.kd.lmbda:
+        on_policy = self.kd.mode in ("on_policy", "self_privileged")
+        if on_policy and random.Random(self.seed * 7919 + step).random() < self.kd.lmbda:
             return generate_continuations(self.student, batch, **generate)
         return batch
 
