@@ -10,8 +10,9 @@ When two organizations end up with different tokenizers the job is *cross-tokeni
 federates it, with soft labels on the byte-aligned layout of the transfer text
 (`federation.byte_layout`). Everything that shares token ids, weights over one vocabulary or a model
 scoring the text with one tokenizer is refused with the field and the fix ("No anchor federates across
-tokenizers"). `problems` takes the job duck-typed, so that `federation.config` can call it without an
-import cycle.
+tokenizers"). `transfer.layout: bytes` puts a one-tokenizer fed_distill on the byte-aligned layout too
+(to compare tokenizers with the layout held equal); `tokens` across tokenizers is refused. `problems`
+takes the job duck-typed, so that `federation.config` can call it without an import cycle.
 """
 
 from __future__ import annotations
