@@ -86,3 +86,57 @@ def test_the_demo_summary_states_every_canarys_rank(tmp_path):
         "canaries, fine-tuned baseline: 1 of 4 secrets rank first among their candidates (ranks 3, 23, 4, "
         "1 of 1,000 candidates each); greedy decoding from the text before the secret gives 1 of 4 away."
     ) in text
+
+
+def test_the_reference_attack_calibrates_away_what_the_loss_attack_cannot():
+    """Templated records: each record's difficulty varies far more than the membership effect, so the plain
+    loss attack is near chance while the teacher-calibrated ratio separates members exactly."""
+    import numpy as np
+
+    from secure_kd.app.demo_tradeoff import reference_attack_auc
+
+    rng = np.random.default_rng(0)
+    member = np.arange(200) < 100
+    difficulty = rng.normal(3.0, 1.0, 200)
+    model_loss = difficulty - 0.3 * member  # members 0.3 nats easier than the reference finds them
+    found = reference_attack_auc(model_loss.tolist(), difficulty.tolist(), member.tolist())
+    assert found["reference"]["auc"] == 1.0
+    assert found["loss"]["auc"] < 0.7
+    low, high = found["reference"]["ci"]
+    assert low <= 1.0 <= high + 1e-12
+
+
+def test_matched_utility_pairs_and_the_summary_say_which_comparisons_hold(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from secure_kd.app.demo_story import DemoResult, DemoRow, _print_summary
+    from secure_kd.app.demo_summary import matched_lines, plot
+
+    rows = [
+        DemoRow(model="teacher (SmolLM2-135M Q4_1)", perplexity=90.0, epsilon=None, exposure_bits=None,
+                mia_auc=None, clone_agreement=None),
+        DemoRow(model="KD student (JSD, cache)", perplexity=120.0, epsilon=None, exposure_bits=1.4,
+                mia_auc=0.5, clone_agreement=0.2, reference_auc=0.52),
+        DemoRow(model="KD + CE mix (0.5)", perplexity=100.0, epsilon=None, exposure_bits=3.0, mia_auc=0.6,
+                clone_agreement=None, reference_auc=0.7),
+        DemoRow(model="fine-tuned baseline", perplexity=35.0, epsilon=None, exposure_bits=9.97, mia_auc=0.76,
+                clone_agreement=0.1, reference_auc=0.95),
+        DemoRow(model="DP KD (target eps 8)", perplexity=400.0, epsilon=7.9, exposure_bits=1.0, mia_auc=0.5,
+                clone_agreement=None, reference_auc=0.5, one_run_bound=0.0),
+    ]  # fmt: skip
+    lines = matched_lines(rows)
+    assert len(lines) == 6  # the 4 central models pairwise; teacher (and federated) rows are left out
+    assert any(line.startswith("KD student (JSD, cache) vs KD + CE mix (0.5): perplexity ratio 1.20 (matched")
+               for line in lines)  # fmt: skip
+    assert any("vs fine-tuned baseline: perplexity ratio 3.43 (NOT matched" in line for line in lines)
+    png = plot(rows, tmp_path)
+    assert png is not None and Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    console = Console(file=io.StringIO(), width=250)
+    _print_summary(
+        DemoResult(rows=rows, stage_seconds={"x": 1.0}, reports={}, matched=lines, plot=png), console
+    )
+    text = " ".join(console.file.getvalue().split())
+    assert "KD student / teacher held-out perplexity: 1.33x" in text
+    assert "perplexity ratio 3.43 (NOT matched" in text and "privacy-utility plot" in text

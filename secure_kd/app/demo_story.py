@@ -7,18 +7,29 @@ the federation and the audit, which the engine never imports.
    inserted 4 times each) and, from another seed, records of the same generator that nobody trains
    on (held-out evaluation text and the non-members of the membership audit).
 2. Central distillation (`configs/demo.yaml`): SmolLM2-135M-Instruct (Q4_1) teacher, its top-64
-   log-probabilities cached once, a student made of 4 of its layers, JSD from the cache.
-3. The baseline: the same student plainly fine-tuned on the same records (cross-entropy only).
+   log-probabilities cached once, a student made of 6 of its layers (0-2, 27-29), forward KL from the
+   cache; the same with a cross-entropy mix (KD + 0.5 CE); the baseline: the same student plainly
+   fine-tuned on the same records (cross-entropy only). The three share one teacher cache.
+3. DP-SGD distillation at two target epsilons (`DP_EPSILONS`), each with its own ledger and 64 audit
+   canaries (`audit.canaries`, each inserted with probability 1/2; both runs insert the same ones and
+   share a second cache).
 4. Federated distillation (`configs/federated-he.yaml`): 4 simulated organizations with private
    corpora, CKKS-aggregated soft labels (the server holds no secret key), DP-SGD in every client.
 5. The audit (`configs/demo-audit.yaml`) of the student and of the baseline: canary exposure and
    extraction, loss-based membership inference, hidden-size recovery and cloning through the API;
-   `<out>/audit/report.html` for the student, `<out>/audit-baseline/report.html` for the baseline.
-   One federated student (the organization holding the most canaries, exported with
-   `federation.export`) gets the memorization and membership part: `<out>/federated-audit/audit/`.
-6. A summary table: perplexity, epsilon, exposure, MIA AUC, clone agreement; under it, per audited
-   model, every canary's rank among its 1,000 candidates and how many greedy decoding gives away
-   (the exposure column is the most exposed canary's, not a statement about all of them).
+   `<out>/audit/report.html` for the student, `<out>/audit-baseline/report.html` for the baseline; the
+   memorization entry alone for the KD + CE and DP students. One federated student (the organization
+   holding the most canaries, exported with `federation.export`) gets the memorization and membership
+   part: `<out>/federated-audit/audit/`.
+6. Privacy against utility (`secure_kd.app.demo_tradeoff`): a membership attack with the teacher as
+   the reference model (loss ratio) on every central model, the one-run DP audit of each DP run (its
+   epsilon lower bound next to its claimed epsilon), `<out>/privacy_utility.png` (held-out perplexity
+   against exposure and against the reference-attack AUC) and which comparisons are at matched
+   utility (perplexities within 1.25x).
+7. A summary table (`secure_kd.app.demo_summary`): perplexity, epsilon, one-run bound, exposure, MIA
+   AUC, reference-attack AUC, clone agreement; under it, per audited model, every canary's rank among
+   its 1,000 candidates and how many greedy decoding gives away (the exposure column is the most
+   exposed canary's, not a statement about all of them), and the matched-utility verdicts.
 """
 
 from __future__ import annotations
@@ -31,36 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
 from rich.console import Console
-from rich.table import Table
 
+from secure_kd.app.demo_summary import DemoResult, DemoRow, matched_lines, plot
+from secure_kd.app.demo_summary import print_summary as _print_summary
 from secure_kd.config import DistillJob, load_config
 from secure_kd.data.synthetic import generate_corpus
 from secure_kd.paths import atomic_write_json
 from secure_kd.resources import configs_dir, packaged_config
 
 CONFIGS = configs_dir()  # the packaged examples (secure_kd.resources): a wheel install runs the demo too
-
-
-class DemoRow(BaseModel):
-    model: str
-    perplexity: float | None
-    epsilon: float | None
-    exposure_bits: float | None
-    mia_auc: float | None
-    clone_agreement: float | None
-    canary_ranks: list[int] | None = None  # per canary, its secret's rank among the 1,000 candidates
-    canaries_greedy_extracted: int | None = None  # canaries greedy decoding completes from their prefix
-    canaries: str = ""  # the memorization headline, stated from the per-canary figures
-    note: str = ""
-
-
-class DemoResult(BaseModel):
-    rows: list[DemoRow]
-    stage_seconds: dict[str, float]
-    reports: dict[str, str]
-    failed: list[str] = []  # "<audit>: <entry>" of every audit entry that failed (the CLI exits 4)
 
 
 def _corpora(out: Path, n_private: int, n_public: int) -> tuple[Path, Path]:
@@ -72,7 +63,9 @@ def _corpora(out: Path, n_private: int, n_public: int) -> tuple[Path, Path]:
     return data / "private.jsonl", data / "heldout.jsonl"
 
 
-def _distill(out: Path, private: Path, heldout: Path, extra: list[str], log) -> Any:
+def _distill(
+    out: Path, private: Path, heldout: Path, extra: list[str], log, cache: Path | None = None
+) -> Any:
     from secure_kd.distill_job import run_distill
 
     overrides = [
@@ -80,6 +73,7 @@ def _distill(out: Path, private: Path, heldout: Path, extra: list[str], log) -> 
         f"data.heldout={heldout}",
         "data.max_length=48",
         f"out={out}",
+        *([f"cache_dir={cache}"] if cache is not None else []),
         *extra,
     ]
     job = load_config(CONFIGS / "demo.yaml", overrides, DistillJob)
@@ -118,10 +112,17 @@ def demo_audit_config(
     return AuditConfig.model_validate(raw)
 
 
-def _audit(out: Path, model_dir: str, private: Path, heldout: Path, console: Console) -> Any:
+def _audit(
+    out: Path,
+    model_dir: str,
+    private: Path,
+    heldout: Path,
+    console: Console,
+    attacks: tuple[str, ...] | None = None,
+) -> Any:
     from secure_kd.app.report.audit import run_audit
 
-    return run_audit(demo_audit_config(out, model_dir, private, heldout), console=console)
+    return run_audit(demo_audit_config(out, model_dir, private, heldout, attacks=attacks), console=console)
 
 
 def _audit_federated(out: Path, run_dir: Path, console: Console) -> Any:
@@ -171,99 +172,138 @@ def _metric(audit: Any, name: str) -> float | None:
     return max(values) if values else None
 
 
+DP_EPSILONS = (8.0, 2.0)  # the two DP-KD rows
+AUDIT_CANARIES = 64  # one-run DP audit canaries of the DP rows (each inserted with probability 1/2)
+
+
+def _dp_extra(out: Path, epsilon: float) -> list[str]:
+    """A DP-KD run of its own (a fresh ledger in its directory, so its epsilon is one run's) with audit
+    canaries; both DP runs insert the same canaries, so they share one teacher cache."""
+    if out.exists():  # the demo owns it: a re-run must not find the budget spent by the last one
+        shutil.rmtree(out)
+    return [
+        f"train.privacy.target_epsilon={epsilon}", "train.privacy.max_grad_norm=1.0",
+        "train.privacy.grad_sample_mode=hooks", f"train.privacy.ledger_dir={out / 'ledgers'}",
+        f"audit.canaries.n={AUDIT_CANARIES}", "audit.canaries.seed=0",
+    ]  # fmt: skip
+
+
+def _reference_attack(models: dict[str, str], teacher_dir: str, private: Path, heldout: Path) -> dict:
+    """Loss-ratio membership AUC of each model, the teacher as reference: 64 training records (seeded)
+    against the 64 held-out records; the teacher's losses are computed once."""
+    import random
+
+    from secure_kd.app.demo_tradeoff import record_losses, reference_attack_auc
+
+    members = [json.loads(line)["text"] for line in private.read_text().splitlines() if line.strip()]
+    nonmembers = [json.loads(line)["text"] for line in heldout.read_text().splitlines() if line.strip()]
+    members = random.Random(0).sample(members, min(len(members), len(nonmembers)))
+    texts, is_member = members + nonmembers, [True] * len(members) + [False] * len(nonmembers)
+    reference = record_losses(teacher_dir, texts)
+    return {
+        name: reference_attack_auc(record_losses(model_dir, texts), reference, is_member)
+        for name, model_dir in models.items()
+    }
+
+
+def _one_run(run_dir: str | Path) -> float | None:
+    from secure_kd.audit_canaries import audit_canary_run
+
+    return audit_canary_run(run_dir)["epsilon_lower_bound"]
+
+
 def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -> DemoResult:
     console = console or Console()
     out = Path(out)
     seconds: dict[str, float] = {}
 
-    def stage(name: str, fn, *args):
+    def stage(name: str, fn, *args, **kwargs):
         console.rule(f"[bold]{name}")
         started = time.perf_counter()
-        value = fn(*args)
+        value = fn(*args, **kwargs)
         seconds[name] = round(time.perf_counter() - started, 1)
         console.print(f"{name}: {seconds[name]:.0f} s")
         return value
 
     from secure_kd.assets import fetch_smollm2
 
-    stage("teacher asset (SmolLM2-135M-Instruct, Q4_1)", lambda: fetch_smollm2(log=console.print))
+    teacher_dir = stage(
+        "teacher asset (SmolLM2-135M-Instruct, Q4_1)", lambda: fetch_smollm2(log=console.print)
+    )
     private, heldout = stage("private corpora with canaries", _corpora, out, 200, 64)
     log = console.print
-    kd = stage(
-        "central distillation from the cached teacher", _distill, out / "kd", private, heldout, [], log
-    )
-    plain = stage(
-        "baseline: plain fine-tuning",
-        _distill,
-        out / "baseline",
-        private,
-        heldout,
-        ["kd.kd_weight=0", "kd.ce_weight=1"],
-        log,
-    )
+    cache, dp_cache = out / "teacher-cache", out / "teacher-cache-canaries"  # one top-k pass each
+    runs = {
+        "student": stage("central distillation from the cached teacher", _distill, out / "kd", private,
+                         heldout, [], log, cache),
+        "kd_ce": stage("KD with a cross-entropy mix", _distill, out / "kd-ce", private, heldout,
+                       ["kd.ce_weight=0.5"], log, cache),
+        "baseline": stage("baseline: plain fine-tuning", _distill, out / "baseline", private, heldout,
+                          ["kd.kd_weight=0", "kd.ce_weight=1"], log, cache),
+    }  # fmt: skip
+    for eps in DP_EPSILONS:
+        run_dir = out / f"dp-kd-eps{eps:g}"
+        runs[f"dp{eps:g}"] = stage(
+            f"DP-SGD distillation at epsilon {eps:g}", _distill, run_dir, private, heldout,
+            _dp_extra(run_dir, eps), log, dp_cache,
+        )  # fmt: skip
     fed = stage("federated distillation: 4 organizations, CKKS, DP-SGD", _federate, out / "federated")
     fed_audit = stage(
         "audit of a federated student", _audit_federated, out / "federated-audit", out / "federated", console
     )
     audits = {
-        "student": stage(
-            "audit of the distilled student", _audit, out / "audit", kd.student_dir, private, heldout, console
-        ),
-        "baseline": stage(
-            "audit of the baseline",
-            _audit,
-            out / "audit-baseline",
-            plain.student_dir,
-            private,
-            heldout,
-            console,
-        ),
-    }
+        "student": stage("audit of the distilled student", _audit, out / "audit", runs["student"].student_dir,
+                         private, heldout, console),
+        "baseline": stage("audit of the baseline", _audit, out / "audit-baseline",
+                          runs["baseline"].student_dir, private, heldout, console),
+    }  # fmt: skip
+    for name in ("kd_ce", *(f"dp{eps:g}" for eps in DP_EPSILONS)):  # memorization only: exposure
+        audits[name] = stage(
+            f"audit of {name} (memorization)", _audit, out / f"audit-{name}", runs[name].student_dir, private,
+            heldout, console, attacks=("memorization",),
+        )  # fmt: skip
+    reference = stage(
+        "membership with the teacher as reference", _reference_attack,
+        {name: run.student_dir for name, run in runs.items()}, str(teacher_dir), private, heldout,
+    )  # fmt: skip
+    bounds = {f"dp{eps:g}": _one_run(out / f"dp-kd-eps{eps:g}") for eps in DP_EPSILONS}
     rows = [
         DemoRow(
             model="teacher (SmolLM2-135M Q4_1)",
-            perplexity=kd.teacher_eval.perplexity,
+            perplexity=runs["student"].teacher_eval.perplexity,
             epsilon=None,
             exposure_bits=None,
             mia_auc=None,
             clone_agreement=None,
-            note="public model; never saw the private corpus",
+            note="public model; never saw the private corpus; the reference of the reference attack",
         )
     ]
-    for name, result, label in (
-        ("student", kd, "KD student (JSD, cache)"),
-        ("baseline", plain, "fine-tuned baseline"),
-    ):
-        audit = audits[name]
+    labels = {
+        "student": "KD student (JSD, cache)",
+        "kd_ce": "KD + CE mix (0.5)",
+        "baseline": "fine-tuned baseline",
+        **{f"dp{eps:g}": f"DP KD (target eps {eps:g})" for eps in DP_EPSILONS},
+    }
+    for name, label in labels.items():
+        audit, result = audits[name], runs[name]
+        privacy = result.privacy or {}
         rows.append(
             DemoRow(
                 model=label,
                 perplexity=result.student_after.perplexity,
-                epsilon=None,
+                epsilon=privacy.get("run_epsilon"),
                 exposure_bits=_metric(audit, "max_exposure_bits"),
                 mia_auc=_metric(audit, "mia_auc"),
                 clone_agreement=_metric(audit, "clone_agreement"),
+                reference_auc=reference[name]["reference"]["auc"],
+                reference_auc_ci=reference[name]["reference"]["ci"],
+                one_run_bound=bounds.get(name),
                 **_canaries(audit),
-                note="no DP" + (f"; failed: {', '.join(audit.failed)}" if audit.failed else ""),
+                note=("no DP" if not privacy else f"DP-SGD, {AUDIT_CANARIES} audit canaries")
+                + (f"; failed: {', '.join(audit.failed)}" if audit.failed else ""),
             )
         )
-    final = fed.final or fed.rounds[-1]
-    test_losses = [c.metrics["test-loss"] for c in final.clients if "test-loss" in c.metrics]
-    epsilons = [e for e in fed.epsilon.values() if e is not None]
-    rows.append(
-        DemoRow(
-            model=f"federated x{len(fed.organizations)} (CKKS+DP)",
-            perplexity=math.exp(sum(test_losses) / len(test_losses)) if test_losses else None,
-            epsilon=max(epsilons) if epsilons else None,
-            exposure_bits=_metric(fed_audit, "max_exposure_bits"),
-            mia_auc=_metric(fed_audit, "mia_auc"),
-            clone_agreement=None,
-            **_canaries(fed_audit),
-            note="own tiny tokenizer: perplexity not comparable with the rows above; audit of the "
-            "organization holding the most canaries (memorization, membership)"
-            + (f"; failed: {', '.join(fed_audit.failed)}" if fed_audit.failed else ""),
-        )
-    )
+    rows.append(_federated_row(fed, fed_audit))
     failed = [
         f"{name}: {line}"
         for name, audit in (*audits.items(), ("federated", fed_audit))
@@ -282,38 +322,27 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
                 ("federated", "federated-audit/audit"),
             )
         },
+        matched=matched_lines(rows),
+        plot=plot(rows, out),
     )
     atomic_write_json(out / "summary.json", result.model_dump(mode="json"))
     _print_summary(result, console)
     return result
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.{digits}g}"
-
-
-def _print_summary(result: DemoResult, console: Console) -> None:
-    table = Table(title="secure-kd demo: what the models leak and what protecting them costs")
-    for column in ("model", "ppl", "epsilon", "exposure bits", "MIA AUC", "clone agr."):
-        table.add_column(column)
-    for row in result.rows:
-        table.add_row(
-            row.model,
-            _fmt(row.perplexity),
-            _fmt(row.epsilon),
-            _fmt(row.exposure_bits),
-            _fmt(row.mia_auc),
-            _fmt(row.clone_agreement),
-        )
-    console.print(table)
-    for row in result.rows:
-        if row.note:
-            console.print(f"  {row.model}: {row.note}")
-    for row in result.rows:  # the memorization headline of each row, from its per-canary figures
-        if row.canaries:
-            console.print(f"  canaries, {row.model}: {row.canaries}")
-    total = sum(result.stage_seconds.values())
-    console.print(f"stages (s): {json.dumps(result.stage_seconds)}; total {total / 60:.1f} min")
-    console.print(f"reports: {', '.join(result.reports.values())}")
+def _federated_row(fed: Any, fed_audit: Any) -> DemoRow:
+    final = fed.final or fed.rounds[-1]
+    test_losses = [c.metrics["test-loss"] for c in final.clients if "test-loss" in c.metrics]
+    epsilons = [e for e in fed.epsilon.values() if e is not None]
+    return DemoRow(
+        model=f"federated x{len(fed.organizations)} (CKKS+DP)",
+        perplexity=math.exp(sum(test_losses) / len(test_losses)) if test_losses else None,
+        epsilon=max(epsilons) if epsilons else None,
+        exposure_bits=_metric(fed_audit, "max_exposure_bits"),
+        mia_auc=_metric(fed_audit, "mia_auc"),
+        clone_agreement=None,
+        **_canaries(fed_audit),
+        note="own tiny tokenizer: perplexity not comparable with the rows above; audit of the "
+        "organization holding the most canaries (memorization, membership)"
+        + (f"; failed: {', '.join(fed_audit.failed)}" if fed_audit.failed else ""),
+    )
