@@ -264,3 +264,17 @@ def test_the_fingerprint_binds_the_text_and_every_tokenizer(pair):
         for n, tok in tokenizers.items()
     }
     assert build_byte_layout(edited, tokenizers, edited_examples, k=6).fingerprint != layout.fingerprint
+
+
+def test_an_aggregate_that_is_not_rows_of_the_layout_is_refused(pair):
+    from federation.soft_labels import check_soft_labels
+
+    layout = pair[3]
+    good = np.full(layout.shape, 1.0 / layout.width)
+    assert check_soft_labels(good, layout).shape == layout.shape
+    with pytest.raises(ValueError, match="shared layout"):
+        check_soft_labels(good[:-1], layout)
+    shifted = good.copy()
+    shifted[3, 0] += 0.5
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        check_soft_labels(shifted, layout)
