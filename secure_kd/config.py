@@ -142,6 +142,12 @@ class SyntheticDataConfig(Strict):
     canary_repeats: int | list[int] = 1
     secret_digits: int = Field(4, ge=1, le=8)
     seed: int | None = Field(None, description="default: the job's seed")
+    n_users: int | None = Field(
+        None,
+        gt=0,
+        description="give each record a `user_id` among this many users (skewed counts; every insertion "
+        "of one canary goes to one user): data for user-level DP (data.user_field: user_id)",
+    )
 
 
 class DataConfig(Strict):
@@ -157,6 +163,12 @@ class DataConfig(Strict):
         min_length=1,
         description="kd.mode: self_privileged: the field of each record holding the privileged context "
         "(a document, a solution, a customer record) that only the self-teacher sees, before the prompt",
+    )
+    user_field: str | None = Field(
+        None,
+        min_length=1,
+        description="the field naming each record's user (person, customer): the unit of "
+        "train.privacy.unit: user; records with one value are one user",
     )
     max_length: int = Field(128, ge=8)
     packing: bool = False
@@ -447,6 +459,7 @@ class DistillJob(Strict):
                 raise ValueError(" ".join(problems))
         if self.train.privacy is not None:
             _check_private_job(self)
+        _check_user_unit(self)
         return self
 
     @property
@@ -544,6 +557,34 @@ def _check_private_job(job: DistillJob) -> None:
             f"train.privacy with kd.loss {job.kd.loss!r}: its state is updated from whole batches, outside "
             "DP-SGD; choose a stateless objective (forward_kl, reverse_kl, jsd, tvd, skew_*, ce, ...)"
         )
+
+
+def _check_user_unit(job: DistillJob) -> None:
+    """`data.user_field` and `train.privacy.unit: user` go together (secure_kd.dp.user_level)."""
+    privacy, field = job.train.privacy, job.data.user_field
+    if privacy is not None and privacy.unit == "user" and field is None:
+        raise ValueError(
+            "train.privacy.unit: user needs data.user_field: the field of each record that names its user "
+            "(e.g. data.user_field: user_id; with data.train: synthetic also set data.synthetic.n_users)"
+        )
+    if field is not None and (privacy is None or privacy.unit != "user"):
+        now = "train.privacy is not set" if privacy is None else "train.privacy.unit is record"
+        raise ValueError(
+            f"data.user_field {field!r} is set but {now}: nothing would protect users as a unit. Set "
+            "train.privacy.unit: user (with max_records_per_user) for user-level DP, or remove "
+            "data.user_field"
+        )
+    if field is not None and job.data.train == "synthetic":
+        if job.data.synthetic.n_users is None:
+            raise ValueError(
+                "data.user_field with data.train: synthetic needs data.synthetic.n_users (how many users "
+                "the generated records belong to)"
+            )
+        if field != "user_id":
+            raise ValueError(
+                f"data.user_field {field!r}: the synthetic corpus names each record's user in the field "
+                "'user_id'; set data.user_field: user_id"
+            )
 
 
 def _check_self_privileged(job: DistillJob) -> None:

@@ -19,6 +19,7 @@ its own device, at the same time: no wall-clock cost) and returns the same resul
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from secure_kd.data import (
 )
 from secure_kd.data.paired import tokenize_pairs
 from secure_kd.data.tokenizer import load_tokenizer_dir
+from secure_kd.data.users import assign_synthetic_users, grouping_fingerprint, user_ids
 from secure_kd.distill_cross import (
     AGREEMENT_DEFINITION,
     cross_evaluation,
@@ -127,6 +129,11 @@ def _records(job: DistillJob) -> tuple[list[dict], list[dict], dict[str, Any], l
             canary_repeats=syn.canary_repeats,
             secret_digits=syn.secret_digits,
         )
+        if syn.n_users is not None:
+            records = assign_synthetic_users(
+                corpus.records, [c.record_ids for c in corpus.canaries], syn.n_users, seed=corpus.seed or 0
+            )
+            corpus = dataclasses.replace(corpus, records=records)
         train, heldout = corpus.split(data.heldout_fraction, seed=job.seed)
         info = {"source": "synthetic", "canaries": [c.secret for c in corpus.canaries]}
         return list(train.records), list(heldout.records), info, list(corpus.records)
@@ -246,6 +253,28 @@ def _with_audit_canaries(
         write_sidecar(job.out, canaries, n=spec.n, seed=spec.seed)
     n_in = sum(c.inserted for c in canaries)
     return records, {"n": spec.n, "seed": spec.seed, "n_inserted": n_in, "sidecar": str(sidecar)}
+
+
+def _users(job: DistillJob, source_records: list[dict], train_records: list[dict], train: list) -> dict:
+    """User-level DP: the user of each training example, and the grouping fingerprint of the source.
+
+    Every record of the source must name its user (checked there, so the error gives the record's
+    position in data.train); an audit canary is a user of its own."""
+    field = job.data.user_field
+    source_keys = user_ids(source_records, field)
+    texts = [record_text(r, job.data.text_field) for r in source_records]
+    grouping = grouping_fingerprint(texts, source_keys)
+    keys = []
+    for index, record in enumerate(train_records):
+        if record.get("topic") == AUDIT_CANARY_TOPIC:
+            keys.append(("audit-canary", index))
+        else:
+            keys.append(user_ids([record], field, source="the training records")[0])
+    return {
+        "user_of_example": [keys[example.record_index] for example in train],
+        "user_field": field,
+        "user_grouping": grouping,
+    }
 
 
 def run_distill(job: DistillJob, *, resume: bool = False, progress: bool = True, log=print) -> DistillResult:
@@ -409,7 +438,8 @@ def _run_distill(
         if job.teacher_tokenizer.startswith("tiny:") or job.student_tokenizer.startswith("tiny:"):
             caveats.append(TOKENIZER_CAVEAT)
             log(f"warning: {TOKENIZER_CAVEAT}")
-        distiller = DPDistiller(dataset_key=key, log=log, caveats=caveats, **trainer_args)
+        users = _users(job, source_records, train_records, train) if job.train.privacy.unit == "user" else {}
+        distiller = DPDistiller(dataset_key=key, log=log, caveats=caveats, **users, **trainer_args)
     else:
         distiller = Distiller(**trainer_args)
     log(

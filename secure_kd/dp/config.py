@@ -35,12 +35,26 @@ def check_ledger_dir(value: str, error: type[Exception] = ValueError) -> str:
 
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
 AccountantName = Literal["rdp", "prv"]
+PrivacyUnit = Literal["record", "user"]
 
 
 class PrivacyConfig(BaseModel):
-    """Differentially private training of the student (Opacus DP-SGD, example-level)."""
+    """Differentially private training of the student (Opacus DP-SGD, record- or user-level)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    unit: PrivacyUnit = Field(
+        "record",
+        description=(
+            "what one neighbouring dataset adds or removes: one record (default), or every record of one "
+            "user (data.user_field names the user; users are Poisson-sampled, secure_kd.dp.user_level)"
+        ),
+    )
+    max_records_per_user: int | None = Field(
+        None,
+        gt=0,
+        description="unit: user only: the most records of a sampled user trained on per step (at random)",
+    )
 
     target_epsilon: float | None = Field(None, gt=0, description="the budget for this dataset (all runs)")
     noise_multiplier: float | None = Field(None, gt=0, description="fixed noise; omit to calibrate it")
@@ -102,6 +116,7 @@ class PrivacyConfig(BaseModel):
                 "set target_epsilon (the noise is then calibrated to it) or noise_multiplier (fixed noise), "
                 "or both (fixed noise with a hard budget)"
             )
+        self._check_unit()
         if self.noise_multiplier is not None and self.noise_multiplier > self.max_noise_multiplier:
             raise ValueError(
                 f"noise_multiplier {self.noise_multiplier} is above max_noise_multiplier "
@@ -109,6 +124,38 @@ class PrivacyConfig(BaseModel):
             )
         return self
 
+    def _check_unit(self) -> None:
+        if self.unit == "record":
+            if self.max_records_per_user is not None:
+                raise ValueError(
+                    "train.privacy.max_records_per_user only applies to user-level DP: set "
+                    "train.privacy.unit: user (with data.user_field), or remove max_records_per_user"
+                )
+            return
+        if self.max_records_per_user is None:
+            raise ValueError(
+                "train.privacy.unit: user needs train.privacy.max_records_per_user: the most records of one "
+                "sampled user a step trains on (e.g. 8); the guarantee does not depend on it, compute and "
+                "memory do (a step holds up to that many records per sampled user)"
+            )
+        if self.grad_sample_mode == "ghost":
+            raise ValueError(
+                "train.privacy.unit: user with grad_sample_mode: ghost: user-level clipping needs each "
+                "user's summed per-record gradients, and ghost clipping computes only per-record norms. "
+                "Use grad_sample_mode: hooks (or functorch)"
+            )
+        if not self.poisson_sampling:
+            raise ValueError(
+                "train.privacy.unit: user with poisson_sampling: false: users are always Poisson-sampled "
+                "(the sampling the accountants analyse); remove poisson_sampling: false"
+            )
+
     def resume_relevant(self) -> dict:
-        """The settings a resumed run must share with its checkpoint (all but the physical batch size)."""
-        return self.model_dump(mode="json", exclude={"max_physical_batch_size"})
+        """The settings a resumed run must share with its checkpoint (all but the physical batch size).
+
+        A record-level run leaves the user-level fields out, so checkpoints written before they existed
+        still resume."""
+        exclude = {"max_physical_batch_size"}
+        if self.unit == "record":
+            exclude |= {"unit", "max_records_per_user"}
+        return self.model_dump(mode="json", exclude=exclude)

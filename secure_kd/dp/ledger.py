@@ -191,6 +191,10 @@ class Ledger:
         max_grad_norm: float | None = None,
         n_records: int | None = None,
         sampling: Literal["poisson", "shuffle"] | None = None,
+        unit: Literal["record", "user"] | None = None,
+        n_users: int | None = None,
+        max_records_per_user: int | None = None,
+        user_grouping: str | None = None,
     ) -> str:
         """Add an entry, or advance an existing one (`entry_id`) to `steps`; returns the entry id.
 
@@ -217,6 +221,10 @@ class Ledger:
                         max_grad_norm=max_grad_norm,
                         n_records=n_records,
                         sampling=sampling,
+                        unit=unit,
+                        n_users=n_users,
+                        max_records_per_user=max_records_per_user,
+                        user_grouping=user_grouping,
                         created=now,
                         updated=now,
                     )

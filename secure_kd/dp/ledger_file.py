@@ -52,8 +52,26 @@ class LedgerEntry(BaseModel):
     max_grad_norm: float | None = None
     n_records: int | None = None
     sampling: Literal["poisson", "shuffle"] | None = None
+    # user-level DP (secure_kd.dp.user_level): the unit (None = record), and for users their number,
+    # the records per user per step and a fingerprint of the grouping of records into users
+    unit: Literal["record", "user"] | None = None
+    n_users: int | None = None
+    max_records_per_user: int | None = None
+    user_grouping: str | None = None
     created: str
     updated: str
+
+
+_USER_FIELDS = ("unit", "n_users", "max_records_per_user", "user_grouping")
+
+
+def _entry_body(entry: LedgerEntry) -> dict:
+    """An entry as written: the user-level fields only when set, so record-level lines keep their form."""
+    body = entry.model_dump(mode="json")
+    for name in _USER_FIELDS:
+        if body[name] is None:
+            del body[name]
+    return body
 
 
 class LedgerHeader(BaseModel):
@@ -108,7 +126,7 @@ def encode(data: LedgerFile) -> str:
     """The chained text of `data`: header, one line per entry, end."""
     header = LedgerHeader(key=data.key, data_fingerprint=data.data_fingerprint)
     bodies = [{"header": header.model_dump(mode="json")}]
-    bodies += [{"entry": e.model_dump(mode="json")} for e in data.entries]
+    bodies += [{"entry": _entry_body(e)} for e in data.entries]
     bodies.append({"end": {"entries": len(data.entries)}})
     lines, prev = [], GENESIS
     for body in bodies:

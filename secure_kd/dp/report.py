@@ -21,6 +21,12 @@ SHUFFLE_CAVEAT = (
     "poisson_sampling was off: the accountants assume Poisson sampling, so for shuffled batches the "
     "epsilon above is an estimate, not a proven guarantee"
 )
+USER_CAVEATS = [
+    "the unit is one user as named by data.user_field: one person under two user ids is two users, and "
+    "is protected only at about 2*epsilon; records with no link to their person are not grouped",
+    "a user is protected for all their records, however many; each step trains on at most "
+    "max_records_per_user of a sampled user's records",
+]
 LEDGER_SHUFFLE_CAVEAT = (
     "an earlier stretch in this dataset's ledger used shuffled batches (poisson_sampling: false): the "
     "composed epsilon is an estimate, not a proven guarantee"
@@ -46,6 +52,10 @@ class PrivacyReport(BaseModel):
     sampling: Literal["poisson", "shuffle"]
     guarantee_proven: bool
     grad_sample_mode: str
+    unit: Literal["record", "user"] = "record"
+    n_users: int | None = None
+    max_records_per_user: int | None = None
+    user_field: str | None = None
     stopped_by_budget: bool
     stop_reason: str | None
     ledger: dict
@@ -74,6 +84,10 @@ def build_report(
     stop_reason: str | None,
     ledger: dict,
     extra_caveats: list[str] | None = None,
+    unit: Literal["record", "user"] = "record",
+    n_users: int | None = None,
+    max_records_per_user: int | None = None,
+    user_field: str | None = None,
 ) -> PrivacyReport:
     """The claim is the smallest epsilon among the sound accountants (RDP, PRV upper bound) for the ledger.
 
@@ -87,7 +101,16 @@ def build_report(
     claim = usable[claim_by]
     n_runs = len(ledger_history)
     proven = poisson and not ledger_shuffled
-    if proven:
+    if proven and unit == "user":
+        guarantee = (
+            f"({claim:.4g}, {delta:g})-differential privacy for each user of the training set (add or "
+            f"remove every record of one user, users named by data.user_field {user_field!r}; {n_users} "
+            f"users), for the released student and every checkpoint, composed over all {n_runs} DP "
+            f"stretch(es) recorded for this dataset; Opacus {claim_by.upper()} accountant, "
+            f"Poisson-subsampled users, at most {max_records_per_user} records per sampled user per step, "
+            f"the sum of a user's per-record gradients clipped at {max_grad_norm:g}, Gaussian noise"
+        )
+    elif proven:
         guarantee = (
             f"({claim:.4g}, {delta:g})-differential privacy for each record of the training set (add or "
             f"remove one record), for the released student and every checkpoint, composed over all {n_runs} "
@@ -122,12 +145,16 @@ def build_report(
         sampling="poisson" if poisson else "shuffle",
         guarantee_proven=proven,
         grad_sample_mode=grad_sample_mode,
+        unit=unit,
+        n_users=n_users,
+        max_records_per_user=max_records_per_user,
+        user_field=user_field,
         stopped_by_budget=stop_reason is not None,
         stop_reason=stop_reason,
         ledger=ledger,
         history=[(float(s), float(q), int(n)) for s, q, n in ledger_history],
         guarantee=guarantee,
-        caveats=CAVEATS
+        caveats=(CAVEATS if unit == "record" else USER_CAVEATS + CAVEATS[1:])
         + ([] if poisson else [SHUFFLE_CAVEAT])
         + ([LEDGER_SHUFFLE_CAVEAT] if poisson and ledger_shuffled else [])
         + list(extra_caveats or []),

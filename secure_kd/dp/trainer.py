@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from secure_kd.dp.engine import PrivateStudent, check_supported, register_sample
 from secure_kd.dp.ledger import Ledger
 from secure_kd.dp.report import PrivacyReport, build_report
 from secure_kd.dp.sampling import SecretRandomness, step_loader
+from secure_kd.dp.user_level import UserLevelMixin, check_ledger_units
 from secure_kd.losses import loss_info
 from secure_kd.paths import atomic_write_json
 from secure_kd.teacher_targets import shift_labels
@@ -70,11 +71,15 @@ def _silent(message: str) -> None:
     pass
 
 
-class DPDistiller(BudgetMixin, Distiller):
+class DPDistiller(UserLevelMixin, BudgetMixin, Distiller):
     """`Distiller` with DP-SGD. Takes Distiller's arguments, `train.privacy` set, plus `dataset_key`
     (`secure_kd.dp.ledger.dataset_key` of the private dataset's records before any split: the
     ledger's default key, and what a user-supplied `ledger_key` must name) and `caveats` the caller
-    knows of (e.g. a tokenizer trained on the private text), added to privacy.json."""
+    knows of (e.g. a tokenizer trained on the private text), added to privacy.json.
+
+    With `privacy.unit: user` (`secure_kd.dp.user_level`) also `user_of_example` (one user key per
+    example), `user_field` (its name, for privacy.json) and `user_grouping` (a fingerprint of the
+    grouping of the dataset's records into users, recorded in the ledger)."""
 
     def __init__(
         self,
@@ -82,6 +87,9 @@ class DPDistiller(BudgetMixin, Distiller):
         dataset_key: str,
         log: Callable[[str], None] = print,
         caveats: Sequence[str] = (),
+        user_of_example: Sequence[Hashable] | None = None,
+        user_field: str | None = None,
+        user_grouping: str | None = None,
         **kwargs: Any,
     ) -> None:
         train, kd, student = kwargs["train"], kwargs["kd"], kwargs["student"]
@@ -89,6 +97,8 @@ class DPDistiller(BudgetMixin, Distiller):
         if privacy is None:
             raise ValueError("DPDistiller needs train.privacy; without it use Distiller")
         assert_one_record_per_sequence(kwargs["examples"])
+        self.users = self._user_groups(privacy, kwargs["examples"], user_of_example, train)
+        self.user_field, self.user_grouping = user_field, user_grouping
         check_private_objective(kd)
         if privacy.untie_embeddings:
             untie_embeddings(student)  # before the optimizer exists, so it trains the new output layer
@@ -99,10 +109,18 @@ class DPDistiller(BudgetMixin, Distiller):
             log = _silent  # one process speaks for the run
         self.privacy, self.log, self.extra_caveats = privacy, log, list(caveats)
         self.n_records = len(self.examples)
-        self.expected_batch_size = train.batch_size * train.grad_accum
-        self.sample_rate = min(1.0, self.expected_batch_size / self.n_records)
+        if self.users is not None and self.dist.enabled:
+            raise ValueError(
+                "train.privacy.unit: user is not implemented under data parallelism (torchrun / accelerate "
+                "launch); run it in one process"
+            )
+        n_units = self.n_records if self.users is None else self.users.n_users
+        self.expected_batch_size = train.batch_size * train.grad_accum  # records, or users (unit: user)
+        self.sample_rate = min(1.0, self.expected_batch_size / n_units)
         self.physical_batch_size = privacy.max_physical_batch_size or train.batch_size
-        self.delta = resolve_delta(privacy.delta, self.n_records)
+        if self.users is not None and privacy.max_physical_batch_size is None:
+            self.physical_batch_size = max(train.batch_size, privacy.max_records_per_user)
+        self.delta = resolve_delta(privacy.delta, n_units)
         self.ledger = Ledger.open(  # only rank 0 reads or writes it
             privacy.ledger_key or dataset_key,
             privacy.ledger_dir,
@@ -198,6 +216,8 @@ class DPDistiller(BudgetMixin, Distiller):
         assert private is not None and self.randomness is not None, "train_step runs inside fit()"
         private.optimizer.zero_grad(set_to_none=True)
         private.optimizer.generator = self.randomness.generator("noise", step, self.device)
+        if self.users is not None:
+            return self._record(*self._user_step(private, step))
         loader = step_loader(
             n_records=self.n_records,
             sample_rate=self.sample_rate,
@@ -221,10 +241,13 @@ class DPDistiller(BudgetMixin, Distiller):
                     private.prepare_empty_batch()
                 private.optimizer.step()  # clips and accumulates; noise and update at the logical batch's end
                 private.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         if self.dist.enabled:
             loss_sum, n_examples, tokens = self.dist.sum([loss_sum, n_examples, tokens])
             n_examples, tokens = int(n_examples), int(tokens)
+        return self._record(loss_sum, n_examples, tokens)
+
+    def _record(self, loss_sum: float, n_examples: int, tokens: int) -> tuple[float, int]:
+        self.scheduler.step()
         loss = loss_sum / n_examples if n_examples else 0.0
         self._losses.append(loss)
         self._tokens += tokens
@@ -238,6 +261,7 @@ class DPDistiller(BudgetMixin, Distiller):
             "sample_rate": self.sample_rate,
             "delta": self.delta,
             "n_records": self.n_records,
+            **self._user_resume_fields(),
             "entry_id": self.entry_id,
             "ledger": str(self.ledger.path),
         }
@@ -267,6 +291,7 @@ class DPDistiller(BudgetMixin, Distiller):
             "sample_rate": self.sample_rate,
             "delta": self.delta,
             "n_records": self.n_records,
+            **self._user_resume_fields(),
             "ledger": str(self.ledger.path),
         }
         changes = [
@@ -306,6 +331,12 @@ class DPDistiller(BudgetMixin, Distiller):
     def fit(self, *, resume: bool = False) -> FitResult:
         checkpoint = latest_checkpoint(self.out, distributed=self.dist) if resume else None
         start = self._restore(checkpoint) if checkpoint is not None else self._start_fresh()
+        unit = self.privacy.unit
+        self._on_main(
+            lambda: check_ledger_units(
+                self.ledger.entries(), self.entry_id, unit, self.user_grouping, self.ledger.path
+            )
+        )
         self._plan_budget(start)
         if self.entry_id is None:
             self.entry_id = self._on_main(
@@ -318,6 +349,7 @@ class DPDistiller(BudgetMixin, Distiller):
                     max_grad_norm=self.privacy.max_grad_norm,
                     n_records=self.n_records,
                     sampling="poisson" if self.privacy.poisson_sampling else "shuffle",
+                    **self._user_entry_fields(),
                 )
             )
             if self.dist.enabled:
@@ -337,9 +369,15 @@ class DPDistiller(BudgetMixin, Distiller):
         return self._fit_private(resume, start)
 
     def _log_plan(self) -> None:
+        population = f"{self.n_records} records"
+        if self.users is not None:
+            population = (
+                f"{self.users.n_users} users, at most {self.privacy.max_records_per_user} records each per "
+                f"step; user-level"
+            )
         self.log(
             f"DP-SGD: noise_multiplier={self.noise_multiplier:.4g}, sample_rate={self.sample_rate:.4g} "
-            f"(expected batch {self.expected_batch_size} of {self.n_records} records), clip "
+            f"(expected batch {self.expected_batch_size} of {population}), clip "
             f"{self.privacy.max_grad_norm:g}, delta={self.delta:g}; epsilon after {self.total_steps} steps: "
             f"{self._eps_after(self.total_steps):.4f} ({self.privacy.accountant}, ledger {self.ledger.path})"
         )
@@ -390,6 +428,10 @@ class DPDistiller(BudgetMixin, Distiller):
             grad_sample_mode=self.privacy.grad_sample_mode,
             stop_reason=self.stop_reason,
             extra_caveats=self.extra_caveats,
+            unit=self.privacy.unit,
+            n_users=None if self.users is None else self.users.n_users,
+            max_records_per_user=self.privacy.max_records_per_user,
+            user_field=self.user_field,
             ledger={
                 "path": str(self.ledger.path),
                 "key": self.ledger.key,
