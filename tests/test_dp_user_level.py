@@ -33,14 +33,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _distiller(tmp, examples, users, *, batch, steps, key="users-set", **privacy):
+def _distiller(
+    tmp, examples, users, *, batch, steps, key="users-set", checkpoint_every=10_000, on_step=None, **privacy
+):
     privacy.setdefault("ledger_dir", str(tmp / "ledgers"))
     train = TrainConfig(
         max_steps=steps,
         batch_size=batch,
         lr=0.05,
         schedule="constant",
-        checkpoint_every=10_000,
+        checkpoint_every=checkpoint_every,
         privacy=PrivacyConfig(**privacy),
     )
     student = build_tiny(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2), VOCAB, seed=1)
@@ -55,6 +57,7 @@ def _distiller(tmp, examples, users, *, batch, steps, key="users-set", **privacy
         eos_id=None,
         progress=False,
         log=lambda message: None,
+        on_step=on_step,
         user_of_example=users if privacy.get("unit") == "user" else None,
         user_grouping="grouping-1" if privacy.get("unit") == "user" else None,
         user_field="user_id",
@@ -197,6 +200,29 @@ def test_a_canary_in_k_records_of_one_user_is_less_exposed_under_user_level_dp_a
     assert record > 5.0, results  # record-level at epsilon 8 memorizes a 16-fold canary (max 6.64 bits)
     assert user < record - 1.0, results
     assert all(u <= r for u, r in zip(results["user"], results["record"], strict=True)), results
+
+
+def test_a_resumed_user_level_run_spends_what_an_uninterrupted_one_spends(tmp_path):
+    users = [("u", i % 5) for i in range(20)]
+    args = dict(batch=2, steps=6, unit="user", max_records_per_user=4, target_epsilon=3.0, checkpoint_every=2)
+    straight = _distiller(tmp_path / "a", _examples(20), users, **args)
+    straight.fit()
+
+    def power_cut(step: int, loss: float) -> None:
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    crashed = _distiller(tmp_path / "b", _examples(20), users, on_step=power_cut, **args)
+    with pytest.raises(RuntimeError, match="power cut"):
+        crashed.fit()
+    resumed = _distiller(tmp_path / "b", _examples(20), users, **args)
+    resumed.fit(resume=True)
+    (entry,) = Ledger.open("users-set", tmp_path / "b" / "ledgers").entries()
+    assert entry.steps == 6 and entry.unit == "user"
+    assert resumed.report.epsilons["rdp"] == pytest.approx(straight.report.epsilons["rdp"], rel=1e-12)
+    other_users = [("v", i % 4) for i in range(20)]  # a different grouping: same n_records, 4 users
+    with pytest.raises(Exception, match="n_users"):
+        _distiller(tmp_path / "b", _examples(20), other_users, **args).fit(resume=True)
 
 
 def test_a_ledger_keeps_one_unit(tmp_path):
