@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -159,3 +159,42 @@ def build_report(
         + ([LEDGER_SHUFFLE_CAVEAT] if poisson and ledger_shuffled else [])
         + list(extra_caveats or []),
     )
+
+
+def run_report(run: Any) -> PrivacyReport:
+    """privacy.json of a finished `secure_kd.dp.trainer.DPDistiller` run (read from its ledger entry)."""
+    entries = run.ledger.entries()
+    own = next(e for e in entries if e.entry_id == run.entry_id)
+    report = build_report(
+        ledger_history=[(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps > 0],
+        run_history=[(run.noise_multiplier, run.sample_rate, own.steps)],
+        delta=run.delta,
+        budget_accountant=run.privacy.accountant,
+        target_epsilon=run.privacy.target_epsilon,
+        noise_multiplier=run.noise_multiplier,
+        sample_rate=run.sample_rate,
+        steps=own.steps,
+        max_grad_norm=run.privacy.max_grad_norm,
+        expected_batch_size=run.expected_batch_size,
+        max_physical_batch_size=run.physical_batch_size,
+        n_records=run.n_records,
+        poisson=run.privacy.poisson_sampling,
+        ledger_shuffled=any(
+            e.sampling == "shuffle" and e.steps > 0 and e.entry_id != run.entry_id for e in entries
+        ),
+        grad_sample_mode=run.privacy.grad_sample_mode,
+        stop_reason=run.stop_reason,
+        extra_caveats=run.extra_caveats,
+        unit=run.privacy.unit,
+        n_users=None if run.users is None else run.users.n_users,
+        max_records_per_user=run.privacy.max_records_per_user,
+        user_field=run.user_field,
+        ledger={
+            "path": str(run.ledger.path),
+            "key": run.ledger.key,
+            "entry_id": run.entry_id,
+            "entries": len(entries),
+            "total_steps": sum(e.steps for e in entries),
+        },
+    )
+    return report

@@ -44,7 +44,7 @@ from secure_kd.dp.accounting import resolve_delta
 from secure_kd.dp.budget import BudgetMixin, BudgetTakenConcurrently
 from secure_kd.dp.engine import PrivateStudent, check_supported, register_samplers, untie_embeddings
 from secure_kd.dp.ledger import Ledger
-from secure_kd.dp.report import PrivacyReport, build_report
+from secure_kd.dp.report import PrivacyReport, run_report
 from secure_kd.dp.sampling import SecretRandomness, step_loader
 from secure_kd.dp.user_level import UserLevelMixin, check_ledger_units
 from secure_kd.losses import loss_info
@@ -406,39 +406,6 @@ class DPDistiller(UserLevelMixin, BudgetMixin, Distiller):
         return result
 
     def _write_report(self) -> PrivacyReport:
-        entries = self.ledger.entries()
-        own = next(e for e in entries if e.entry_id == self.entry_id)
-        report = build_report(
-            ledger_history=[(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps > 0],
-            run_history=[(self.noise_multiplier, self.sample_rate, own.steps)],
-            delta=self.delta,
-            budget_accountant=self.privacy.accountant,
-            target_epsilon=self.privacy.target_epsilon,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=own.steps,
-            max_grad_norm=self.privacy.max_grad_norm,
-            expected_batch_size=self.expected_batch_size,
-            max_physical_batch_size=self.physical_batch_size,
-            n_records=self.n_records,
-            poisson=self.privacy.poisson_sampling,
-            ledger_shuffled=any(
-                e.sampling == "shuffle" and e.steps > 0 and e.entry_id != self.entry_id for e in entries
-            ),
-            grad_sample_mode=self.privacy.grad_sample_mode,
-            stop_reason=self.stop_reason,
-            extra_caveats=self.extra_caveats,
-            unit=self.privacy.unit,
-            n_users=None if self.users is None else self.users.n_users,
-            max_records_per_user=self.privacy.max_records_per_user,
-            user_field=self.user_field,
-            ledger={
-                "path": str(self.ledger.path),
-                "key": self.ledger.key,
-                "entry_id": self.entry_id,
-                "entries": len(entries),
-                "total_steps": sum(e.steps for e in entries),
-            },
-        )
+        report = run_report(self)
         atomic_write_json(self.out / "privacy.json", report.model_dump(mode="json"), mode=0o600)
         return report
