@@ -299,3 +299,19 @@ def test_a_record_without_the_user_field_is_named_by_index_not_content():
     assert "4242" not in str(info.value)
     with pytest.raises(ValueError, match="record 0 .* null"):
         user_ids([{"user_id": None}], "user_id")
+
+
+def test_synthetic_users_put_each_canarys_copies_with_one_user_and_skew_the_counts():
+    from collections import Counter
+
+    from secure_kd.data import generate_corpus
+    from secure_kd.data.users import assign_synthetic_users
+
+    corpus = generate_corpus(300, seed=3, n_canaries=3, canary_repeats=[5, 3, 1])
+    records = assign_synthetic_users(corpus.records, [c.record_ids for c in corpus.canaries], 40, seed=3)
+    by_id = {r["record_id"]: r["user_id"] for r in records}
+    for canary in corpus.canaries:
+        assert len({by_id[i] for i in canary.record_ids}) == 1  # k copies = k records of one person
+    counts = Counter(by_id.values()).most_common()
+    assert counts[0][1] >= 4 * counts[len(counts) // 2][1]  # a few users hold many records
+    assert [r["text"] for r in records] == corpus.texts()  # only the field is added
