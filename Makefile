@@ -28,7 +28,7 @@ test: install chromium served
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing on purpose"; exit 1; fi; \
 	exit $$rc
 
-## Debian's chromium for the report.html browser test (tests/test_audit_report.py): installed when
+## Debian's chromium for the report.html browser test (tests/app/test_audit_report.py): installed when
 ## missing and this is root with apt-get (CI); elsewhere the test is skipped and says why.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \

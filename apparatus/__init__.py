@@ -1,6 +1,6 @@
 """The shared attack/defense apparatus: what attacks and defenses both build on, written once.
 
-Attacks and defenses never import each other (tests/test_layer_contract.py), yet they train and
+Attacks and defenses never import each other (tests/project/test_layer_contract.py), yet they train and
 measure the same things: tiny causal LMs (targets, shadows, references, teachers, students), toy
 classifiers (the digits CNN, a bag-of-words text classifier), backdoor tasks, adversarial
 perturbations, hardened query APIs, victims to attack, and canaries with their exposure. These live

@@ -7,7 +7,7 @@
 # Stages, each with its own time limit inside an overall budget (GPU_CHECK_BUDGET_S, default 540 s;
 # a stage that no longer fits is skipped and says so):
 #   1. preflight   python, torch, CUDA device, the Python packages secure-kd needs   preflight.json
-#   2. gpu tests   tests/test_gpu.py on the GPU (loss curve vs CPU, bf16, losses, cache, DP modes)
+#   2. gpu tests   tests/engine/test_gpu.py on the GPU (loss curve vs CPU, bf16, losses, cache, DP modes)
 #   3. slow tests  pytest -m slow (real SmolLM2 runs): only where the SmolLM2 asset is already on disk
 #                  ($SECURE_KD_HOME/assets/...): nothing is fetched here
 #   4. benchmarks  kd_loss, dp_step, distill_step (fp32 and bf16; secure-kd vs TRL's GKDTrainer),
@@ -128,7 +128,7 @@ if [ "$PREFLIGHT" -ne 0 ]; then
 fi
 
 # 2. the GPU tests; 3. the slow tests, where the real model is already on disk
-stage gpu_tests 150 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
+stage gpu_tests 150 "$PY" -m pytest tests/engine/test_gpu.py -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
 if [ "$DEVICE" = cpu ]; then
   echo '{"stage": "slow_tests", "skipped": "dry run on the CPU (GPU_CHECK_DEVICE=cpu)"}' >>"$STAGES"
 elif "$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['smollm2_asset'] else 1)" "$OUT_DIR/preflight.json"; then

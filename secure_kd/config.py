@@ -310,7 +310,7 @@ def loss_parameters(name: str) -> dict[str, Any]:
     """The `kd.params` an objective takes (its params model's fields): name -> default
     (`inspect.Parameter.empty` when required). What the trainer passes (logits, labels, temperature,
     reduction, tail, chunk_size) and the per-batch inputs of uld / span_aligned
-    (`CROSS_TOKENIZER_ARGUMENTS`) are never among them (tests/test_losses_params.py checks each model
+    (`CROSS_TOKENIZER_ARGUMENTS`) are never among them (tests/engine/test_losses_params.py checks each model
     against its objective's signature)."""
     from secure_kd.losses import loss_info
     from secure_kd.losses.params import param_defaults

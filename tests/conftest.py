@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests/attacks/test_attack_federated.py reuses the federation test helpers
+sys.path.insert(0, str(Path(__file__).parent / "federation"))
 torch.set_num_threads(1)  # tiny models: one thread beats two (less sync), and CI has 2 cores
 
 

@@ -7,7 +7,7 @@ numbers, and API keys of the common `sk_...` shapes. Names, street addresses and
 identifiers have no reliable pattern and are not found; the exposure of a given secret
 (`data.secrets`) and the near-duplicate check cover what patterns miss. On 300 synthetic records the
 patterns found every email, phone, IBAN and card number the generator wrote, with no false positive
-(tests/test_memorization.py).
+(tests/attacks/test_memorization.py).
 
 `redact(value)` keeps a value's shape (its separators and length) and its first character and
 masks the rest, so a report can say "an email address of this record came out" without printing

@@ -6,7 +6,7 @@ of `coeff_mod_bit_sizes`, never part of a ciphertext; TenSEAL needs it because i
 relinearization keys, and 20 bits suffice). A ciphertext holds N/2 values in two polynomials
 of N coefficients modulo q, so it costs about log2(q)/2 bytes per value whatever N is.
 
-Error model (measured within 10% on this machine, tests/test_he.py checks the bound): a
+Error model (measured within 10% on this machine, tests/federation/test_he.py checks the bound): a
 decrypted sum of n fresh symmetric encryptions carries per value a Gaussian error of standard
 deviation sqrt(n * N * (3.2**2 + 1/12) / 2) / scale: SEAL's fresh noise (sigma 3.2) plus
 rounding at encoding, mapped through the canonical embedding (N coefficients, real part).

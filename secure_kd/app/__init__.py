@@ -2,5 +2,5 @@
 its HTML report (`report/`).
 
 The only part of `secure_kd` that imports `federation`, `attacks` and `defenses`; the engine (`secure_kd/`
-outside `app/`) imports nothing from here or from them (tests/test_layer_contract.py enforces it).
+outside `app/`) imports nothing from here or from them (tests/project/test_layer_contract.py enforces it).
 """

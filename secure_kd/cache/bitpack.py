@@ -6,7 +6,7 @@ Elias-gamma way into a class `c = floor(log2(g + 1))` and a remainder of exactly
 `g + 1 - 2**c`. The classes are small and skewed (they go to a general-purpose entropy
 coder); the remainders are close to uniform, so they are bit-packed as they are.
 
-Everything here is vectorized numpy and exact; `tests/test_cache_codec.py` checks round trips.
+Everything here is vectorized numpy and exact; `tests/engine/test_cache_codec.py` checks round trips.
 """
 
 from __future__ import annotations

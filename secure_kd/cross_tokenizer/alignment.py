@@ -7,7 +7,7 @@ teacher positions that cover the same bytes: one token on each side where the to
 coincide, several on one side where that side splits what the other merges ("hel" + "lo" against
 "hello"), several on both sides where the splits cross ("ab" + "c" against "a" + "bc"). Tokens left
 over at the end form a last group; a group with an empty side (a teacher EOS the student lacks) is
-dropped. This is exactly TRL's `ULDLoss._align_by_byte_offsets` (tests/test_alignment.py), plus
+dropped. This is exactly TRL's `ULDLoss._align_by_byte_offsets` (tests/engine/test_alignment.py), plus
 input checks: spans in order and disjoint, and both sides ending at the same byte (the same text).
 
 `TokenAlignment.build(...)` does this for a padded batch and stores the groups as flat index

@@ -19,7 +19,7 @@ returns the token ids and, for each token, its byte span `[start, end)`:
   becomes empty spans followed by the full span on the last of them, so an aligner groups the run.
 
 The spans are checked to be ordered and disjoint (`check_spans`); the result equals TRL's
-`encode_with_byte_offsets` on byte-level tokenizers (tests/test_alignment.py), without depending on
+`encode_with_byte_offsets` on byte-level tokenizers (tests/engine/test_alignment.py), without depending on
 TRL, and also covers SentencePiece pieces and byte fallback, which TRL refuses.
 """
 

@@ -18,7 +18,7 @@ definition used here:
   lacks can never be matched, so the ceiling is below 1 when the vocabularies differ.
 
 With one tokenizer on both sides every group is one-to-one and byte equality is id equality, so this
-is `teacher_agreement`'s top-1 agreement (tests/test_cross_tokenizer_distill.py checks it).
+is `teacher_agreement`'s top-1 agreement (tests/engine/test_cross_tokenizer_distill.py checks it).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ generalized KL of those vectors (sum p log(p/q) - sum p + sum q), which stays >=
 of unnormalized vectors, TRL's, can go negative. With one tokenizer on both sides every group
 coincides, every token is shared and w_m = 1, so the loss is the `jsd` objective up to the floor.
 
-Deliberate differences from TRL's hybrid (equal otherwise, tests/test_losses_cross_tokenizer.py):
+Deliberate differences from TRL's hybrid (equal otherwise, tests/engine/test_losses_cross_tokenizer.py):
 TRL applies the vocabulary mapping to merged groups too, whose vectors' coordinates are not the same
 events; the endpoints beta = 0, 1 above; an empty unmatched set on one side is compared with the
 other side's unmatched mass (padding), where TRL skips the term; the adaptive weight divides by the

@@ -16,7 +16,7 @@ Positions are paired in one of two ways:
 
 How a trainer calls it, and every input, is in `secure_kd/losses/cross_inputs.py`.
 
-Deliberate differences from TRL's `ULDLoss` (tests/test_losses_cross_tokenizer.py shows equality
+Deliberate differences from TRL's `ULDLoss` (tests/engine/test_losses_cross_tokenizer.py shows equality
 everywhere else): no cross-entropy term and no weights (the trainer adds CE, as for every
 objective); one temperature for both sides; no `skip_*_eos` (mask the EOS label to -100 instead);
 labels need not be one contiguous answer span; positions are not shifted here (TRL's "observed"
