@@ -7,6 +7,8 @@ Rules (`aggregation.rule`), applied array by array to the clients' full weight v
   Learning"): per coordinate, drop the `floor(trim_fraction * n)` smallest and largest client values
   and average the rest (unweighted, as `scipy.stats.trim_mean`).
 - `median`: coordinate-wise median (Yin et al. 2018), unweighted.
+The median and trimmed mean are the engine's (`secure_kd.robust_rules`, which multi-teacher distillation
+uses too), applied in float64 to each array stacked over the clients.
 - `norm_bounded`: clip each client's update (its weights minus the current global model) to L2 norm
   `norm_bound` over all arrays together, then take the weighted mean of the clipped updates (the
   norm-bounding defense against model replacement of Sun et al. 2019, "Can You Really Backdoor
@@ -20,24 +22,15 @@ contributes; a malicious client simply skips it, so under HE it limits accidents
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from federation.clipping import clip_update
 from federation.config import AggregationConfig
 from federation.server.aggregation import weighted_average
-
-
-def trimmed_mean(stacked: np.ndarray, trim_fraction: float) -> np.ndarray:
-    """Coordinate-wise mean over axis 0 after cutting floor(trim_fraction * n) values at each end."""
-    n = stacked.shape[0]
-    cut = int(math.floor(trim_fraction * n))
-    if 2 * cut >= n:
-        raise ValueError(f"trim_fraction={trim_fraction} leaves no client of {n}; lower it")
-    ordered = np.sort(stacked, axis=0)
-    return ordered[cut : n - cut].mean(axis=0)
+from secure_kd.robust_rules import combine
 
 
 def robust_aggregate(
@@ -58,11 +51,7 @@ def robust_aggregate(
         raise ValueError("no updates to aggregate")
     out = {}
     for name in updates[0]:
-        stacked = np.stack([u[name].astype(np.float64) for u in updates])
-        value = (
-            np.median(stacked, axis=0)
-            if config.rule == "median"
-            else trimmed_mean(stacked, config.trim_fraction)
-        )
+        stacked = torch.from_numpy(np.stack([u[name].astype(np.float64) for u in updates]))
+        value = combine(stacked, config.rule, trim_fraction=config.trim_fraction).numpy()
         out[name] = value.astype(updates[0][name].dtype)
     return out
