@@ -28,10 +28,10 @@ from apparatus.tiny_lm import (
     tokenize_texts,
     train_causal_lm,
 )
-from defenses.swing_privacy import position_scores, spans_to_token_scores
 from secure_kd.data import generate_corpus
 from secure_kd.metrics import roc_metrics
 from secure_kd.models import resolve_device
+from secure_kd.swing_targets import position_scores, spans_to_token_scores
 from secure_kd.teacher_targets import LiveTeacher
 
 

@@ -14,9 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secure_kd.dp.config import PrivacyConfig
-from secure_kd.multi_teacher_config import WeightedTeacher, check_teachers
-from secure_kd.robust_rules import RuleName
 from secure_kd.served.config import ServedConfig
+from secure_kd.swing_config import SwingKD, check_swing
 
 SCHEMA_VERSION = 1
 
@@ -138,10 +137,6 @@ class DistillModelConfig(ModelConfig):
         return value
 
 
-class TeacherConfig(DistillModelConfig, WeightedTeacher):
-    """One entry of `teachers:`: a teacher block plus its `weight` (secure_kd.multi_teacher_config)."""
-
-
 class SyntheticDataConfig(Strict):
     n_records: int = Field(400, gt=0)
     n_canaries: int = Field(4, ge=0)
@@ -256,14 +251,6 @@ class KDConfig(Strict):
         description="self_privileged: distil at most this share of each example's response tokens, those "
         "where the privileged teacher is the more certain (token_selective's rule); 1.0 = every token",
     )
-    teacher_rule: RuleName = Field(
-        "mean",
-        description="teachers: how their distributions are combined per position: mean, weighted_mean, "
-        "median or trimmed_mean (secure_kd.multi_teacher_config)",
-    )
-    trim_fraction: float = Field(
-        0.2, ge=0, lt=0.5, description="teacher_rule trimmed_mean: share of teachers cut per end, per token"
-    )
     max_new_tokens: int = Field(32, gt=0)
     generation_temperature: float = Field(1.0, gt=0)
     teacher_max_length: int | None = Field(
@@ -271,6 +258,11 @@ class KDConfig(Strict):
         ge=8,
         description="a teacher with another tokenizer: its sequence length in tokens (default: 2 x "
         "data.max_length, room for a less efficient tokenizer); the two are aligned on the text both cover",
+    )
+    swing: SwingKD | None = Field(
+        None,
+        description="swing distillation: hotter, noised teacher targets where a detector flags the next "
+        "token as private (a heuristic, not DP); secure_kd.swing_config",
     )
 
     @field_validator("temperature")
@@ -306,6 +298,7 @@ class KDConfig(Strict):
             )
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train; set one of them > 0")
+        check_swing(self)
         if self.mode != "self_privileged":
             given = [f for f in ("self_teacher", "token_share") if f in self.model_fields_set]
             if given and (self.token_share != 1.0 or self.self_teacher != "frozen"):
@@ -443,13 +436,6 @@ class DistillJob(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/distill"
     teacher: DistillModelConfig = DistillModelConfig(source="tiny")
-    teachers: list[TeacherConfig] | None = Field(
-        None,
-        min_length=1,
-        max_length=64,
-        description="several teachers instead of `teacher`, combined by kd.teacher_rule; teachers[0] is the "
-        "primary (its tokenizer, its layers for a teacher_layers student)",
-    )
     student: DistillModelConfig = DistillModelConfig(source="tiny")
     tokenizer: str = Field(
         "teacher",
@@ -466,7 +452,6 @@ class DistillJob(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillJob:
-        check_teachers(self)  # with a `teachers:` list, `teacher` becomes teachers[0]
         _check_self_privileged(self)  # first: it makes the teacher the student's model
         if self.teacher.source == "teacher_layers":
             raise ValueError("teacher.source cannot be 'teacher_layers'; that is a way to build a student")

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from defenses.swing import SwingConfig, SwingSettings, scored_examples
-from defenses.swing_privacy import (
+from secure_kd.losses import forward_kl
+from secure_kd.swing_targets import (
     SwingTargets,
     content_keys,
     detect_spans,
@@ -25,7 +26,6 @@ from defenses.swing_privacy import (
     swing_teacher_logits,
     token_privacy_scores,
 )
-from secure_kd.losses import forward_kl
 
 PLANTED = {
     "email": "jane.doe@example.com",
