@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secure_kd.dp.config import PrivacyConfig
+from secure_kd.multi_teacher_config import WeightedTeacher, check_teachers
+from secure_kd.robust_rules import RuleName
 from secure_kd.served.config import ServedConfig
 from secure_kd.swing_config import SwingKD, check_swing
 
@@ -137,6 +139,10 @@ class DistillModelConfig(ModelConfig):
         return value
 
 
+class TeacherConfig(DistillModelConfig, WeightedTeacher):
+    """One entry of `teachers:`: a teacher block plus its `weight` (secure_kd.multi_teacher_config)."""
+
+
 class SyntheticDataConfig(Strict):
     n_records: int = Field(400, gt=0)
     n_canaries: int = Field(4, ge=0)
@@ -250,6 +256,14 @@ class KDConfig(Strict):
         le=1,
         description="self_privileged: distil at most this share of each example's response tokens, those "
         "where the privileged teacher is the more certain (token_selective's rule); 1.0 = every token",
+    )
+    teacher_rule: RuleName = Field(
+        "mean",
+        description="teachers: how their distributions are combined per position: mean, weighted_mean, "
+        "median or trimmed_mean (secure_kd.multi_teacher_config)",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="teacher_rule trimmed_mean: share of teachers cut per end, per token"
     )
     max_new_tokens: int = Field(32, gt=0)
     generation_temperature: float = Field(1.0, gt=0)
@@ -436,6 +450,13 @@ class DistillJob(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/distill"
     teacher: DistillModelConfig = DistillModelConfig(source="tiny")
+    teachers: list[TeacherConfig] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="several teachers instead of `teacher`, combined by kd.teacher_rule; teachers[0] is the "
+        "primary (its tokenizer, its layers for a teacher_layers student)",
+    )
     student: DistillModelConfig = DistillModelConfig(source="tiny")
     tokenizer: str = Field(
         "teacher",
@@ -452,6 +473,7 @@ class DistillJob(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillJob:
+        check_teachers(self)  # with a `teachers:` list, `teacher` becomes teachers[0]
         _check_self_privileged(self)  # first: it makes the teacher the student's model
         if self.teacher.source == "teacher_layers":
             raise ValueError("teacher.source cannot be 'teacher_layers'; that is a way to build a student")

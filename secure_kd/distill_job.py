@@ -65,6 +65,7 @@ from secure_kd.models import (
     resolve_device,
     vocab_size_of,
 )
+from secure_kd.multi_teacher import ensemble_summary, load_teacher_ensemble
 from secure_kd.paths import atomic_write_json
 from secure_kd.self_distill import ledger_texts, privileged_targets, self_teacher
 from secure_kd.swing_job import swing_job_targets
@@ -107,6 +108,7 @@ class DistillResult(BaseModel):
     privacy: dict[str, Any] | None = None
     cross_tokenizer: dict[str, Any] | None = None
     audit_canaries: dict[str, Any] | None = None
+    teachers: dict[str, Any] | None = None
     swing: dict[str, Any] | None = None
 
 
@@ -345,6 +347,8 @@ def _run_distill(
     ).to(device)
     if job.kd.mode == "self_privileged":  # the teacher is the student's own weights
         teacher = self_teacher(student, job.kd.self_teacher)
+    if job.teachers:  # several teachers, combined per position by kd.teacher_rule (secure_kd.multi_teacher)
+        teacher = load_teacher_ensemble(job, teacher, teacher_tok, pad_token_id=teacher_pad, device=device)
     vocab = model_vocabularies(tokenizer, teacher_tok, student, teacher)
     padded = not cross and vocab.student.width != vocab.teacher.width
     if padded:  # one tokenizer in two widths: padding, trimmed (anything else is refused here)
@@ -371,6 +375,10 @@ def _run_distill(
         device=device,
     )
     teacher_eval = _evaluate(teacher, teacher_batches, device)
+    teachers_info = None
+    if job.teachers:
+        each = [_evaluate(member, teacher_batches, device).perplexity for member in teacher.teachers]
+        teachers_info = ensemble_summary(job, teacher, each)
     student_before = _evaluate(student, eval_batches, device)
     if cross:
         cross_before = cross_evaluation(student, teacher, with_teacher_bytes=True, **cross_eval)
@@ -529,6 +537,7 @@ def _run_distill(
         privacy=distiller.report.model_dump(mode="json") if getattr(distiller, "report", None) else None,
         cross_tokenizer=cross_info,
         audit_canaries=canary_info,
+        teachers=teachers_info,
     )
     # private: losses and evaluations on private text are not covered by DP (docs/privacy.md)
     if dist.is_main:
