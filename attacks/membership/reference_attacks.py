@@ -21,6 +21,8 @@ statistics; none needs another forward pass.
   (p(x)/Pr(x)) / (p(z)/Pr(z)) >= gamma, computed by `attacks.membership.scores.rmia_scores`. The
   population is the known non-members, cross-fitted: records are split at random into two folds and a
   record of one fold is compared with the non-members of the other, so no record is its own z.
+  The default a = 1 (Pr(x) = the references' mean probability): a language model's p(x) is small, and
+  for a < 1 the constant (1 - a)/2 dominates Pr(x), which makes RMIA rank like the loss attack.
 
 Losses may be per token (the reference shares the target's tokenizer) or per byte (another tokenizer:
 total NLL of the record's bytes / their count, see `per_byte_nll`); `reference` and `rmia` then compare
@@ -97,7 +99,7 @@ def rmia_offline_scores(
     reference_nll: np.ndarray,
     is_member: np.ndarray,
     *,
-    a: float = 0.3,
+    a: float = 1.0,
     gamma: float = 1.0,
     seed: int = 0,
 ) -> np.ndarray:
@@ -136,7 +138,7 @@ def all_scores(
     is_member: np.ndarray,
     *,
     k: float = 0.2,
-    rmia_a: float = 0.3,
+    rmia_a: float = 1.0,
     rmia_gamma: float = 1.0,
     seed: int = 0,
     target_bytes: Sequence[int] | None = None,

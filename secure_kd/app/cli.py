@@ -318,11 +318,15 @@ def _run_plugin(kind: str, name: str, config: Path | None, overrides: list[str],
     if kind == "attack":
         from attacks import available_attacks as available
         from attacks import get_attack as get
+        from attacks import load_failures
     else:
         from defenses import available_defenses as available
         from defenses import get_defense as get
+        from defenses import load_failures
     if name == "list":
-        typer.echo("\n".join(f"{n}: {get(n).summary}" for n in available()))
+        lines = [f"{n}: {get(n).summary}" for n in available()]
+        lines += [f"{n}: failed to load ({error})" for n, error in load_failures().items()]
+        typer.echo("\n".join(lines))
         return
     try:
         plugin = get(name)
@@ -426,6 +430,18 @@ def audit_cmd(
         help="before distilling: which --data records will the student memorize, from "
         "--teacher (and the initial student --model) alone; lists the records to drop or deduplicate",
     ),
+    reference: list[str] = typer.Option(
+        [],
+        "--reference",
+        help="reference-based membership attacks on --model: a model that never trained on the records "
+        "(its teacher or base model; repeatable), with --members FILE and --nonmembers FILE",
+    ),
+    members: str | None = typer.Option(
+        None, "--members", help="records --model trained on (reference audit)"
+    ),
+    nonmembers: str | None = typer.Option(
+        None, "--nonmembers", help="records --model never saw, same distribution (reference audit)"
+    ),
 ) -> None:
     """Run an attack suite against a model; write results.json and a self-contained report.html.
 
@@ -438,6 +454,20 @@ def audit_cmd(
     from secure_kd.app.report.config import AuditConfig
     from secure_kd.app.report.plan import check_suite
 
+    if reference or members is not None or nonmembers is not None:
+        from secure_kd.app.reference_audit import run_from_cli
+
+        run_from_cli(
+            model,
+            reference,
+            members,
+            nonmembers,
+            out=out,
+            overrides=overrides,
+            progress=progress,
+            console=console,
+        )
+        return
     if predict:
         _predict_only(teacher, data, model, out)
         return
