@@ -18,6 +18,7 @@ from secure_kd.multi_teacher_config import WeightedTeacher, check_teachers
 from secure_kd.robust_rules import RuleName
 from secure_kd.served.config import ServedConfig
 from secure_kd.swing_config import SwingKD, check_swing
+from secure_kd.teacher_hacking import TeacherHackingField
 
 SCHEMA_VERSION = 1
 
@@ -426,6 +427,9 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0)
     eval_batches: int = Field(8, gt=0)
     privacy: PrivacyConfig | None = Field(None, description="DP-SGD of the student; see docs/privacy.md")
+    teacher_hacking: TeacherHackingField = Field(
+        None, description="watch for teacher hacking every N steps; warn or stop (secure_kd.teacher_hacking)"
+    )
 
 
 class CanaryAuditConfig(Strict):

@@ -57,6 +57,7 @@ from secure_kd.distill_cross import (
 from secure_kd.distributed import Distributed, launched
 from secure_kd.evaluate import perplexity, teacher_agreement
 from secure_kd.fingerprint import tokenizer_fingerprint
+from secure_kd.hacking_callback import attach_to_job
 from secure_kd.models import (
     count_parameters,
     load_student,
@@ -110,6 +111,7 @@ class DistillResult(BaseModel):
     audit_canaries: dict[str, Any] | None = None
     teachers: dict[str, Any] | None = None
     swing: dict[str, Any] | None = None
+    teacher_hacking: dict[str, Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -457,6 +459,9 @@ def _run_distill(
         distiller = DPDistiller(dataset_key=key, log=log, caveats=caveats, **users, **trainer_args)
     else:
         distiller = Distiller(**trainer_args)
+    hacking = None
+    if job.train.teacher_hacking is not None:  # proxy and golden every N steps; warn or stop
+        hacking = attach_to_job(job, distiller, eval_batches, device, log)
     log(
         f"training {count_parameters(student, trainable_only=True):,} parameters "
         f"for {distiller.total_steps} steps "
@@ -534,6 +539,7 @@ def _run_distill(
         student_dir=str(student_dir),
         cache=cache_info,
         swing=swing_info,
+        teacher_hacking=hacking.summary(fit.stopped_at) if hacking is not None else None,
         privacy=distiller.report.model_dump(mode="json") if getattr(distiller, "report", None) else None,
         cross_tokenizer=cross_info,
         audit_canaries=canary_info,

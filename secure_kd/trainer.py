@@ -65,6 +65,7 @@ class FitResult:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
+    stopped_at: int | None = None  # the step an on_step callback ended training at (None: it ran to the end)
 
     @property
     def tokens_per_second(self) -> float:
@@ -123,7 +124,9 @@ class Distiller:
         device: where the student trains (it is not moved here).
         run_hash: a hash of everything that defines the run; `fit(resume=True)` refuses a checkpoint
             written under another hash.
-        progress: a progress bar with loss, tokens/s and ETA; on_step(step, loss) after every step.
+        progress: a progress bar with loss, tokens/s and ETA; on_step(step, loss) after every step (a
+            callback that returns True ends training after that step, which is saved, e.g.
+            `secure_kd.hacking_callback.TeacherHackingCallback`).
         vocab: the student's and teacher's vocabularies (`VocabPair.from_tokenizers`); needed with
             cross-tokenizer targets, and where one tokenizer's logits are padded to two widths.
         distributed: this process's rank among data-parallel processes (`secure_kd.distributed`;
@@ -414,7 +417,7 @@ class Distiller:
                 self.objective_module.load_state_dict(extra["objective"])
             losses, resumed_from = list(meta.get("losses", [])), start
         self.student.train()
-        tokens, t0, step = 0, time.perf_counter(), start
+        tokens, t0, step, stopped_at = 0, time.perf_counter(), start, None
         with TrainProgress(self.total_steps, start=start, enabled=self.progress) as bar:
             try:
                 for step in range(start, self.total_steps):
@@ -424,14 +427,17 @@ class Distiller:
                     bar.update(step + 1, loss=loss, tokens=tokens, seconds=time.perf_counter() - t0)
                     if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.total_steps:
                         self._save(step + 1, losses)
-                    if self.on_step is not None:
-                        self.on_step(step + 1, loss)
+                    if self.on_step is not None and self.on_step(step + 1, loss) is True:
+                        stopped_at = step + 1
+                        break
             except KeyboardInterrupt:
                 done = len(losses)
                 raise TrainingInterrupted(done, self._save(done, losses)) from None
-        self._save(self.total_steps, losses)
+        final = self.total_steps if stopped_at is None else stopped_at
+        self._save(final, losses)
         return FitResult(
-            steps=self.total_steps,
+            steps=final,
+            stopped_at=stopped_at,
             losses=losses,
             tokens=tokens,
             seconds=time.perf_counter() - t0,

@@ -10,7 +10,6 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from defenses.teacher_hacking import TeacherHackingMonitor
 from defenses.trustworthy_students import (
     TrustworthyConfig,
     calibration_report,
@@ -18,6 +17,7 @@ from defenses.trustworthy_students import (
     renormalized_topk,
     temperature_nll,
 )
+from secure_kd.teacher_hacking import TeacherHackingMonitor
 
 
 def test_ece_before_and_after_temperature_by_hand():
