@@ -1,36 +1,27 @@
-"""Attacks on distillation: each module registers a `Plugin` (Config, run, Result) by name."""
+"""Attacks on distillation: each module registers a `Plugin` (secure_kd.plugins) by name.
+
+Found without a list: every module of this package (a new attack is one new file), then the entry
+points of the group `secure_kd.attacks` (a third-party package's attacks; docs/extending.md).
+"""
 
 from __future__ import annotations
 
-import importlib
-
-from secure_kd.plugins import Plugin
+from secure_kd.plugins import Discovery, Plugin
 from secure_kd.registry import Registry
 
 ATTACKS: Registry[Plugin] = Registry("attack")
-# Modules that register themselves on import.
-_MODULES = (
-    "logit_leak",
-    "clone",
-    "memorization",
-    "membership",
-    "backdoor",
-    "adversarial",
-    "bias_cascade",
-    "federated",
-)
+GROUP = "secure_kd.attacks"
+_found = Discovery(ATTACKS, __name__, GROUP)
 
 
-def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(f"attacks.{module}")
+def load_failures() -> dict[str, str]:
+    """{entry point: error} of the third-party attacks that could not be loaded."""
+    return _found.failures()
 
 
 def get_attack(name: str) -> Plugin:
-    _load_all()
-    return ATTACKS.get(name)
+    return _found.get(name)
 
 
 def available_attacks() -> list[str]:
-    _load_all()
-    return ATTACKS.names()
+    return _found.names()

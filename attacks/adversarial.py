@@ -10,9 +10,10 @@ from a directory written by `save_digits_cnn`.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import Tensor, nn
@@ -31,9 +32,9 @@ from apparatus.perturbations import (  # noqa: F401  (re-exported: attacks.adver
     success_mask,
 )
 from attacks import ATTACKS
-from secure_kd.config import Strict
 from secure_kd.models import resolve_device
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Metric, Plugin, PluginConfig, write_result
+from secure_kd.readings import Reading, proportion
 
 # --------------------------------------------------------------------------- plugin
 
@@ -42,7 +43,7 @@ class CWOptions(CWParams):  # the attack's CW settings: carlini_wagner_l2's defa
     pass
 
 
-class AdversarialConfig(Strict):
+class AdversarialConfig(PluginConfig):
     """`secure-kd attack adversarial`: FGSM / PGD / CW-L2 on the digits CNN."""
 
     attack: AttackName = "pgd"
@@ -58,8 +59,6 @@ class AdversarialConfig(Strict):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     n_examples: int | None = Field(None, gt=0, description="attack the first n test images (default all)")
     save_model: bool = Field(True, description="write a freshly trained model to <out>/model")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/attacks/adversarial"
 
     @field_validator("eps", mode="before")
@@ -141,6 +140,16 @@ def run(config: AdversarialConfig) -> AdversarialResult:
     return result
 
 
+def readings(result: dict[str, Any], samples: int, confidence: float) -> dict[str, Reading]:
+    """The success rate at the smallest radius attacked, Wilson interval over the correct inputs."""
+    stats = result.get("results") or []
+    if not stats:
+        return {}
+    smallest = min(stats, key=lambda s: math.inf if s.get("eps") is None else s["eps"])
+    rate = proportion(float(smallest["success_rate"]), int(smallest["n_correct"]), confidence)
+    return {"adversarial_success_rate": rate}
+
+
 PLUGIN = ATTACKS.register(
     "adversarial",
     Plugin(
@@ -149,5 +158,15 @@ PLUGIN = ATTACKS.register(
         Result=AdversarialResult,
         run=run,
         summary="FGSM, PGD (L-inf) and Carlini-Wagner L2 on the digits CNN; success rates and norms",
+        target="model",
+        kinds=("digits_cnn",),
+        own_target="a digits CNN it trains itself",
+        metrics=(
+            Metric(
+                "adversarial_success_rate", risk="evasion", medium=0.3, high=0.7,
+                why="share of correctly classified inputs flipped at the smallest radius attacked",
+            ),
+        ),
+        measure=readings,
     ),
-)
+)  # fmt: skip

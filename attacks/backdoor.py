@@ -49,11 +49,11 @@ from apparatus.classifiers import train_classifier
 from apparatus.digits import save_digits_cnn
 from apparatus.text_classifier import save_text_classifier
 from attacks import ATTACKS
-from secure_kd.config import Strict
 from secure_kd.data.documents import TOPICS
 from secure_kd.models import resolve_device
 from secure_kd.paths import atomic_write_text
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Metric, Plugin, PluginConfig, write_result
+from secure_kd.readings import Reading, proportion
 from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger
 
 Kind = Literal["patch", "text", "switchable"]
@@ -155,7 +155,7 @@ def default_trigger(kind: Kind, target: int) -> AnyTrigger:
     return text if kind == "text" else SwitchableTrigger(trigger=text)
 
 
-class BackdoorConfig(Strict):
+class BackdoorConfig(PluginConfig):
     """`secure-kd attack backdoor`: plant a backdoor, measure it, and distil the model into a student."""
 
     kind: Kind = "patch"
@@ -184,8 +184,6 @@ class BackdoorConfig(Strict):
     save_model: bool = Field(
         True, description="write the backdoored model, trigger.json and attack_config.json to <out>/teacher"
     )
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/attacks/backdoor"
 
     @model_validator(mode="after")
@@ -300,6 +298,15 @@ def run(config: BackdoorConfig) -> BackdoorResult:
     return result
 
 
+def readings(result: dict[str, Any], samples: int, confidence: float) -> dict[str, Reading]:
+    """ASR of the planted trigger after distillation (clean transfer set), or of the backdoored teacher
+    when distillation is off; Wilson interval over the triggered inputs."""
+    report = (result.get("distillation") or {}).get("clean_transfer") or result["backdoored_model"]
+    metrics = report["metrics"]
+    asr = proportion(float(metrics["attack_success_rate"]), int(metrics["n_triggered"]), confidence)
+    return {"backdoor_asr": asr}
+
+
 PLUGIN = ATTACKS.register(
     "backdoor",
     Plugin(
@@ -308,5 +315,14 @@ PLUGIN = ATTACKS.register(
         Result=BackdoorResult,
         run=run,
         summary="patch / text / switchable backdoors by poisoning; ASR before and after distillation",
+        own_target="a digits CNN or tiny text classifier it backdoors and distils itself",
+        metrics=(
+            Metric(
+                "backdoor_asr", risk="backdoor", medium=0.2, high=0.5,
+                why="attack success rate of the planted trigger after distillation (the backdoored "
+                "teacher's when distillation is off)",
+            ),
+        ),
+        measure=readings,
     ),
-)
+)  # fmt: skip

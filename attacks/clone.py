@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field, model_validator
@@ -49,7 +49,8 @@ from secure_kd.data import TokenizedExample, collate, generate_corpus, load_reco
 from secure_kd.evaluate import perplexity, teacher_agreement
 from secure_kd.losses import available_losses, loss_info
 from secure_kd.models import build_tiny, resolve_device, vocab_size_of
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Input, Metric, Plugin, PluginConfig, write_result
+from secure_kd.readings import Reading, proportion
 from secure_kd.topk import TopKLogits
 from secure_kd.trainer import Distiller
 
@@ -111,11 +112,9 @@ class CloneTrainConfig(Strict):
     lr: float = Field(3e-3, gt=0)
 
 
-class CloneConfig(Strict):
+class CloneConfig(PluginConfig):
     """`secure-kd attack clone`: clone a victim through its API within a query budget."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/attacks/clone"
     victim: ModelConfig = Field(default_factory=tiny_victim_default)
     victim_logit_scale: float = Field(1.0, gt=0, description="tiny victims: sharpen a random model's outputs")
@@ -487,6 +486,16 @@ def run(config: CloneConfig) -> CloneResult:
     return result
 
 
+def readings(result: dict[str, Any], samples: int, confidence: float) -> dict[str, Reading]:
+    """The best variant's top-1 agreement with the victim on held-out positions, Wilson interval."""
+    variants = result.get("variants") or []
+    if not variants:
+        return {}
+    best = max(variants, key=lambda v: v["top1_agreement"])
+    n = int(result.get("heldout_positions", 0))
+    return {"clone_agreement": proportion(float(best["top1_agreement"]), n, confidence)}
+
+
 PLUGIN = ATTACKS.register(
     "clone",
     Plugin(
@@ -495,5 +504,17 @@ PLUGIN = ATTACKS.register(
         Result=CloneResult,
         run=run,
         summary="clone a model through its API: recovered output layer + KD within a query budget",
+        target="victim.source",
+        kinds=("causal_lm",),
+        own_target="a tiny random Llama",
+        inputs={"budget": Input("query_budget")},
+        with_model={"victim_logit_scale": 1.0},  # the sharpening is for a random tiny victim only
+        metrics=(
+            Metric(
+                "clone_agreement", risk="model_extraction", medium=0.5, high=0.8,
+                why="top-1 agreement of the best clone with the victim on held-out positions",
+            ),
+        ),
+        measure=readings,
     ),
-)
+)  # fmt: skip

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
@@ -36,8 +36,8 @@ from federation.config import FederatedJob
 from federation.messages import ARRAYS
 from federation.roles import AdversaryConfig
 from federation.simulation.adversary_eval import TINY_FEDERATION, run_and_measure
-from secure_kd.config import Strict
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Device, Metric, Plugin, PluginConfig, write_result
+from secure_kd.readings import Reading, proportion
 
 EMBEDDING_SUFFIX = "embed_tokens.weight"
 
@@ -128,10 +128,9 @@ def invert_single_step(job: FederatedJob, root: Path) -> InversionReport:
 
 
 # -- the plugin ----------------------------------------------------------------------------------------
-class FederatedAttackConfig(Strict):
-    seed: int = 0
+class FederatedAttackConfig(PluginConfig):
     out: str = "runs/attacks/federated"
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    device: Device = "cpu"
     federation: dict[str, Any] = Field(
         default_factory=lambda: dict(TINY_FEDERATION),
         description="a FederatedJob (without seed/out/device/adversaries); see docs/federation.md",
@@ -212,6 +211,25 @@ def run(config: FederatedAttackConfig) -> FederatedAttackResult:
     return result
 
 
+def readings(result: dict[str, Any], samples: int, confidence: float) -> dict[str, Reading]:
+    """The rise of the global test loss caused by the malicious organization (one honest and one
+    attacked run: no interval), the backdoor ASR when there is one, and the share of a client's tokens
+    the server reads from one update (0 when the update is hidden)."""
+    one_run = "one honest and one attacked run"
+    out = {"poisoning_loss_increase": Reading(value=float(result["loss_increase"]), note=one_run)}
+    asr = (result.get("attacked") or {}).get("backdoor_asr")
+    if asr is not None:
+        out["backdoor_asr"] = Reading(value=float(asr), note="federated backdoor, global model")
+    inversion = result.get("inversion") or {}
+    if inversion.get("update_visible") and inversion.get("recall") is not None:
+        out["update_token_recall"] = proportion(
+            float(inversion["recall"]), int(inversion["true_tokens"]), confidence
+        )
+    elif inversion:
+        out["update_token_recall"] = Reading(value=0.0, note=inversion.get("note"))
+    return out
+
+
 PLUGIN = ATTACKS.register(
     "federated",
     Plugin(
@@ -220,5 +238,24 @@ PLUGIN = ATTACKS.register(
         Result=FederatedAttackResult,
         run=run,
         summary="malicious organization (scale, sign flip, backdoor, poisoned soft labels); update inversion",
+        own_target="a simulated federation it runs itself",
+        metrics=(
+            Metric(
+                "poisoning_loss_increase", risk="poisoning", medium=0.1, high=1.0, unit="nats",
+                why="rise of the global model's test loss per token when one organization is malicious, "
+                "against the same federation all honest",
+            ),
+            Metric(
+                "backdoor_asr", risk="backdoor", medium=0.2, high=0.5,
+                why="attack success rate of the trigger planted by the malicious organization, on the "
+                "global model",
+            ),
+            Metric(
+                "update_token_recall", risk="update_leakage", medium=0.1, high=0.5,
+                why="share of the distinct tokens of one client's records that the server reads from one "
+                "plaintext update (0 under ckks / secagg+, where it sees no update)",
+            ),
+        ),
+        measure=readings,
     ),
-)
+)  # fmt: skip

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field, model_validator
@@ -44,9 +44,10 @@ from apparatus.hardened_api import ApiDefenseConfig
 from apparatus.victims import load_victim, victim_api
 from attacks import ATTACKS
 from secure_kd.api import ModelAPI, Prompt
-from secure_kd.config import ModelConfig, Strict, TinyModelConfig
+from secure_kd.config import ModelConfig, TinyModelConfig
 from secure_kd.models import resolve_device
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Input, Metric, Plugin, PluginConfig, write_result
+from secure_kd.readings import Reading
 
 RecoveryView = Literal["full_logits", "topk_logprobs_bias"]
 
@@ -319,11 +320,9 @@ def true_hidden_size(model: nn.Module | None) -> int | None:
 # --------------------------------------------------------------------------- plugin
 
 
-class LogitLeakConfig(Strict):
+class LogitLeakConfig(PluginConfig):
     """`secure-kd attack logit_leak`: recover a victim's hidden size and output projection."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/attacks/logit_leak"
     victim: ModelConfig = Field(default_factory=tiny_victim_default)
     victim_logit_scale: float = Field(1.0, gt=0, description="tiny victims: sharpen a random model's outputs")
@@ -448,6 +447,11 @@ def run(config: LogitLeakConfig) -> LogitLeakResult:
     return result
 
 
+def readings(result: dict[str, Any], samples: int, confidence: float) -> dict[str, Reading]:
+    """The drop of the logit spectrum at the hidden size, in decades (one run: no interval)."""
+    return {"logit_leak_gap_decades": Reading(value=float(result["gap_decades"]))}
+
+
 PLUGIN = ATTACKS.register(
     "logit_leak",
     Plugin(
@@ -456,5 +460,17 @@ PLUGIN = ATTACKS.register(
         Result=LogitLeakResult,
         run=run,
         summary="hidden size and output projection behind a logit or top-k + bias API (Carlini et al. 2024)",
+        target="victim.source",
+        kinds=("causal_lm",),
+        own_target="a tiny random Llama",
+        inputs={"budget": Input("max_queries")},
+        metrics=(
+            Metric(
+                "logit_leak_gap_decades", risk="model_extraction", medium=1.0, high=2.0, unit="decades",
+                why="drop of the logit spectrum at the hidden size; >= 2 decades recovers the width and the "
+                "output projection (Carlini et al. 2024)",
+            ),
+        ),
+        measure=readings,
     ),
-)
+)  # fmt: skip

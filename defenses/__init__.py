@@ -1,36 +1,27 @@
-"""Defenses for distillation: each module registers a `Plugin` (Config, run, Result) by name."""
+"""Defenses for distillation: each module registers a `Plugin` (secure_kd.plugins) by name.
+
+Found without a list: every module of this package (a new defense is one new file), then the entry
+points of the group `secure_kd.defenses` (a third-party package's defenses; docs/extending.md).
+"""
 
 from __future__ import annotations
 
-import importlib
-
-from secure_kd.plugins import Plugin
+from secure_kd.plugins import Discovery, Plugin
 from secure_kd.registry import Registry
 
 DEFENSES: Registry[Plugin] = Registry("defense")
-# Modules that register themselves on import.
-_MODULES = (
-    "api_hardening",
-    "backdoor_unlearning",
-    "defensive_distillation",
-    "adversarial_distillation",
-    "trustworthy_students",
-    "swing",
-    "forgetting",
-    "robust_aggregation",
-)
+GROUP = "secure_kd.defenses"
+_found = Discovery(DEFENSES, __name__, GROUP)
 
 
-def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(f"defenses.{module}")
+def load_failures() -> dict[str, str]:
+    """{entry point: error} of the third-party defenses that could not be loaded."""
+    return _found.failures()
 
 
 def get_defense(name: str) -> Plugin:
-    _load_all()
-    return DEFENSES.get(name)
+    return _found.get(name)
 
 
 def available_defenses() -> list[str]:
-    _load_all()
-    return DEFENSES.names()
+    return _found.names()

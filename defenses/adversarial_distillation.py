@@ -23,7 +23,6 @@ the digits test set. Empirical robustness against one attack, not a certificate.
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +33,8 @@ from apparatus.classifiers import evaluate_classifier, train_classifier
 from apparatus.digits import load_digits_data, make_digits_cnn
 from apparatus.perturbations import pgd
 from defenses import DEFENSES
-from secure_kd.config import Strict
 from secure_kd.models import resolve_device
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
 
 
 def balance_step(
@@ -119,7 +117,7 @@ def mtard_distill(
     return history
 
 
-class AdversarialDistillationConfig(Strict):
+class AdversarialDistillationConfig(PluginConfig):
     """`secure-kd defend adversarial_distillation`: MTARD / progressive students vs PGD-AT and plain."""
 
     teacher_width: int = Field(16, gt=0)
@@ -139,8 +137,6 @@ class AdversarialDistillationConfig(Strict):
     weight_beta: float = Field(1.0, gt=0, description="MTARD beta (exponent on relative losses)")
     n_examples: int | None = Field(None, gt=0, description="evaluate on the first n test images (None: all)")
     test_fraction: float = Field(0.25, gt=0, lt=1)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/defenses/adversarial_distillation"
 
     @model_validator(mode="after")

@@ -37,7 +37,7 @@ from defenses import DEFENSES
 from secure_kd.api import APIViewError, ModelAPI, QueryBudgetExceeded
 from secure_kd.config import ModelConfig, Strict, TinyModelConfig
 from secure_kd.models import resolve_device, vocab_size_of
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
 
 AnswerView = Literal["full_logits", "topk_logprobs", "topk_logprobs_bias"]
 
@@ -63,11 +63,9 @@ class TrafficConfig(Strict):
     utility_prompts: int = Field(128, gt=0)
 
 
-class ApiHardeningConfig(Strict):
+class ApiHardeningConfig(PluginConfig):
     """`secure-kd defend api_hardening`: utility cost and detector behaviour of a hardened API."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/defenses/api_hardening"
     victim: ModelConfig = Field(default_factory=_tiny_victim)
     victim_logit_scale: float = Field(

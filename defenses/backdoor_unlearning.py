@@ -49,7 +49,7 @@ from defenses._unlearning import nad, reverse_patch_trigger, search_trigger_toke
 from secure_kd.config import Strict
 from secure_kd.data.documents import TOPICS
 from secure_kd.models import resolve_device
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
 from secure_kd.triggers import PatchTrigger, SwitchableTrigger, TextTrigger, parse_trigger
 
 Kind = Literal["patch", "text", "switchable"]
@@ -96,7 +96,7 @@ class SelfKDOptions(Strict):
     reverse_l1: float = Field(0.01, ge=0, description="Neural-Cleanse-lite L1 weight on the mask (patch)")
 
 
-class BackdoorUnlearningConfig(Strict):
+class BackdoorUnlearningConfig(PluginConfig):
     """`secure-kd defend backdoor_unlearning`: plant a backdoor, then remove it with NAD / self-KD."""
 
     kind: Kind = "patch"
@@ -122,8 +122,6 @@ class BackdoorUnlearningConfig(Strict):
     methods: list[Method] = Field(default_factory=lambda: ["nad", "self_kd"], min_length=1)
     nad: NADOptions = NADOptions()
     self_kd: SelfKDOptions = SelfKDOptions()
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/defenses/backdoor_unlearning"
 
     @model_validator(mode="after")

@@ -14,7 +14,6 @@ T = 1) and one distilled model per T in `temperatures`. It is gradient masking, 
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -22,9 +21,8 @@ from apparatus.classifiers import evaluate_classifier, predict_logits, train_cla
 from apparatus.digits import DigitsCNN, DigitsData, load_digits_data, make_digits_cnn
 from apparatus.perturbations import CWParams, attack_stats, carlini_wagner_l2, fgsm
 from defenses import DEFENSES
-from secure_kd.config import Strict
 from secure_kd.models import resolve_device
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
 
 
 class CWSettings(CWParams):  # a shorter search than carlini_wagner_l2 runs by default
@@ -32,7 +30,7 @@ class CWSettings(CWParams):  # a shorter search than carlini_wagner_l2 runs by d
     max_iter: int = Field(60, ge=1, description="Adam steps per round")
 
 
-class DefensiveDistillationConfig(Strict):
+class DefensiveDistillationConfig(PluginConfig):
     """`secure-kd defend defensive_distillation`: FGSM and CW-L2 success vs distillation temperature."""
 
     temperatures: list[float] = Field(default_factory=lambda: [20.0, 50.0, 100.0], min_length=1)
@@ -45,8 +43,6 @@ class DefensiveDistillationConfig(Strict):
     cw: CWSettings = CWSettings()
     n_examples: int | None = Field(200, gt=0, description="attack the first n test images (None: all)")
     test_fraction: float = Field(0.25, gt=0, lt=1)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/defenses/defensive_distillation"
 
     @field_validator("temperatures")

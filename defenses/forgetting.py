@@ -50,7 +50,7 @@ from defenses._forgetting_lm import forget_canary
 from secure_kd.config import Strict
 from secure_kd.losses import forward_kl
 from secure_kd.metrics import roc_metrics
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
 
 
 class ClassifierSettings(Strict):
@@ -89,11 +89,9 @@ class LMSettings(Strict):
     )
 
 
-class ForgettingConfig(Strict):
+class ForgettingConfig(PluginConfig):
     """`secure-kd defend forgetting`: unlearning by self-distillation, judged against retraining."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/defenses/forgetting"
     target: Literal["class", "records", "canary"] = "class"
     classifier: ClassifierSettings = ClassifierSettings()

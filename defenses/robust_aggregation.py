@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -25,14 +25,12 @@ from defenses import DEFENSES
 from federation.config import AggregationConfig, FederatedJob
 from federation.roles import AdversaryConfig
 from federation.simulation.adversary_eval import TINY_FEDERATION, run_and_measure
-from secure_kd.config import Strict
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Device, Plugin, PluginConfig, write_result
 
 
-class RobustAggregationConfig(Strict):
-    seed: int = 0
+class RobustAggregationConfig(PluginConfig):
     out: str = "runs/defenses/robust_aggregation"
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    device: Device = "cpu"
     federation: dict[str, Any] = Field(
         default_factory=lambda: dict(TINY_FEDERATION),
         description="a fedavg plaintext FederatedJob (without seed/out/device/adversaries/aggregation)",

@@ -42,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -64,7 +64,7 @@ from defenses.swing_privacy import DETECTORS, SwingTargets, content_keys, detect
 from secure_kd.config import Strict
 from secure_kd.data import SyntheticCorpus, TokenizedExample
 from secure_kd.models import resolve_device
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
 from secure_kd.teacher_targets import LiveTeacher
 
 NO_DP_NOTE = (
@@ -102,11 +102,9 @@ class SwingSettings(Strict):
         return self
 
 
-class SwingConfig(Strict):
+class SwingConfig(PluginConfig):
     """`secure-kd defend swing`: swing distillation on a synthetic canary corpus."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/defenses/swing"
     corpus: CanaryCorpus = CanaryCorpus()
     teacher: LMRecipe = LMRecipe(epochs=30)

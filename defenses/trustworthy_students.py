@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -37,11 +36,11 @@ from torch import Tensor, nn
 
 from defenses import DEFENSES
 from defenses.teacher_hacking import MonitorPoint, TeacherHackingMonitor
-from secure_kd.config import KDConfig, Strict, TinyModelConfig, TrainConfig
+from secure_kd.config import KDConfig, TinyModelConfig, TrainConfig
 from secure_kd.data import TokenizedExample
 from secure_kd.metrics import expected_calibration_error
 from secure_kd.models import build_tiny, resolve_device
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
 from secure_kd.topk import TopKLogits
 from secure_kd.trainer import Distiller
 
@@ -110,11 +109,9 @@ class FirstTargets:
 # --------------------------------------------------------------------------- the plugin
 
 
-class TrustworthyConfig(Strict):
+class TrustworthyConfig(PluginConfig):
     """`secure-kd defend trustworthy_students`: calibrated top-5 KD and teacher-hacking detection."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/defenses/trustworthy_students"
     vocab_size: int = Field(128, ge=8)
     oracle: TinyModelConfig = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2)

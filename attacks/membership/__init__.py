@@ -1,5 +1,7 @@
-"""Membership inference: loss attack, RMIA and LiRA scores (`scores`) and the `membership` audit plugin."""
+"""Membership inference: loss attack, RMIA and LiRA scores (`scores`) and the `membership` audit plugin
+(`audit`, registered by `plugin`)."""
 
+import attacks.membership.plugin  # noqa: F401  (registers the plugin)
 from attacks.membership.audit import balanced_membership, run, train_shadows
 from attacks.membership.config import AttackROC, MembershipConfig, MembershipResult
 from attacks.membership.scores import (

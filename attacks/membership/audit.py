@@ -30,13 +30,12 @@ from apparatus.tiny_lm import (
     tokenize_texts,
     train_causal_lm,
 )
-from attacks import ATTACKS
 from attacks.membership.config import HEADLINE_NONMEMBERS, AttackROC, MembershipConfig, MembershipResult
 from attacks.membership.scores import lira_scores, loss_attack_scores, rmia_scores, tune_offline_a
 from secure_kd import metrics
 from secure_kd.data import TokenizedExample, generate_corpus, load_records
 from secure_kd.models import load_pretrained, resolve_device, vocab_size_of
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import write_result
 
 # --------------------------------------------------------------------------- data and models
 
@@ -306,15 +305,3 @@ def run(config: MembershipConfig) -> MembershipResult:
     )
     write_result(config.out, result)
     return result
-
-
-PLUGIN = ATTACKS.register(
-    "membership",
-    Plugin(
-        name="membership",
-        Config=MembershipConfig,
-        Result=MembershipResult,
-        run=run,
-        summary="membership inference: loss attack, RMIA and LiRA (offline/online) with shadow models",
-    ),
-)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from apparatus.tiny_lm import TrainRecipe
 from secure_kd.config import Strict, TinyModelConfig
+from secure_kd.plugins import PluginConfig
 
 AttackName = Literal["loss", "rmia", "rmia_online", "lira_offline", "lira_online"]
 HEADLINE_NONMEMBERS = 10_000
@@ -89,11 +90,9 @@ class LiRASettings(Strict):
     )
 
 
-class MembershipConfig(Strict):
+class MembershipConfig(PluginConfig):
     """`secure-kd attack membership`: loss, RMIA and LiRA membership inference."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/attacks/membership"
     target: TargetModel = TargetModel()
     tokenizer: str | None = Field(

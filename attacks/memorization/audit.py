@@ -29,7 +29,6 @@ from apparatus.tiny_lm import (
     tokenize_texts,
     train_causal_lm,
 )
-from attacks import ATTACKS
 from attacks.memorization.extraction import (
     ExtractionReport,
     TrainingDataIndex,
@@ -44,7 +43,7 @@ from secure_kd.config import Strict, TinyModelConfig
 from secure_kd.data import generate_corpus, load_records
 from secure_kd.data.synthetic import sidecar_path
 from secure_kd.models import load_pretrained, resolve_device
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import PluginConfig, write_result
 
 _DEFAULT_RECIPE = TrainRecipe(
     model=TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4), epochs=20, batch_size=16, lr=3e-3
@@ -161,11 +160,9 @@ class ExtractionSettings(Strict):
         return value
 
 
-class MemorizationConfig(Strict):
+class MemorizationConfig(PluginConfig):
     """`secure-kd attack memorization`: canary exposure and extraction."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/attacks/memorization"
     model: ModelSource = ModelSource()
     tokenizer: str | None = Field(
@@ -402,15 +399,3 @@ def run(config: MemorizationConfig) -> MemorizationResult:
     )
     write_result(config.out, result)
     return result
-
-
-PLUGIN = ATTACKS.register(
-    "memorization",
-    Plugin(
-        name="memorization",
-        Config=MemorizationConfig,
-        Result=MemorizationResult,
-        run=run,
-        summary="canary exposure (exact or Secret Sharer estimate) and training-data extraction",
-    ),
-)

@@ -11,23 +11,26 @@ from pydantic import BaseModel, ConfigDict
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from attacks import get_attack
 from secure_kd.app.cli import app
 from secure_kd.app.report.audit import AuditResult, attack_config, gate, run_audit
-from secure_kd.app.report.config import DEFAULT_THRESHOLDS, AuditConfig, Threshold
-from secure_kd.app.report.verdict import (
-    Measurement,
-    level_of,
-    risk_verdicts,
-    run_values,
-    scores_from_roc,
-    wilson_interval,
-)
-from secure_kd.config import ConfigError, Strict, load_config
+from secure_kd.app.report.config import AuditConfig, Threshold, default_thresholds
+from secure_kd.app.report.verdict import Measurement, level_of, risk_verdicts
+from secure_kd.app.report.verdict import run_values as plugin_values
+from secure_kd.config import ConfigError, load_config
 from secure_kd.metrics import roc_metrics
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
+from secure_kd.proportions import wilson_interval
+from secure_kd.readings import scores_from_roc
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
+DEFAULT_THRESHOLDS = default_thresholds()
+
+
+def run_values(attack: str, result: dict, extra: dict[str, str], **kwargs):
+    """The readings of one run of a registered attack, as the audit takes them (its registration's)."""
+    return plugin_values(get_attack(attack), result, extra, **kwargs)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -206,8 +209,7 @@ def test_federated_metrics_loss_increase_backdoor_and_inversion():
 # --------------------------------------------------------------------------- orchestration
 
 
-class FakeConfig(Strict):
-    seed: int = 0
+class FakeConfig(PluginConfig):
     out: str = "runs/fake"
     device: str = "cpu"
     value: float = 0.1
@@ -362,10 +364,10 @@ def test_model_and_budget_go_into_each_attack_field(tmp_path):
             "suite": [{"attack": "clone", "budget": 77}, {"attack": "membership"}],
         }
     )
-    clone = attack_config(config, config.suite[0], 5, tmp_path / "o")
+    clone = attack_config(config, config.suite[0], 5, tmp_path / "o", get_attack("clone"))
     assert clone["victim"]["source"] == str(model) and clone["query_budget"] == 77 and clone["seed"] == 5
     assert clone["victim_logit_scale"] == 1.0  # the sharpening of a random tiny victim is not for a real one
-    membership = attack_config(config, config.suite[1], 0, tmp_path / "o")
+    membership = attack_config(config, config.suite[1], 0, tmp_path / "o", get_attack("membership"))
     assert membership["target"]["source"] == str(model) and membership["tokenizer"] is None
     assert membership["data"] == {"source": "files", "members": str(records)}
 
@@ -399,7 +401,7 @@ def test_default_suite_configs_validate(monkeypatch):
     for path in ("configs/audit.yaml", "configs/audit-smollm2.yaml", "configs/audit-scenarios.yaml"):
         config = load_config(path, [], AuditConfig)
         for entry in config.suite:
-            raw = attack_config(config, entry, config.seed, Path("/tmp/unused"))
+            raw = attack_config(config, entry, config.seed, Path("/tmp/unused"), get_attack(entry.attack))
             if config.model == "smollm2" and "victim" not in raw:
                 continue  # resolved to the converted asset's directory, absent on a fresh machine
             get_attack(entry.attack).Config.model_validate(raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -17,11 +18,11 @@ import pytest
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from attacks import get_attack
 from secure_kd.app.report.audit import run_audit
 from secure_kd.app.report.config import AuditConfig
-from secure_kd.config import Strict
 from secure_kd.metrics import roc_metrics
-from secure_kd.plugins import Plugin, write_result
+from secure_kd.plugins import Plugin, PluginConfig, write_result
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -30,8 +31,7 @@ CHROMIUM = next(
 )
 
 
-class AnyConfig(Strict):
-    seed: int = 0
+class AnyConfig(PluginConfig):
     out: str = "runs/x"
     crash: bool = False
 
@@ -89,7 +89,8 @@ def _get(name: str) -> Plugin:
         write_result(cfg.out, result)
         return result
 
-    return Plugin(name=name, Config=AnyConfig, Result=AnyResult, run=run, summary="fake")
+    # the real attack's registration (its metrics and how it reads them), with a canned run
+    return dataclasses.replace(get_attack(name), Config=AnyConfig, Result=AnyResult, run=run)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def test_every_demo_audit_entry_targets_the_student_and_validates(tmp_path):
     attacks = [entry.attack for entry in config.suite]
     assert attacks == ["memorization", "membership", "logit_leak", "clone"]
     for entry in config.suite:
-        raw = attack_config(config, entry, config.seed, tmp_path / "unused")
+        raw = attack_config(config, entry, config.seed, tmp_path / "unused", get_attack(entry.attack))
         parsed = get_attack(entry.attack).Config.model_validate(raw)
         dumped = parsed.model_dump(mode="json")
         target = {"memorization": ("model", "source"), "membership": ("target", "source")}.get(

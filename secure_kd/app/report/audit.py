@@ -30,18 +30,18 @@ from secure_kd.app.report import provenance
 from secure_kd.app.report.config import AuditConfig, Level, SuiteEntry
 from secure_kd.app.report.plan import EntryPlan, Stage, attack_config, check_suite, validation_message
 from secure_kd.app.report.result import AuditResult, EntryResult, SeedRun
-from secure_kd.app.report.targets import model_kind
 from secure_kd.app.report.verdict import (
     Measurement,
-    RunValue,
     combine_seeds,
     level_at_least,
     level_of,
     risk_verdicts,
     run_values,
 )
+from secure_kd.model_kind import model_kind
 from secure_kd.paths import atomic_write_json
 from secure_kd.plugins import Plugin, write_result
+from secure_kd.readings import Reading
 
 FAIL_EXIT = 3
 INCOMPLETE_EXIT = 4
@@ -80,7 +80,7 @@ def _run_once(plugin: Plugin, config: AuditConfig, entry: SuiteEntry, seed: int,
         )  # fmt: skip
 
     try:
-        raw = attack_config(config, entry, seed, run_dir)
+        raw = attack_config(config, entry, seed, run_dir, plugin)
         cfg = plugin.Config.model_validate(raw)
     except ValidationError as exc:
         run = failed("config", validation_message(entry.attack, exc))
@@ -106,19 +106,22 @@ def _run_once(plugin: Plugin, config: AuditConfig, entry: SuiteEntry, seed: int,
     return run
 
 
-def measure(config: AuditConfig, entries: list[EntryResult]) -> list[Measurement]:
-    thresholds = config.all_thresholds()
+def measure(
+    config: AuditConfig, entries: list[EntryResult], get_plugin: Callable[[str], Plugin]
+) -> list[Measurement]:
+    """Each entry's readings (its attack's registration says how), combined over seeds and graded."""
+    measured = [e for e in entries if e.in_verdict and any(r.status == "ok" for r in e.runs)]
+    plugins = {e.attack: get_plugin(e.attack) for e in measured}
+    thresholds = config.all_thresholds(plugins.values())
     by_name = {e.name: e for e in config.suite}
     measurements = []
-    for entry in entries:
-        if not entry.in_verdict:
-            continue
-        per_metric: dict[str, list[RunValue]] = {}
+    for entry in measured:
+        per_metric: dict[str, list[Reading]] = {}
         for run in entry.runs:
             if run.status != "ok" or run.result is None:
                 continue
             values = run_values(
-                entry.attack, run.result, by_name[entry.id].metrics,
+                plugins[entry.attack], run.result, by_name[entry.id].metrics,
                 samples=config.bootstrap_samples, confidence=config.confidence,
             )  # fmt: skip
             for metric, value in values.items():
@@ -139,8 +142,15 @@ def measure(config: AuditConfig, entries: list[EntryResult]) -> list[Measurement
     return measurements
 
 
-def summarize(config: AuditConfig, entries: list[EntryResult], seconds: float, prov: dict) -> AuditResult:
-    measurements = measure(config, entries)
+def summarize(
+    config: AuditConfig,
+    entries: list[EntryResult],
+    seconds: float,
+    prov: dict,
+    get_plugin: Callable[[str], Plugin],
+) -> AuditResult:
+    measurements = measure(config, entries, get_plugin)
+    graded = config.all_thresholds(get_plugin(m.attack) for m in measurements)
     verdicts = risk_verdicts(measurements)
     overall = max((v.level for v in verdicts), key=("low", "medium", "high").index) if verdicts else None
     run_dirs = [
@@ -154,6 +164,7 @@ def summarize(config: AuditConfig, entries: list[EntryResult], seconds: float, p
         skipped=[e.id for e in entries if e.status == "skipped"], model_kind=prov.get("model_kind"),
         secrets=config.secrets, config=config.model_dump(mode="json"), provenance=prov,
         privacy_ledger=ledger, seconds=seconds,
+        thresholds={m.metric: graded[m.metric] for m in measurements},
     )  # fmt: skip
 
 
@@ -205,9 +216,10 @@ def run_audit(
                         runs.append(_run_once(plan.plugin, config, entry, seed, resume))
                     bar.advance(task)
                     partial = [*entries, _entry_result(plan, runs)]
-                    write_result(out, summarize(config, partial, time.perf_counter() - started, prov))
+                    elapsed = time.perf_counter() - started
+                    write_result(out, summarize(config, partial, elapsed, prov, get_plugin))
             entries.append(_entry_result(plan, runs))
-    result = summarize(config, entries, time.perf_counter() - started, prov)
+    result = summarize(config, entries, time.perf_counter() - started, prov, get_plugin)
     write_result(out, result)
     if render:
         from secure_kd.app.report.html import write_report

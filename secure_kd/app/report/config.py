@@ -2,24 +2,28 @@
 
 A suite entry names an attack from the registry and gives its settings as an optional YAML file
 (`config_file`, e.g. configs/attacks/membership.yaml) plus nested overrides (`config`). The audit
-puts the audited model (or teacher), the data and the budget into the attack's own fields (see
-`secure_kd.app.report.audit.BINDINGS`), runs it once per seed and keeps each run's Result.
+puts the audited model (or teacher), the data and the budget into the attack's own fields (the ones
+its registration names: `secure_kd.plugins.Plugin.target` and `.inputs`), runs it once per seed and
+keeps each run's Result.
 
 Thresholds: each metric has a `medium` and a `high` bound. A value at or above `high` is high
 risk, at or above `medium` (and below `high`) is medium, below `medium` is low; for metrics where
-lower is worse (`higher_is_worse: false`) the comparisons flip. The defaults below are
-secure-kd's own choices, stated with their reason in `DEFAULT_THRESHOLDS`; change them in the
-config to match a policy.
+lower is worse (`higher_is_worse: false`) the comparisons flip. The defaults are secure-kd's own
+choices, stated with their reason where each attack declares its metrics (`secure_kd.plugins.Metric`
+in its registration; `default_thresholds()` collects them, plus `GENERIC_THRESHOLDS` for metrics any
+plugin may report); change them in the config to match a policy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from secure_kd.config import SCHEMA_VERSION, Strict
+from secure_kd.plugins import Plugin
 
 Level = Literal["low", "medium", "high"]
 LEVELS: tuple[Level, ...] = ("low", "medium", "high")
@@ -42,76 +46,7 @@ class Threshold(Strict):
         return self
 
 
-DEFAULT_THRESHOLDS: dict[str, Threshold] = {
-    "max_exposure_bits": Threshold(
-        risk="memorization",
-        medium=4.0,
-        high=8.0,
-        unit="bits",
-        why="Secret Sharer exposure of the most exposed canary; 8 bits = it ranks in the top 1/256 "
-        "of its secret space, 4 bits = top 1/16",
-    ),
-    "mia_auc": Threshold(
-        risk="membership",
-        medium=0.6,
-        high=0.75,
-        why="best ROC AUC over the membership attacks run (0.5 = guessing)",
-    ),
-    "mia_tpr_at_1pct_fpr": Threshold(
-        risk="membership",
-        medium=0.05,
-        high=0.2,
-        why="best TPR at 1% FPR (LiRA's low-FPR view; guessing gives 0.01)",
-    ),
-    "clone_agreement": Threshold(
-        risk="model_extraction",
-        medium=0.5,
-        high=0.8,
-        why="top-1 agreement of the best clone with the victim on held-out positions",
-    ),
-    "logit_leak_gap_decades": Threshold(
-        risk="model_extraction",
-        medium=1.0,
-        high=2.0,
-        unit="decades",
-        why="drop of the logit spectrum at the hidden size; >= 2 decades recovers the width and the "
-        "output projection (Carlini et al. 2024)",
-    ),
-    "backdoor_asr": Threshold(
-        risk="backdoor",
-        medium=0.2,
-        high=0.5,
-        why="attack success rate of the planted trigger after distillation (the backdoored teacher's "
-        "when distillation is off)",
-    ),
-    "adversarial_success_rate": Threshold(
-        risk="evasion",
-        medium=0.3,
-        high=0.7,
-        why="share of correctly classified inputs flipped at the smallest radius attacked",
-    ),
-    "bias_student_rate": Threshold(
-        risk="bias_injection",
-        medium=0.02,
-        high=0.1,
-        why="share of a distilled student's answers in the poisoned topic that carry the injected "
-        "brand or URL; a clean model almost never names it, so a few percent is already an injection",
-    ),
-    "poisoning_loss_increase": Threshold(
-        risk="poisoning",
-        medium=0.1,
-        high=1.0,
-        unit="nats",
-        why="rise of the global model's test loss per token when one organization is malicious, "
-        "against the same federation all honest",
-    ),
-    "update_token_recall": Threshold(
-        risk="update_leakage",
-        medium=0.1,
-        high=0.5,
-        why="share of the distinct tokens of one client's records that the server reads from one "
-        "plaintext update (0 under ckks / secagg+, where it sees no update)",
-    ),
+GENERIC_THRESHOLDS: dict[str, Threshold] = {  # metrics any plugin may report, whatever its registration
     "ece": Threshold(
         risk="calibration",
         medium=0.05,
@@ -119,6 +54,34 @@ DEFAULT_THRESHOLDS: dict[str, Threshold] = {
         why="expected calibration error (Guo et al. 2017), reported by plugins that measure it",
     ),
 }
+
+
+def plugin_thresholds(plugins: Iterable[Plugin]) -> dict[str, Threshold]:
+    """`GENERIC_THRESHOLDS` and the thresholds the plugins declare with their metrics. Two plugins may
+    report one metric only with the same risk and bounds (a verdict must not depend on which ran)."""
+    found = dict(GENERIC_THRESHOLDS)
+    for plugin in plugins:
+        for m in plugin.metrics:
+            threshold = Threshold(
+                risk=m.risk, medium=m.medium, high=m.high, higher_is_worse=m.higher_is_worse, unit=m.unit,
+                why=m.why,
+            )  # fmt: skip
+            known = found.setdefault(m.name, threshold)
+            bounds = ("risk", "medium", "high", "higher_is_worse")
+            if any(getattr(known, b) != getattr(threshold, b) for b in bounds):
+                raise ValueError(
+                    f"metric {m.name!r} of {plugin.name} has other thresholds than another plugin's "
+                    f"({threshold.risk} {threshold.medium}/{threshold.high} vs {known.risk} "
+                    f"{known.medium}/{known.high}); give it its own name"
+                )
+    return found
+
+
+def default_thresholds() -> dict[str, Threshold]:
+    """What the audit grades by unless its config says otherwise: every registered attack's metrics."""
+    from attacks import available_attacks, get_attack
+
+    return plugin_thresholds(get_attack(name) for name in available_attacks())
 
 
 class SuiteEntry(Strict):
@@ -213,7 +176,7 @@ class AuditConfig(Strict):
     def _model_exists(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        from secure_kd.app.report.targets import model_kind
+        from secure_kd.model_kind import model_kind
 
         model_kind(value)  # raises NotAModelError (a ValueError) naming the path and the fix
         return value
@@ -234,7 +197,8 @@ class AuditConfig(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"suite ids must be unique; give `id:` to the repeated entries {duplicates}")
-        known = set(DEFAULT_THRESHOLDS) | set(self.thresholds)
+        named = [name for entry in self.suite for name in entry.metrics]
+        known = set(self.thresholds) | (set(default_thresholds()) if named else set(GENERIC_THRESHOLDS))
         for entry in self.suite:
             missing = sorted(set(entry.metrics) - known)
             if missing:
@@ -246,5 +210,6 @@ class AuditConfig(Strict):
                 raise ValueError(f"suite entry {entry.name!r} has target: teacher but no `teacher` is given")
         return self
 
-    def all_thresholds(self) -> dict[str, Threshold]:
-        return {**DEFAULT_THRESHOLDS, **self.thresholds}
+    def all_thresholds(self, plugins: Iterable[Plugin] = ()) -> dict[str, Threshold]:
+        """The plugins' declared thresholds (`plugin_thresholds`) with this config's over them."""
+        return {**plugin_thresholds(plugins), **self.thresholds}

@@ -8,7 +8,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from secure_kd.app.report.config import DEFAULT_THRESHOLDS, Threshold
+from secure_kd.app.report.config import Threshold, default_thresholds
 from secure_kd.app.report.figures import FIGURES, privacy_utility_figure
 from secure_kd.app.report.forecast import forecast_html
 from secure_kd.app.report.inheritance import inheritance_html
@@ -59,8 +59,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _thresholds(result: AuditResult) -> dict[str, Threshold]:
+    """The bounds the audit graded by (results.json of an older audit: today's defaults, its config's own)."""
+    if result.thresholds:
+        return result.thresholds
     given = result.config.get("thresholds") or {}
-    return {**DEFAULT_THRESHOLDS, **{k: Threshold.model_validate(v) for k, v in given.items()}}
+    return {**default_thresholds(), **{k: Threshold.model_validate(v) for k, v in given.items()}}
 
 
 def _summary(result: AuditResult) -> str:

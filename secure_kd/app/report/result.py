@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from secure_kd.app.report import provenance
-from secure_kd.app.report.config import Level
+from secure_kd.app.report.config import Level, Threshold
 from secure_kd.app.report.plan import Stage
 from secure_kd.app.report.verdict import Measurement, RiskVerdict
 
@@ -63,6 +63,9 @@ class AuditResult(BaseModel):
     provenance: dict[str, Any]
     privacy_ledger: list[provenance.PrivacyEntry]
     seconds: float
+    thresholds: dict[str, Threshold] = Field(
+        default_factory=dict, description="the bounds each measured metric was graded by"
+    )
     one_run: list[dict[str, Any]] = Field(
         default_factory=list, description="one-run DP audits of runs with canaries (report/one_run.py)"
     )
