@@ -66,6 +66,24 @@ def position_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return token, mu, (second - mu.square()).clamp_min_(0.0)
 
 
+def batch_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """(logprob, mu, sigma2) as float32 numpy [batch, seq]; position t predicts ids[:, t + 1] (the last
+    position of each row and padding are computed and left for the caller to ignore). The logits are
+    read as one flat [batch * seq, vocab] view in blocks of `POSITION_BLOCK` positions: long contiguous
+    blocks, whatever the sequence length."""
+    batch, width, vocab = logits.shape
+    flat = logits.reshape(batch * width, vocab)
+    targets = torch.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    targets = targets.reshape(-1)
+    out = [torch.empty(batch * width, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    for a in range(0, batch * width, POSITION_BLOCK):
+        b = min(batch * width, a + POSITION_BLOCK)
+        for buffer, value in zip(out, position_stats(flat[a:b], targets[a:b]), strict=True):
+            buffer[a:b] = value
+    return tuple(v.reshape(batch, width).cpu().numpy() for v in out)
+
+
 def batch_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), every index once."""
     if batch_size < 1:
@@ -115,14 +133,11 @@ def score_sequences(
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         n_forwards += 1
+        values = batch_stats(logits, ids)
         for row, index in enumerate(batch):
-            n = int(counts[index])
-            start = int(offsets[index])
-            for a in range(0, n, POSITION_BLOCK):
-                b = min(n, a + POSITION_BLOCK)
-                values = position_stats(logits[row, a:b], ids[row, a + 1 : b + 1])
-                for name, value in zip(("logprob", "mu", "sigma2"), values, strict=True):
-                    out[name][start + a : start + b] = value.cpu().numpy()
+            n, start = int(counts[index]), int(offsets[index])
+            for name, value in zip(("logprob", "mu", "sigma2"), values, strict=True):
+                out[name][start : start + n] = value[row, :n]
         del logits
         if on_batch is not None:
             on_batch(len(batch))
