@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt requirements.lock
 
 install: $(STAMP)
 
-## The main job on the embedded default: SmolLM2-135M (Q4_1) teacher, top-k cache, 4-layer student.
+## The main job on the embedded default: SmolLM2-135M (Q4_1) teacher, top-k cache, 6-layer student.
 demo: install
 	$(BIN)/secure-kd demo --out runs/demo
 

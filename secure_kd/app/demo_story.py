@@ -4,19 +4,22 @@ Part of the app layer (`secure_kd/app/`; only `secure_kd/app/cli.py` imports it)
 the federation and the audit, which the engine never imports.
 
 1. A private corpus with canaries (the synthetic generator, 200 records with PII and 4 canaries
-   inserted 4 times each) and, from another seed, records of the same generator that nobody trains
-   on (held-out evaluation text and the non-members of the membership audit).
-2. Central distillation (`configs/demo.yaml`): SmolLM2-135M-Instruct (Q4_1) teacher, its top-64
-   log-probabilities cached once, a student made of 6 of its layers (0-2, 27-29), forward KL from the
-   cache; the same with a cross-entropy mix (KD + 0.5 CE); the baseline: the same student plainly
-   fine-tuned on the same records (cross-entropy only). The three share one teacher cache.
-3. DP-SGD distillation at two target epsilons (`DP_EPSILONS`), each with its own ledger and 64 audit
-   canaries (`audit.canaries`, each inserted with probability 1/2; both runs insert the same ones and
-   share a second cache).
+   inserted 4 times each) and, from other seeds, records of the same generator that nobody trains
+   on (held-out evaluation text and the non-members of the membership audit) and 200 public records.
+2. A warm start on public data (`configs/demo.yaml`): SmolLM2-135M-Instruct (Q4_1) teacher, its top-64
+   log-probabilities cached once per corpus, a student made of 6 of its layers (0-2, 27-29), forward KL
+   on the public records only (no private data, no privacy cost). Every private run starts from it, for
+   `PRIVATE_EPOCHS` over the private corpus: central distillation from the cached teacher; the same with
+   a cross-entropy mix (KD + 0.5 CE); the baseline, plainly fine-tuned on the same records
+   (cross-entropy only). The three share one teacher cache.
+3. DP-SGD distillation at two target epsilons (`DP_EPSILONS`), from the same warm start, each with its
+   own ledger and 64 audit canaries (`audit.canaries`, each inserted with probability 1/2; both runs
+   insert the same ones and share a second cache).
 4. Federated distillation (`configs/federated-he.yaml`): 4 simulated organizations with private
    corpora, CKKS-aggregated soft labels (the server holds no secret key), DP-SGD in every client.
-5. The audit (`configs/demo-audit.yaml`) of the student and of the baseline: canary exposure and
-   extraction, loss-based membership inference, hidden-size recovery and cloning through the API;
+5. The audit (`configs/demo-audit.yaml`) of the student: canary exposure and extraction, loss-based
+   membership inference, hidden-size recovery and cloning through the API; of the baseline (same
+   architecture and API), the exposure, extraction and membership part;
    `<out>/audit/report.html` for the student, `<out>/audit-baseline/report.html` for the baseline; the
    memorization entry alone for the KD + CE and DP students. One federated student (the organization
    holding the most canaries, exported with `federation.export`) gets the memorization and membership
@@ -54,13 +57,17 @@ from secure_kd.resources import configs_dir, packaged_config
 CONFIGS = configs_dir()  # the packaged examples (secure_kd.resources): a wheel install runs the demo too
 
 
-def _corpora(out: Path, n_private: int, n_public: int) -> tuple[Path, Path]:
+def _corpora(out: Path, n_private: int, n_heldout: int, n_public: int) -> tuple[Path, Path, Path]:
+    """The private corpus (with canaries), held-out records nobody trains on (evaluation text and the
+    membership audit's non-members) and public records for the warm start, each from its own seed."""
     data = out / "data"
     private = generate_corpus(n_private, seed=0, n_canaries=4, canary_repeats=4, secret_digits=3)
     private.to_jsonl(data / "private.jsonl")
-    heldout = generate_corpus(n_public, seed=1, n_canaries=0)
+    heldout = generate_corpus(n_heldout, seed=1, n_canaries=0)
     heldout.to_jsonl(data / "heldout.jsonl")
-    return data / "private.jsonl", data / "heldout.jsonl"
+    public = generate_corpus(n_public, seed=2, n_canaries=0)
+    public.to_jsonl(data / "public.jsonl")
+    return data / "private.jsonl", data / "heldout.jsonl", data / "public.jsonl"
 
 
 def _distill(
@@ -173,6 +180,7 @@ def _metric(audit: Any, name: str) -> float | None:
 
 
 DP_EPSILONS = (8.0, 2.0)  # the two DP-KD rows
+PRIVATE_EPOCHS = 1  # epochs of every private run, from the public warm start
 AUDIT_CANARIES = 64  # one-run DP audit canaries of the DP rows (each inserted with probability 1/2)
 
 
@@ -230,22 +238,28 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
     teacher_dir = stage(
         "teacher asset (SmolLM2-135M-Instruct, Q4_1)", lambda: fetch_smollm2(log=console.print)
     )
-    private, heldout = stage("private corpora with canaries", _corpora, out, 200, 64)
+    private, heldout, public = stage("corpora: private with canaries, held-out, public", _corpora, out, 200,
+                                     64, 200)  # fmt: skip
     log = console.print
+    warm = stage("warm start: distillation on public records (no private data, no privacy cost)", _distill,
+                 out / "public-kd", public, heldout, [], log, out / "teacher-cache-public")  # fmt: skip
+    # Every private run starts from the public student, as a user would start from a public checkpoint:
+    # the private stages then compare what the private records add, at utility a DP run can reach.
+    start = [f"student.source={warm.student_dir}", f"train.epochs={PRIVATE_EPOCHS}"]
     cache, dp_cache = out / "teacher-cache", out / "teacher-cache-canaries"  # one top-k pass each
     runs = {
         "student": stage("central distillation from the cached teacher", _distill, out / "kd", private,
-                         heldout, [], log, cache),
+                         heldout, start, log, cache),
         "kd_ce": stage("KD with a cross-entropy mix", _distill, out / "kd-ce", private, heldout,
-                       ["kd.ce_weight=0.5"], log, cache),
+                       [*start, "kd.ce_weight=0.5"], log, cache),
         "baseline": stage("baseline: plain fine-tuning", _distill, out / "baseline", private, heldout,
-                          ["kd.kd_weight=0", "kd.ce_weight=1"], log, cache),
+                          [*start, "kd.kd_weight=0", "kd.ce_weight=1"], log, cache),
     }  # fmt: skip
     for eps in DP_EPSILONS:
         run_dir = out / f"dp-kd-eps{eps:g}"
         runs[f"dp{eps:g}"] = stage(
             f"DP-SGD distillation at epsilon {eps:g}", _distill, run_dir, private, heldout,
-            _dp_extra(run_dir, eps), log, dp_cache,
+            [*start, *_dp_extra(run_dir, eps)], log, dp_cache,
         )  # fmt: skip
     fed = stage("federated distillation: 4 organizations, CKKS, DP-SGD", _federate, out / "federated")
     fed_audit = stage(
@@ -254,14 +268,18 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
     audits = {
         "student": stage("audit of the distilled student", _audit, out / "audit", runs["student"].student_dir,
                          private, heldout, console),
+        # the baseline shares the student's architecture and API: hidden-size recovery and cloning would
+        # repeat the student's figures, so it gets the privacy part of the suite
         "baseline": stage("audit of the baseline", _audit, out / "audit-baseline",
-                          runs["baseline"].student_dir, private, heldout, console),
+                          runs["baseline"].student_dir, private, heldout, console,
+                          attacks=("memorization", "membership")),
     }  # fmt: skip
-    for name in ("kd_ce", *(f"dp{eps:g}" for eps in DP_EPSILONS)):  # memorization only: exposure
+    for name in ("public", "kd_ce", *(f"dp{eps:g}" for eps in DP_EPSILONS)):  # memorization only: exposure
         audits[name] = stage(
             f"audit of {name} (memorization)", _audit, out / f"audit-{name}", runs[name].student_dir, private,
             heldout, console, attacks=("memorization",),
         )  # fmt: skip
+    runs = {"public": warm, **runs}  # the control: what a model that never saw a private record shows
     reference = stage(
         "membership with the teacher as reference", _reference_attack,
         {name: run.student_dir for name, run in runs.items()}, str(teacher_dir), private, heldout,
@@ -279,7 +297,8 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
         )
     ]
     labels = {
-        "student": "KD student (JSD, cache)",
+        "public": "public warm start (no private records)",
+        "student": "KD student (forward KL, cache)",
         "kd_ce": "KD + CE mix (0.5)",
         "baseline": "fine-tuned baseline",
         **{f"dp{eps:g}": f"DP KD (target eps {eps:g})" for eps in DP_EPSILONS},
@@ -299,7 +318,13 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
                 reference_auc_ci=reference[name]["reference"]["ci"],
                 one_run_bound=bounds.get(name),
                 **_canaries(audit),
-                note=("no DP" if not privacy else f"DP-SGD, {AUDIT_CANARIES} audit canaries")
+                note=(
+                    "public records only: the control"
+                    if name == "public"
+                    else f"DP-SGD, {AUDIT_CANARIES} audit canaries"
+                    if privacy
+                    else f"no DP; {PRIVATE_EPOCHS} epoch(s) on the private records from the warm start"
+                )  # fmt: skip
                 + (f"; failed: {', '.join(audit.failed)}" if audit.failed else ""),
             )
         )
