@@ -356,12 +356,29 @@ def attack(
 @app.command()
 @user_errors
 def defend(
-    name: str = typer.Argument(..., help="defense name, or `list`"),
+    name: str = typer.Argument(..., help="defense name, `forget` / `unlearn` (on your model), or `list`"),
     config: Path | None = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
     out: Path | None = OUT_OPTION,
+    model: Path | None = typer.Option(None, "--model", help="forget/unlearn: your HF model directory"),
+    clean: Path | None = typer.Option(None, "--clean", help="forget/unlearn: records to keep"),
+    forget: Path | None = typer.Option(None, "--forget", help="forget/unlearn: records to forget"),
+    trigger: str | None = typer.Option(None, "--trigger", help="unlearn: the backdoor trigger string"),
 ) -> None:
-    """Run a defense from the registry (`secure-kd defend list` shows them) and write results.json."""
+    """Run a defense from the registry (`secure-kd defend list` shows them) and write results.json;
+    `forget` and `unlearn` apply to your own model directory (docs/defenses.md)."""
+    from secure_kd.app.defend_model import MODEL_DEFENSES, run_model_defense
+
+    on_model = dict(model=model, clean=clean, forget=forget, trigger=trigger, out=out)
+    if name in MODEL_DEFENSES:
+        run_model_defense(name, config, overrides, on_model, echo=typer.echo, log=console.print)
+        return
+    if any(v is not None for k, v in on_model.items() if k != "out"):
+        raise ConfigError(
+            [("defend", f"--model/--clean/--forget/--trigger apply to {' and '.join(MODEL_DEFENSES)}")]
+        )
+    if name == "list":
+        typer.echo("\n".join(f"{n}: {summary}" for n, summary in MODEL_DEFENSES.items()))
     _run_plugin("defense", name, config, overrides, out)
 
 
