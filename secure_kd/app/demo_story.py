@@ -37,7 +37,6 @@ the federation and the audit, which the engine never imports.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -196,22 +195,33 @@ def _dp_extra(out: Path, epsilon: float) -> list[str]:
     ]  # fmt: skip
 
 
-def _reference_attack(models: dict[str, str], teacher_dir: str, private: Path, heldout: Path) -> dict:
-    """Loss-ratio membership AUC of each model, the teacher as reference: 64 training records (seeded)
-    against the 64 held-out records; the teacher's losses are computed once."""
+def _reference_attack(
+    models: dict[str, str], teacher_dir: str, private: Path, heldout: Path, out: Path
+) -> dict[str, dict]:
+    """The reference-based membership attacks of `secure-kd audit --reference` on each model, the teacher
+    as the reference: 64 training records (a seeded sample) against the 64 held-out records. The score
+    cache is shared, so the teacher's statistics are computed once; `<out>/<model>/results.json` holds
+    all six attacks (loss, reference, zlib, Min-K%, Min-K%++, offline RMIA)."""
     import random
 
-    from secure_kd.app.demo_tradeoff import record_losses, reference_attack_auc
+    from secure_kd.app.reference_audit import ReferenceAuditConfig, run_reference_audit
+    from secure_kd.paths import atomic_write_text, private_dir
 
-    members = [json.loads(line)["text"] for line in private.read_text().splitlines() if line.strip()]
-    nonmembers = [json.loads(line)["text"] for line in heldout.read_text().splitlines() if line.strip()]
-    members = random.Random(0).sample(members, min(len(members), len(nonmembers)))
-    texts, is_member = members + nonmembers, [True] * len(members) + [False] * len(nonmembers)
-    reference = record_losses(teacher_dir, texts)
-    return {
-        name: reference_attack_auc(record_losses(model_dir, texts), reference, is_member)
-        for name, model_dir in models.items()
-    }
+    lines = [line for line in private.read_text().splitlines() if line.strip()]
+    n_heldout = sum(1 for line in heldout.read_text().splitlines() if line.strip())
+    members = private_dir(out) / "members.jsonl"
+    sample = random.Random(0).sample(lines, min(len(lines), n_heldout))
+    atomic_write_text(members, "\n".join(sample) + "\n", mode=0o600)
+    found = {}
+    for name, model_dir in models.items():
+        config = ReferenceAuditConfig(
+            model=model_dir, references=[teacher_dir], members=str(members), nonmembers=str(heldout),
+            out=str(out / name), max_length=48, cache_dir=str(out / "scores"), n_bootstrap=300,
+            progress=False,
+        )  # fmt: skip
+        attacks = {a.name: a for a in run_reference_audit(config).attacks}
+        found[name] = {k: {"auc": a.auc, "ci": list(a.auc_ci)} for k, a in attacks.items()}
+    return found
 
 
 def _one_run(run_dir: str | Path) -> float | None:
@@ -282,7 +292,8 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
     runs = {"public": warm, **runs}  # the control: what a model that never saw a private record shows
     reference = stage(
         "membership with the teacher as reference", _reference_attack,
-        {name: run.student_dir for name, run in runs.items()}, str(teacher_dir), private, heldout,
+        {name: str(run.student_dir) for name, run in runs.items()}, str(teacher_dir), private, heldout,
+        out / "reference-audit",
     )  # fmt: skip
     bounds = {f"dp{eps:g}": _one_run(out / f"dp-kd-eps{eps:g}") for eps in DP_EPSILONS}
     rows = [

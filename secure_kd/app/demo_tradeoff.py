@@ -1,13 +1,9 @@
-"""The demo's privacy against utility: a reference membership attack with the teacher as the reference
-model, the privacy-utility plot, and which comparisons are at matched utility.
+"""The demo's privacy against utility: the privacy-utility plot, and which comparisons are at matched
+utility.
 
-Part of the app layer (used by `secure_kd.app.demo_story` only). The reference attack here is the loss
-ratio of Carlini et al. (2022, "LiRA offline" in its simplest form; Watson et al. 2022 call it the
-difficulty-calibrated loss): score = teacher loss - model loss per record, higher = member. The teacher
-never saw the private corpus, so a record the model finds easier than the teacher does is evidence of
-training on it; templated records that every model finds easy are calibrated away, which the plain loss
-attack cannot do. It is a small function kept here until the reference-based scorer of the audit
-(`secure-kd audit --reference`) replaces it.
+Part of the app layer (used by `secure_kd.app.demo_story` only). The reference membership attack the
+plot shows is the audit's (`secure-kd audit --reference`, `secure_kd.app.reference_audit`), with the
+teacher as the reference model.
 
 Matched utility: two models are compared at matched utility when their held-out perplexities are within
 `MATCHED_RATIO` of each other; a privacy difference between models further apart may only mean that one
@@ -18,64 +14,10 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 MATCHED_RATIO = 1.25
-
-
-def record_losses(model_dir: str | Path, texts: Sequence[str], *, max_length: int = 48) -> list[float]:
-    """Mean next-token loss of each text (its first `max_length` tokens) under the model in `model_dir`."""
-    import torch
-
-    from secure_kd.model_files import load_pretrained, load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    model = load_pretrained(model_dir).eval()
-    out: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 16):
-            encoded = [tokenizer(t)["input_ids"][:max_length] for t in texts[start : start + 16]]
-            width = max(len(e) for e in encoded)
-            ids = torch.zeros((len(encoded), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(encoded):
-                ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            keep = mask[:, 1:].float()
-            out.extend(((nll * keep).sum(1) / keep.sum(1).clamp(min=1)).tolist())
-    return out
-
-
-def reference_attack_auc(
-    model_losses: Sequence[float], reference_losses: Sequence[float], is_member: Sequence[bool]
-) -> dict[str, Any]:
-    """AUC (with a 95% bootstrap interval) of the loss-ratio attack and of the plain loss attack."""
-    import numpy as np
-
-    from secure_kd.metrics import bootstrap_ci, roc_metrics
-
-    model, reference = np.asarray(model_losses, float), np.asarray(reference_losses, float)
-    member = np.asarray(is_member, bool)
-    ratio = reference - model
-
-    def auc(rows: np.ndarray) -> float:
-        labels = rows[:, 1].astype(bool)
-        if labels.all() or not labels.any():
-            return float("nan")
-        with warnings.catch_warnings():  # the TPR-at-low-FPR size warning: only the AUC is used here
-            warnings.simplefilter("ignore", UserWarning)
-            return float(roc_metrics(rows[:, 0], labels)["auc"])
-
-    results = {}
-    for name, score in (("reference", ratio), ("loss", -model)):
-        rows = np.column_stack([score, member.astype(float)])
-        low, high = bootstrap_ci(rows, auc, n=300)
-        results[name] = {"auc": auc(rows), "ci": [low, high]}
-    return results
 
 
 def matched_pairs(perplexities: dict[str, float | None], ratio: float = MATCHED_RATIO) -> list[tuple]:

@@ -90,20 +90,19 @@ def test_the_demo_summary_states_every_canarys_rank(tmp_path):
 
 def test_the_reference_attack_calibrates_away_what_the_loss_attack_cannot():
     """Templated records: each record's difficulty varies far more than the membership effect, so the plain
-    loss attack is near chance while the teacher-calibrated ratio separates members exactly."""
+    loss attack is near chance while the teacher-calibrated ratio separates members exactly (the scores the
+    demo's reference audit uses)."""
     import numpy as np
+    from sklearn.metrics import roc_auc_score
 
-    from secure_kd.app.demo_tradeoff import reference_attack_auc
+    from attacks.membership.reference_attacks import reference_scores
 
     rng = np.random.default_rng(0)
     member = np.arange(200) < 100
     difficulty = rng.normal(3.0, 1.0, 200)
     model_loss = difficulty - 0.3 * member  # members 0.3 nats easier than the reference finds them
-    found = reference_attack_auc(model_loss.tolist(), difficulty.tolist(), member.tolist())
-    assert found["reference"]["auc"] == 1.0
-    assert found["loss"]["auc"] < 0.7
-    low, high = found["reference"]["ci"]
-    assert low <= 1.0 <= high + 1e-12
+    assert roc_auc_score(member, reference_scores(model_loss, difficulty)) == 1.0
+    assert roc_auc_score(member, -model_loss) < 0.7
 
 
 def test_matched_utility_pairs_and_the_summary_say_which_comparisons_hold(tmp_path):
