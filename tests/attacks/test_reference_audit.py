@@ -200,3 +200,25 @@ def test_bad_input_gets_one_clear_error(zoo, tmp_path):
         app, [*base[:4], str(mixed), *base[5:], "--members", members, "--nonmembers", nonmembers]
     )
     assert "does not belong to the model" in _one_error(wrong)
+
+
+@pytest.mark.slow
+def test_smollm2_fine_tuned_comes_out_high_and_the_control_at_chance(tmp_path):
+    """The SmolLM2 experiment (Q4_1, benchmarks/experiments/reference_mia_smollm2.py) at 40 + 40 records:
+    fine-tuned 2 epochs from SmolLM2, the reference attack with SmolLM2 as the reference >= 0.9 and above
+    the loss attack; the control (fine-tuned the same way on other records) covers 0.5."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"))
+    import reference_mia_smollm2
+
+    out = tmp_path / "r.json"
+    reference_mia_smollm2.main(
+        ["--n", "40", "--epochs", "2", "--work", str(tmp_path / "w"), "--out", str(out)]
+    )
+    audits = json.loads(out.read_text())["audits"]
+    tuned, control = audits["fine_tuned"]["attacks"], audits["control"]["attacks"]
+    assert tuned["reference"]["auc"] >= 0.9 and tuned["reference"]["auc"] > tuned["loss"]["auc"]
+    low, high = control["reference"]["auc_ci"]
+    assert low <= 0.5 <= high
+    assert audits["control"]["cache_hits"]["reference_0"]  # the reference was scored once, for both
