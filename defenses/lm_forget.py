@@ -1,5 +1,5 @@
-"""Forgetting and backdoor unlearning on the user's own causal LM: `secure-kd defend forget|unlearn
---model DIR --clean FILE --forget FILE --out DIR`.
+"""Forgetting and backdoor unlearning on the user's own causal LM: `secure-kd defend forget` (or
+`unlearn`) `--model DIR --clean FILE --forget FILE --out DIR`.
 
 The technique of `defenses.forgetting` (canary mode) and `defenses.backdoor_unlearning` (self-
 distillation with clean anchors), applied to a Hugging Face model directory and the user's records

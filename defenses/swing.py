@@ -6,7 +6,7 @@ to the soft targets the student receives there, so the teacher's memorized priva
 not copied into the student. The paper gives no exact formula; this module is secure-kd's own
 formulation:
 
-1. Private-token scores s_i in [0, 1] (`defenses.swing_privacy`): regex detectors (emails, phones,
+1. Private-token scores s_i in [0, 1] (`secure_kd.swing_targets`): regex detectors (emails, phones,
    card-like numbers, IBAN-like strings, SSN-like numbers, URLs with secrets, digit runs), optionally
    the corpus' known PII/canary spans (`use_known_spans`, off by default: an oracle that no real
    dataset provides, so a result with it is an upper bound and is labelled so), and an optional NER
@@ -60,11 +60,11 @@ from apparatus.tiny_lm import (
     train_causal_lm,
 )
 from defenses import DEFENSES
-from defenses.swing_privacy import DETECTORS, SwingTargets, content_keys, detect_spans, token_privacy_scores
 from secure_kd.config import Strict
 from secure_kd.data import SyntheticCorpus, TokenizedExample
 from secure_kd.models import resolve_device
 from secure_kd.plugins import Plugin, PluginConfig, write_result
+from secure_kd.swing_targets import DETECTORS, SwingTargets, content_keys, detect_spans, token_privacy_scores
 from secure_kd.teacher_targets import LiveTeacher
 
 NO_DP_NOTE = (

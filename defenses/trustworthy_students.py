@@ -13,7 +13,7 @@ vocabulary (the engine's top-k targets with a uniform tail of zero mass). ECE (s
 scaling, and for students distilled from the raw and from the calibrated top-5.
 
 Teacher hacking (Tiapkin et al. 2025) is watched during the calibrated run by
-`defenses.teacher_hacking.TeacherHackingMonitor` through the Distiller's `on_step` hook: proxy =
+`secure_kd.teacher_hacking.TeacherHackingMonitor` through the Distiller's `on_step` hook: proxy =
 mean KL(teacher || student) on the training prompts, golden = mean KL(oracle || student) on
 held-out prompts.
 
@@ -35,12 +35,12 @@ from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 
 from defenses import DEFENSES
-from defenses.teacher_hacking import MonitorPoint, TeacherHackingMonitor
 from secure_kd.config import KDConfig, TinyModelConfig, TrainConfig
 from secure_kd.data import TokenizedExample
 from secure_kd.metrics import expected_calibration_error
 from secure_kd.models import build_tiny, resolve_device
 from secure_kd.plugins import Plugin, PluginConfig, write_result
+from secure_kd.teacher_hacking import MonitorPoint, TeacherHackingMonitor
 from secure_kd.topk import TopKLogits
 from secure_kd.trainer import Distiller
 

@@ -1,5 +1,5 @@
-"""`secure-kd defend forget|unlearn --model DIR --clean FILE --forget FILE --out DIR`: a defense applied
-to the user's own model directory (`defenses.lm_forget`), not a planted toy world.
+"""`secure-kd defend forget` (or `unlearn`) `--model DIR --clean FILE --forget FILE --out DIR`: a defense
+applied to the user's own model directory (`defenses.lm_forget`), not a planted toy world.
 
 The options become the technique's config (`ModelForgetConfig`, extra="forbid"), after `--config` YAML
 and `--set` overrides; a bad path or field is a one-line error naming it. Prints the before/after
