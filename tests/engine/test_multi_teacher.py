@@ -137,10 +137,14 @@ def test_generation_follows_the_combined_distribution():
     assert sampled.shape == (1, 10)
 
 
-def test_teachers_of_other_vocabularies_are_refused():
+def test_teachers_of_other_vocabularies_are_refused(tmp_path):
     with pytest.raises(ValueError, match="vocabularies differ"):
         TeacherEnsemble([_teacher(1), _teacher(2, vocab=VOCAB + 3)])
-    assert issubclass(ModelLoadError, Exception)
+    saved = tmp_path / "other-vocab"
+    _teacher(3, vocab=300).save_pretrained(saved)  # the job's tokenizer (tiny:384) has 384 tokens
+    job = _job(tmp_path, "mixed", teachers=[{"source": "tiny"}, {"source": str(saved)}])
+    with pytest.raises(ModelLoadError, match=r"teachers\[1\] .* 300 tokens .*share the student's tokenizer"):
+        run_distill(job, progress=False, log=lambda *a, **k: None)
 
 
 @pytest.mark.parametrize(
