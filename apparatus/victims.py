@@ -6,7 +6,7 @@
   for the evaluation, and its tokenizer).
 - `victim_api(cfg, victim, tokenizer, defense=, ...)`: the query API an attack sees: the engine's
   `ModelAPI` over the local victim, hardened by `apparatus.hardened_api` when a defense is given, or
-  the engine's `ServedModelAPI` over a served one.
+  the engine's `ServedModelAPI` over a served one, hardened by `apparatus.hardened_served`.
 """
 
 from __future__ import annotations
@@ -66,10 +66,9 @@ def victim_api(
         return build_api(victim, tokenizer, defense=defense, **api_kwargs)
     from secure_kd.served.api import ServedModelAPI
 
-    if defense is not None:
-        raise ValueError(
-            "api_defense hardens an in-process model's API; a served victim is hardened (or not) by its "
-            "server: remove api_defense"
-        )
     api_kwargs.pop("batch_size", None)
+    if defense is not None:  # the transforms on the server's answers (apparatus.hardened_served)
+        from apparatus.hardened_served import HardenedServedAPI
+
+        return HardenedServedAPI(cfg.served, tokenizer, defense=defense, **api_kwargs)
     return ServedModelAPI(cfg.served, tokenizer, **api_kwargs)
