@@ -142,3 +142,22 @@ def test_model_fingerprint_changes_with_any_byte(tmp_path):
     assert model_dir_fingerprint(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 63 + b"\x01")
     assert model_dir_fingerprint(tmp_path) != first
+
+
+def test_summary_auc_matches_sklearn_and_the_low_fpr_headline_needs_10000_nonmembers():
+    from sklearn.metrics import roc_auc_score
+
+    from secure_kd.app.reference_summary import low_fpr_note, summarize
+
+    rng = np.random.default_rng(0)
+    for n_nonmembers, headline in ((10_000, True), (9_999, False)):
+        members = np.r_[np.ones(200, bool), np.zeros(n_nonmembers, bool)]
+        scores = rng.normal(size=members.size) + 0.8 * members
+        found = summarize("loss", scores, members, n_bootstrap=20)
+        assert found.auc == pytest.approx(roc_auc_score(members, scores), abs=1e-12)
+        assert found.auc_ci[0] <= found.auc <= found.auc_ci[1]
+        assert found.tpr_at_0_1pct_fpr_headline is headline
+        assert (low_fpr_note(n_nonmembers) is None) is headline
+    # TPR at 1% FPR: the best TPR with at most 1% of non-members above the threshold
+    threshold = np.sort(scores[~members])[::-1][int(0.01 * (~members).sum())]
+    assert found.tpr_at_1pct_fpr == pytest.approx((scores[members] > threshold).mean())
