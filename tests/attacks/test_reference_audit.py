@@ -162,6 +162,18 @@ def test_a_reference_with_another_tokenizer_is_compared_per_byte(zoo, tmp_path):
     assert refused.exit_code == 2 and "another tokenizer" in refused.output
 
 
+def test_several_references_are_averaged(zoo, tmp_path):
+    root, models, _ = zoo
+    result = _audit(zoo, "tuned10", "base0", tmp_path, "--reference", models["base1"])
+    assert result.exit_code == 0, result.output
+    attacks, data = _attacks(tmp_path)
+    assert (
+        data["references"] == [models["base0"], models["base1"]]
+        and len(set(data["reference_fingerprints"])) == 2
+    )
+    assert attacks["reference"]["auc"] >= 0.85 and attacks["rmia"]["auc"] >= 0.85
+
+
 def _one_error(result) -> str:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
