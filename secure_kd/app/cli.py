@@ -462,6 +462,9 @@ def audit_cmd(
 ) -> None:
     """Run an attack suite against a model; write results.json and a self-contained report.html.
 
+    With --reference DIR --members FILE --nonmembers FILE: the reference-based membership attacks on
+    --model (loss, loss ratio, zlib, Min-K%, Min-K%++, offline RMIA; docs/audit.md), nothing else.
+
     With --canaries RUN_DIR, also the one-run DP audit of that run (its epsilon lower bound next to its
     claimed epsilon); with --canaries and no --config, --data or --secrets, only that.
 
