@@ -217,8 +217,9 @@ def test_bad_input_gets_one_clear_error(zoo, tmp_path):
 @pytest.mark.slow
 def test_smollm2_fine_tuned_comes_out_high_and_the_control_at_chance(tmp_path):
     """The SmolLM2 experiment (Q4_1, benchmarks/experiments/reference_mia_smollm2.py) at 40 + 40 records:
-    fine-tuned 2 epochs from SmolLM2, the reference attack with SmolLM2 as the reference >= 0.9 and above
-    the loss attack; the control (fine-tuned the same way on other records) covers 0.5."""
+    fine-tuned 4 epochs from SmolLM2, the reference attack with SmolLM2 as the reference >= 0.9 and above
+    the loss attack; the control (fine-tuned the same way on other records) covers 0.5. 4 epochs because 2
+    gave 0.912 and 0.863 on two seeds at 50 + 50 (docs/results.md); this setting has not been run yet."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"))
@@ -226,7 +227,7 @@ def test_smollm2_fine_tuned_comes_out_high_and_the_control_at_chance(tmp_path):
 
     out = tmp_path / "r.json"
     reference_mia_smollm2.main(
-        ["--n", "40", "--epochs", "2", "--work", str(tmp_path / "w"), "--out", str(out)]
+        ["--n", "40", "--epochs", "4", "--work", str(tmp_path / "w"), "--out", str(out)]
     )
     audits = json.loads(out.read_text())["audits"]
     tuned, control = audits["fine_tuned"]["attacks"], audits["control"]["attacks"]
