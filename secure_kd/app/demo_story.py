@@ -18,7 +18,8 @@ the federation and the audit, which the engine never imports.
 4. Federated distillation (`configs/federated-he.yaml`): 4 simulated organizations with private
    corpora, CKKS-aggregated soft labels (the server holds no secret key), DP-SGD in every client.
 5. The audit (`configs/demo-audit.yaml`) of the student: canary exposure and extraction, loss-based
-   membership inference, hidden-size recovery and cloning through the API; of the baseline (same
+   membership inference, cloning through the API (its first step recovers the hidden size and the
+   output layer from the logits, as `secure-kd attack logit_leak` does); of the baseline (same
    architecture and API), the exposure, extraction and membership part;
    `<out>/audit/report.html` for the student, `<out>/audit-baseline/report.html` for the baseline; the
    memorization entry alone for the KD + CE and DP students. One federated student (the organization
@@ -284,12 +285,12 @@ def run_demo(out: str | Path = "runs/demo", *, console: Console | None = None) -
                           runs["baseline"].student_dir, private, heldout, console,
                           attacks=("memorization", "membership")),
     }  # fmt: skip
+    runs = {"public": warm, **runs}  # the control: what a model that never saw a private record shows
     for name in ("public", "kd_ce", *(f"dp{eps:g}" for eps in DP_EPSILONS)):  # memorization only: exposure
         audits[name] = stage(
             f"audit of {name} (memorization)", _audit, out / f"audit-{name}", runs[name].student_dir, private,
             heldout, console, attacks=("memorization",),
         )  # fmt: skip
-    runs = {"public": warm, **runs}  # the control: what a model that never saw a private record shows
     reference = stage(
         "membership with the teacher as reference", _reference_attack,
         {name: str(run.student_dir) for name, run in runs.items()}, str(teacher_dir), private, heldout,

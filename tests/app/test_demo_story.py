@@ -31,7 +31,7 @@ def test_every_demo_audit_entry_targets_the_student_and_validates(tmp_path):
 
     config = demo_audit_config(tmp_path / "audit", str(model_dir), private_path, heldout_path)
     attacks = [entry.attack for entry in config.suite]
-    assert attacks == ["memorization", "membership", "logit_leak", "clone"]
+    assert attacks == ["memorization", "membership", "clone"]
     for entry in config.suite:
         raw = attack_config(config, entry, config.seed, tmp_path / "unused", get_attack(entry.attack))
         parsed = get_attack(entry.attack).Config.model_validate(raw)
