@@ -81,7 +81,9 @@ def lora_models(job, public, steps: int, seed: int):
     )
     for index in range(job.n_organizations):
         ws = OrgWorkspace(job, index, Path(tempfile.mkdtemp()) / f"org-{index}")
-        model = load_student(cfg, teacher=None, vocab_size=public.vocab_size, seed=seed, pad_token_id=public.pad_id)
+        model = load_student(
+            cfg, teacher=None, vocab_size=public.vocab_size, seed=seed, pad_token_id=public.pad_id
+        )
         with tempfile.TemporaryDirectory() as out:
             fit = Distiller(
                 student=model,
