@@ -1,6 +1,6 @@
 """The results tables (docs/results.md) against the JSON behind them: every command names the flags that
-produced its figures, `make reproduce` runs exactly the commands of the "Reproduced findings" table, and a result
-whose interval includes no effect is marked as not evidence."""
+produced its figures, `make reproduce` runs exactly the commands of the "Reproduced findings" table, and a
+result whose interval includes no effect is marked as not evidence."""
 
 from __future__ import annotations
 
