@@ -172,7 +172,9 @@ def test_report_content(report):
     # Issue 19: the per-canary table and the headline read from it, with every secret masked.
     assert "1 of 2 secrets rank first among their candidates (ranks 436, 1 of 1,000 candidates each)" in html
     assert "The access code for Canary 16 is" in html and "<code>\u2022\u2022\u2022</code>" in html
-    assert "016" not in html and "001<" not in html
+    # image bytes and the git commit hash may spell any digits by chance
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+|\b[0-9a-f]{40}\b", "", html)
+    assert "016" not in text and "001<" not in text
 
 
 # --------------------------------------------------------------------------- headless Chromium
