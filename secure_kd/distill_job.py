@@ -56,6 +56,7 @@ from secure_kd.distill_cross import (
 )
 from secure_kd.distributed import Distributed, launched
 from secure_kd.evaluate import perplexity, teacher_agreement
+from secure_kd.evaluate.teacher_logprobs import TeacherLogProbs, fits
 from secure_kd.fingerprint import tokenizer_fingerprint
 from secure_kd.hacking_callback import attach_to_job
 from secure_kd.models import (
@@ -195,6 +196,15 @@ def _eval_batches(examples: list[TokenizedExample], pad_id: int, batch_size: int
 def _evaluate(model, batches, device) -> EvalSummary:
     result = perplexity(model, batches, device=device)
     return EvalSummary(perplexity=result["perplexity"], nll=result["nll"], tokens=result["tokens"])
+
+
+def _agreement(
+    student, teacher, batches, device, fixed: TeacherLogProbs | None, vocab, padded: bool
+) -> float:
+    if fixed is not None:
+        return fixed.agreement(student, device=device)["top1_agreement"]
+    real = vocab.teacher.real_size if padded else None
+    return teacher_agreement(student, teacher, batches, device=device, real_vocab=real)["top1_agreement"]
 
 
 def _build_cache(
@@ -376,7 +386,16 @@ def _run_distill(
         limit=job.train.eval_batches,
         device=device,
     )
-    teacher_eval = _evaluate(teacher, teacher_batches, device)
+    # one teacher pass serves its perplexity and both agreements (a self-teacher changes as it trains)
+    fixed = None
+    fixed_teacher = job.kd.mode != "self_privileged"
+    if not cross and not padded and fixed_teacher and fits(eval_batches, vocab.teacher.width):
+        fixed = TeacherLogProbs(teacher, eval_batches)
+    if fixed is not None:
+        found = fixed.perplexity()
+        teacher_eval = EvalSummary(perplexity=found["perplexity"], nll=found["nll"], tokens=found["tokens"])
+    else:
+        teacher_eval = _evaluate(teacher, teacher_batches, device)
     teachers_info = None
     if job.teachers:
         each = [_evaluate(member, teacher_batches, device).perplexity for member in teacher.teachers]
@@ -386,10 +405,7 @@ def _run_distill(
         cross_before = cross_evaluation(student, teacher, with_teacher_bytes=True, **cross_eval)
         agreement_before = cross_before["agreement"]["top1_agreement"]
     else:
-        real = vocab.teacher.real_size if padded else None
-        agreement_before = teacher_agreement(student, teacher, eval_batches, device=device, real_vocab=real)[
-            "top1_agreement"
-        ]
+        agreement_before = _agreement(student, teacher, eval_batches, device, fixed, vocab, padded)
 
     tok_fp, data_fp = tokenizer_fingerprint(tokenizer), fingerprint_examples(train)
     _check_same_data(dist, data_fp)
@@ -493,10 +509,7 @@ def _run_distill(
             "the models by bits per byte",
         }
     else:
-        real = vocab.teacher.real_size if padded else None
-        agreement_after = teacher_agreement(student, teacher, eval_batches, device=device, real_vocab=real)[
-            "top1_agreement"
-        ]
+        agreement_after = _agreement(student, teacher, eval_batches, device, fixed, vocab, padded)
 
     student_dir = out / "student"
     to_save = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
