@@ -20,6 +20,7 @@ its own device, at the same time: no wall-clock cost) and returns the same resul
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ from secure_kd.distill_cross import (
 from secure_kd.distributed import Distributed, launched
 from secure_kd.evaluate import perplexity, teacher_agreement
 from secure_kd.evaluate.teacher_logprobs import TeacherLogProbs, fits
+from secure_kd.evaluate.teacher_logprobs import shared as shared_logprobs
 from secure_kd.fingerprint import tokenizer_fingerprint
 from secure_kd.hacking_callback import attach_to_job
 from secure_kd.models import (
@@ -196,6 +198,26 @@ def _eval_batches(examples: list[TokenizedExample], pad_id: int, batch_size: int
 def _evaluate(model, batches, device) -> EvalSummary:
     result = perplexity(model, batches, device=device)
     return EvalSummary(perplexity=result["perplexity"], nll=result["nll"], tokens=result["tokens"])
+
+
+def _teacher_key(job: DistillJob, device, width: int) -> str | None:
+    """What identifies the teacher's weights across runs of one process; None when nothing does (a
+    served model, a directory without safetensors)."""
+    blocks = [job.teacher, *(t for t in job.teachers)] if job.teachers else [job.teacher]
+    parts = [str(device), str(job.seed), str(width)]
+    for block in blocks:
+        source = block.source
+        if source == "served":
+            return None
+        if source not in ("smollm2", "tiny"):
+            files = sorted(Path(source).glob("*.safetensors"))
+            if not files:
+                return None
+            parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+        parts.append(json.dumps(block.model_dump(mode="json"), sort_keys=True))
+    if job.teachers:
+        parts.append(f"{job.kd.teacher_rule}:{job.kd.trim_fraction}")
+    return "|".join(parts)
 
 
 def _agreement(
@@ -390,7 +412,7 @@ def _run_distill(
     fixed = None
     fixed_teacher = job.kd.mode != "self_privileged"
     if not cross and not padded and fixed_teacher and fits(eval_batches, vocab.teacher.width):
-        fixed = TeacherLogProbs(teacher, eval_batches)
+        fixed = shared_logprobs(teacher, eval_batches, _teacher_key(job, device, vocab.teacher.width))
     if fixed is not None:
         found = fixed.perplexity()
         teacher_eval = EvalSummary(perplexity=found["perplexity"], nll=found["nll"], tokens=found["tokens"])

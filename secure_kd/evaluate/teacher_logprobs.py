@@ -106,3 +106,37 @@ class TeacherLogProbs:
             "mean_forward_kl": kl_sum / self.positions,
             "positions": self.positions,
         }
+
+
+_LAST: tuple[str, TeacherLogProbs] | None = None  # one entry: the last teacher and batches of this process
+
+
+def batches_digest(batches: Sequence[Batch]) -> str:
+    """A digest of the batches' tensors (ids, mask, labels, in order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            tensor = batch[name]
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def shared(teacher: nn.Module, batches: Sequence[Batch], teacher_key: str | None) -> TeacherLogProbs:
+    """`TeacherLogProbs(teacher, batches)`, reused by the next run of this process when `teacher_key`
+    (the caller's statement that the weights are the same: a pinned asset, a seeded tiny model, a
+    directory's file sizes and times) and the batches are the same; `None` never reuses. One entry is
+    kept, so a process running several jobs on one teacher and held-out set (`secure-kd demo`) makes
+    one teacher pass in all."""
+    global _LAST
+    key = None if teacher_key is None else f"{teacher_key}/{batches_digest(batches)}"
+    if key is not None and _LAST is not None and _LAST[0] == key:
+        return _LAST[1]
+    _LAST = None  # release the previous entry before building the next
+    fixed = TeacherLogProbs(teacher, batches)
+    if key is not None:
+        _LAST = (key, fixed)
+    return fixed

@@ -83,3 +83,49 @@ def test_a_distillation_run_evaluates_the_teacher_once(tmp_path, monkeypatch):
     # the figures match a fresh computation with the saved student and the job's teacher
     assert result.teacher_eval.tokens > 0 and math.isfinite(result.teacher_eval.perplexity)
     assert 0.0 <= result.agreement_after <= 1.0
+
+
+def test_shared_reuses_only_the_same_teacher_key_and_batches(monkeypatch):
+    monkeypatch.setattr(module, "_LAST", None)
+    teacher, batches = tiny_llama(0), _batches()
+    first = module.shared(teacher, batches, "asset-a")
+    assert module.shared(teacher, batches, "asset-a") is first
+    assert module.shared(teacher, batches, "asset-b") is not first  # another teacher
+    other_batches = [batches[1], batches[0]]
+    again = module.shared(teacher, batches, "asset-b")
+    assert module.shared(teacher, other_batches, "asset-b") is not again  # other batches
+    assert module.shared(teacher, batches, None) is not module.shared(teacher, batches, None)
+
+
+def test_two_runs_of_one_process_share_one_teacher_pass(tmp_path, monkeypatch):
+    from secure_kd.config import DistillJob
+    from secure_kd.distill_job import run_distill
+
+    monkeypatch.setattr(module, "_LAST", None)
+    calls = []
+    original = TeacherLogProbs.__init__
+
+    def counting(self, teacher, batches):
+        calls.append(1)
+        original(self, teacher, batches)
+
+    monkeypatch.setattr(TeacherLogProbs, "__init__", counting)
+    spec = {
+        "teacher": {"source": "tiny", "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}},
+        "student": {"source": "tiny", "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}},
+        "tokenizer": "tiny:320",
+        "data": {"synthetic": {"n_records": 40, "n_canaries": 0}, "max_length": 24},
+        "kd": {"loss": "forward_kl", "teacher_targets": "live"},
+        "train": {"max_steps": 2, "batch_size": 4},
+    }
+    first = run_distill(DistillJob.model_validate({**spec, "out": str(tmp_path / "a")}), progress=False,
+                        log=lambda *_: None)  # fmt: skip
+    spec["kd"] = {**spec["kd"], "ce_weight": 0.5}  # another objective, the same teacher and held-out set
+    second = run_distill(DistillJob.model_validate({**spec, "out": str(tmp_path / "b")}), progress=False,
+                         log=lambda *_: None)  # fmt: skip
+    assert len(calls) == 1
+    assert second.teacher_eval == first.teacher_eval
+    spec["seed"] = 1  # another tiny teacher (seeded by the job) and another split: a new pass
+    run_distill(DistillJob.model_validate({**spec, "out": str(tmp_path / "c")}), progress=False,
+                log=lambda *_: None)  # fmt: skip
+    assert len(calls) == 2
