@@ -95,10 +95,14 @@ def test_the_demo_audits_the_exported_student(finished_run, tmp_path):
     from sklearn.metrics import auc
 
     from secure_kd.app.demo_story import _audit_federated
+    from secure_kd.data.synthetic import generate_corpus
 
     _, run = finished_run
-    audit = _audit_federated(tmp_path, run, Console(quiet=True))
+    heldout = tmp_path / "heldout.jsonl"
+    generate_corpus(16, seed=1, n_canaries=0).to_jsonl(heldout)  # records nobody trained on
+    audit, heldout_perplexity = _audit_federated(tmp_path, run, heldout, Console(quiet=True))
     assert audit.failed == []
+    assert 1.0 < heldout_perplexity < 1e6  # the exported student on the demo's held-out records
     assert sorted(e.attack for e in audit.entries) == ["membership", "memorization"]
     metrics = {m.metric: m.value for m in audit.measurements}
     assert {"max_exposure_bits", "mia_auc"} <= set(metrics)

@@ -106,8 +106,10 @@ EXPERIMENT_RULES = {
 }
 
 
-# Templates the demo fills in: placeholder -> a stand-in file of the same kind.
-TEMPLATES = {"demo-audit.yaml": ("MEMBERS", "NONMEMBERS")}
+# Templates the demo fills in: placeholder -> a stand-in of the same kind (record files; the warm-start
+# student's directory).
+TEMPLATES = {"demo-audit.yaml": ("MEMBERS", "NONMEMBERS"), "demo-federated.yaml": ("WARM_START",)}
+DIRECTORIES = {"WARM_START"}
 
 
 def _filled(path: Path, tmp: Path) -> Path:
@@ -117,8 +119,12 @@ def _filled(path: Path, tmp: Path) -> Path:
         return path
     text = path.read_text(encoding="utf-8")
     for name in placeholders:
-        stand_in = tmp / f"{name.lower()}.jsonl"
-        stand_in.write_text('{"text": "a record"}\n', encoding="utf-8")
+        if name in DIRECTORIES:
+            stand_in = tmp / name.lower()
+            stand_in.mkdir(exist_ok=True)
+        else:
+            stand_in = tmp / f"{name.lower()}.jsonl"
+            stand_in.write_text('{"text": "a record"}\n', encoding="utf-8")
         text = text.replace(f" {name},", f" {stand_in},")
     filled = tmp / path.name
     filled.write_text(text, encoding="utf-8")
