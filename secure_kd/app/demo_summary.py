@@ -37,10 +37,11 @@ class DemoResult(BaseModel):
 
 
 def matched_lines(rows: list[DemoRow]) -> list[str]:
-    """Which pairs of the central models are at matched utility (held-out perplexity within 1.25x)."""
+    """Which pairs of the distilled models are at matched utility (held-out perplexity within 1.25x). The
+    federated student is one of them: it shares the tokenizer and the held-out records."""
     from secure_kd.app.demo_tradeoff import MATCHED_RATIO, matched_pairs
 
-    central = {r.model: r.perplexity for r in rows if not r.model.startswith(("teacher", "federated"))}
+    central = {r.model: r.perplexity for r in rows if not r.model.startswith("teacher")}
     lines = []
     for a, b, ratio, matched in matched_pairs(central):
         verdict = "matched utility" if matched else "NOT matched: a privacy gap may only mean less learned"
@@ -55,7 +56,6 @@ def plot(rows: list[DemoRow], out: Path) -> str | None:
         {"label": r.model, "perplexity": r.perplexity, "exposure_bits": r.exposure_bits,
          "reference_auc": r.reference_auc, "teacher": r.model.startswith("teacher")}
         for r in rows
-        if not r.model.startswith("federated")
     ]  # fmt: skip
     path = privacy_utility_png(points, out / "privacy_utility.png")
     return str(path) if path else None

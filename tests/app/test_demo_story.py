@@ -124,9 +124,13 @@ def test_matched_utility_pairs_and_the_summary_say_which_comparisons_hold(tmp_pa
                 clone_agreement=0.1, reference_auc=0.95),
         DemoRow(model="DP KD (target eps 8)", perplexity=400.0, epsilon=7.9, exposure_bits=1.0, mia_auc=0.5,
                 clone_agreement=None, reference_auc=0.5, one_run_bound=0.0),
+        DemoRow(model="federated x4 (CKKS+DP)", perplexity=130.0, epsilon=3.9, exposure_bits=1.2, mia_auc=0.5,
+                clone_agreement=None),
     ]  # fmt: skip
     lines = matched_lines(rows)
-    assert len(lines) == 6  # the 4 central models pairwise; teacher (and federated) rows are left out
+    assert len(lines) == 10  # the 5 distilled models pairwise (the federated one shares the tokenizer)
+    federated = "KD student (JSD, cache) vs federated x4 (CKKS+DP): perplexity ratio 1.08 (matched"
+    assert any(line.startswith(federated) for line in lines)
     assert any(line.startswith("KD student (JSD, cache) vs KD + CE mix (0.5): perplexity ratio 1.20 (matched")
                for line in lines)  # fmt: skip
     assert any("vs fine-tuned baseline: perplexity ratio 3.43 (NOT matched" in line for line in lines)
