@@ -216,10 +216,11 @@ def test_bad_input_gets_one_clear_error(zoo, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_fine_tuned_comes_out_high_and_the_control_at_chance(tmp_path):
-    """The SmolLM2 experiment (Q4_1, benchmarks/experiments/reference_mia_smollm2.py) at 40 + 40 records:
+    """The SmolLM2 experiment (Q4_1, benchmarks/experiments/reference_mia_smollm2.py) at 50 + 50 records:
     fine-tuned 4 epochs from SmolLM2, the reference attack with SmolLM2 as the reference >= 0.9 and above
     the loss attack; the control (fine-tuned the same way on other records) covers 0.5. 4 epochs because 2
-    gave 0.912 and 0.863 on two seeds at 50 + 50 (docs/results.md); this setting has not been run yet."""
+    gave 0.912 and 0.863 on two seeds; at 4 epochs the experiment measured 0.942 (this seed) and 0.931
+    (seed 1), docs/results.md."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"))
@@ -227,7 +228,7 @@ def test_smollm2_fine_tuned_comes_out_high_and_the_control_at_chance(tmp_path):
 
     out = tmp_path / "r.json"
     reference_mia_smollm2.main(
-        ["--n", "40", "--epochs", "4", "--work", str(tmp_path / "w"), "--out", str(out)]
+        ["--n", "50", "--epochs", "4", "--work", str(tmp_path / "w"), "--out", str(out)]
     )
     audits = json.loads(out.read_text())["audits"]
     tuned, control = audits["fine_tuned"]["attacks"], audits["control"]["attacks"]
