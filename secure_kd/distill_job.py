@@ -203,7 +203,7 @@ def _evaluate(model, batches, device) -> EvalSummary:
 def _teacher_key(job: DistillJob, device, width: int) -> str | None:
     """What identifies the teacher's weights across runs of one process; None when nothing does (a
     served model, a directory without safetensors)."""
-    blocks = [job.teacher, *(t for t in job.teachers)] if job.teachers else [job.teacher]
+    blocks = [job.teacher, *(job.teachers or [])]
     parts = [str(device), str(job.seed), str(width)]
     for block in blocks:
         source = block.source

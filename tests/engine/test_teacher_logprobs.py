@@ -55,10 +55,31 @@ def test_fits_bounds_the_stored_bytes(monkeypatch):
     assert not fits(batches, 65)
 
 
-def test_a_distillation_run_evaluates_the_teacher_once(tmp_path, monkeypatch):
+TINY = {"source": "tiny", "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}}
+
+
+def _distill(out, **changes):
+    """A tiny distillation run with a live teacher; `changes` replace top-level blocks of the job."""
     from secure_kd.config import DistillJob
     from secure_kd.distill_job import run_distill
 
+    spec = {
+        "out": str(out),
+        "teacher": TINY,
+        "student": TINY,
+        "tokenizer": "tiny:320",
+        "data": {"synthetic": {"n_records": 40, "n_canaries": 0}, "max_length": 24},
+        "kd": {"loss": "forward_kl", "teacher_targets": "live"},
+        "train": {"max_steps": 2, "batch_size": 4, "eval_batches": 2},
+        **changes,
+    }
+    return run_distill(DistillJob.model_validate(spec), progress=False, log=lambda *_: None)
+
+
+@pytest.fixture
+def teacher_passes(monkeypatch):
+    """The teacher passes `TeacherLogProbs` makes from here on (no entry shared from earlier tests)."""
+    monkeypatch.setattr(module, "_LAST", None)
     calls = []
     original = TeacherLogProbs.__init__
 
@@ -67,20 +88,12 @@ def test_a_distillation_run_evaluates_the_teacher_once(tmp_path, monkeypatch):
         original(self, teacher, batches)
 
     monkeypatch.setattr(TeacherLogProbs, "__init__", counting)
-    job = DistillJob.model_validate(
-        {
-            "out": str(tmp_path / "run"),
-            "teacher": {"source": "tiny", "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}},
-            "student": {"source": "tiny", "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}},
-            "tokenizer": "tiny:320",
-            "data": {"synthetic": {"n_records": 40, "n_canaries": 0}, "max_length": 24},
-            "kd": {"loss": "forward_kl", "teacher_targets": "live"},
-            "train": {"max_steps": 2, "batch_size": 4, "eval_batches": 2},
-        }
-    )
-    result = run_distill(job, progress=False, log=lambda *_: None)
-    assert len(calls) == 1  # one pass, before training; none after
-    # the figures match a fresh computation with the saved student and the job's teacher
+    return calls
+
+
+def test_a_distillation_run_evaluates_the_teacher_once(tmp_path, teacher_passes):
+    result = _distill(tmp_path / "run")
+    assert len(teacher_passes) == 1  # one pass, before training; none after
     assert result.teacher_eval.tokens > 0 and math.isfinite(result.teacher_eval.perplexity)
     assert 0.0 <= result.agreement_after <= 1.0
 
@@ -97,35 +110,11 @@ def test_shared_reuses_only_the_same_teacher_key_and_batches(monkeypatch):
     assert module.shared(teacher, batches, None) is not module.shared(teacher, batches, None)
 
 
-def test_two_runs_of_one_process_share_one_teacher_pass(tmp_path, monkeypatch):
-    from secure_kd.config import DistillJob
-    from secure_kd.distill_job import run_distill
-
-    monkeypatch.setattr(module, "_LAST", None)
-    calls = []
-    original = TeacherLogProbs.__init__
-
-    def counting(self, teacher, batches):
-        calls.append(1)
-        original(self, teacher, batches)
-
-    monkeypatch.setattr(TeacherLogProbs, "__init__", counting)
-    spec = {
-        "teacher": {"source": "tiny", "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}},
-        "student": {"source": "tiny", "tiny": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}},
-        "tokenizer": "tiny:320",
-        "data": {"synthetic": {"n_records": 40, "n_canaries": 0}, "max_length": 24},
-        "kd": {"loss": "forward_kl", "teacher_targets": "live"},
-        "train": {"max_steps": 2, "batch_size": 4},
-    }
-    first = run_distill(DistillJob.model_validate({**spec, "out": str(tmp_path / "a")}), progress=False,
-                        log=lambda *_: None)  # fmt: skip
-    spec["kd"] = {**spec["kd"], "ce_weight": 0.5}  # another objective, the same teacher and held-out set
-    second = run_distill(DistillJob.model_validate({**spec, "out": str(tmp_path / "b")}), progress=False,
-                         log=lambda *_: None)  # fmt: skip
-    assert len(calls) == 1
+def test_two_runs_of_one_process_share_one_teacher_pass(tmp_path, teacher_passes):
+    kd = {"loss": "forward_kl", "teacher_targets": "live"}
+    first = _distill(tmp_path / "a", kd=kd)
+    second = _distill(tmp_path / "b", kd={**kd, "ce_weight": 0.5})  # the same teacher and held-out set
+    assert len(teacher_passes) == 1
     assert second.teacher_eval == first.teacher_eval
-    spec["seed"] = 1  # another tiny teacher (seeded by the job) and another split: a new pass
-    run_distill(DistillJob.model_validate({**spec, "out": str(tmp_path / "c")}), progress=False,
-                log=lambda *_: None)  # fmt: skip
-    assert len(calls) == 2
+    _distill(tmp_path / "c", kd=kd, seed=1)  # another tiny teacher (seeded by the job), another split
+    assert len(teacher_passes) == 2
