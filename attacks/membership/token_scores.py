@@ -24,7 +24,20 @@ import numpy as np
 import torch
 from torch import nn
 
-POSITION_BLOCK = 512  # positions per block of vocabulary statistics
+# Positions per block of vocabulary statistics. On a CPU the statistics are memory-bound: a block whose
+# float32 logits fit in the core's L2 cache is read from memory once instead of once per elementwise pass
+# (SmolLM2's 49,152-entry vocabulary: 5 positions per block, 4.4x faster than blocks of 512 on 2 Xeon
+# cores, which took the scoring overhead over a plain forward from 1.16x to ~1.03x). Accelerators keep
+# long blocks (few kernel launches).
+CPU_BLOCK_BYTES = 1 << 20
+ACCELERATOR_BLOCK = 512
+
+
+def position_block(vocab: int, device: torch.device) -> int:
+    """Positions per block of `batch_stats` for a vocabulary of `vocab` entries on `device`."""
+    if device.type != "cpu":
+        return ACCELERATOR_BLOCK
+    return max(1, CPU_BLOCK_BYTES // (4 * vocab))
 
 
 @dataclass
@@ -69,16 +82,17 @@ def position_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 def batch_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[np.ndarray, ...]:
     """(logprob, mu, sigma2) as float32 numpy [batch, seq]; position t predicts ids[:, t + 1] (the last
     position of each row and padding are computed and left for the caller to ignore). The logits are
-    read as one flat [batch * seq, vocab] view in blocks of `POSITION_BLOCK` positions: long contiguous
-    blocks, whatever the sequence length."""
+    read as one flat [batch * seq, vocab] view in blocks of `position_block` positions, whatever the
+    sequence length."""
     batch, width, vocab = logits.shape
     flat = logits.reshape(batch * width, vocab)
     targets = torch.zeros_like(ids)
     targets[:, :-1] = ids[:, 1:]
     targets = targets.reshape(-1)
     out = [torch.empty(batch * width, dtype=torch.float32, device=logits.device) for _ in range(3)]
-    for a in range(0, batch * width, POSITION_BLOCK):
-        b = min(batch * width, a + POSITION_BLOCK)
+    block = position_block(vocab, logits.device)
+    for a in range(0, batch * width, block):
+        b = min(batch * width, a + block)
         for buffer, value in zip(out, position_stats(flat[a:b], targets[a:b]), strict=True):
             buffer[a:b] = value
     return tuple(v.reshape(batch, width).cpu().numpy() for v in out)

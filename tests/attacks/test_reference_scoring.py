@@ -20,7 +20,7 @@ from attacks.membership.reference_attacks import (
     zlib_scores,
 )
 from attacks.membership.score_cache import ScoreCache, cache_key, cached_stats
-from attacks.membership.token_scores import TokenStats, score_sequences
+from attacks.membership.token_scores import TokenStats, batch_stats, position_block, score_sequences
 from secure_kd.fingerprint import model_dir_fingerprint
 
 # Logits the fake model returns at each position of the one sequence [0, 2, 1, 2] (vocab 3).
@@ -62,6 +62,25 @@ def test_token_stats_equal_a_hand_computation():
     np.testing.assert_allclose(stats.mu, hand[:, 1], rtol=1e-5)
     np.testing.assert_allclose(stats.sigma2, hand[:, 2], rtol=1e-4, atol=1e-6)
     assert stats.mean_nll()[0] == pytest.approx(-hand[:, 0].mean(), rel=1e-6)
+
+
+def test_cache_sized_blocks_cover_every_position_as_one_float64_pass_does():
+    # SmolLM2's vocabulary: 5 positions per CPU block, so 3 x 7 = 21 positions end in a partial block
+    vocab = 49_152
+    assert position_block(vocab, torch.device("cpu")) == 5
+    assert position_block(vocab, torch.device("meta")) == 512
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, vocab, generator=generator) * 4
+    ids = torch.randint(0, vocab, (3, 7), generator=generator)
+    logprob, mu, sigma2 = batch_stats(logits, ids)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    targets = torch.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    p = logp.exp()
+    ref_mu = (p * logp).sum(-1)
+    np.testing.assert_allclose(logprob, logp.gather(-1, targets[..., None]).squeeze(-1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(mu, ref_mu.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(sigma2, (p * (logp - ref_mu[..., None]) ** 2).sum(-1).numpy(), rtol=1e-4)
 
 
 def test_min_k_plus_plus_equals_a_hand_computation():
