@@ -13,7 +13,8 @@ Each target is audited by `secure-kd audit --model DIR --reference smollm2 --mem
 AUC and TPR at 1% FPR with 95% bootstrap intervals. The reference's per-token statistics are scored once
 and read from the shared score cache by the second audit.
 
-Run: `python benchmarks/experiments/reference_mia_smollm2.py [--n 200] [--epochs 3] [--work DIR]`;
+Run: `python benchmarks/experiments/reference_mia_smollm2.py [--n 200] [--epochs 3] [--work DIR]
+[--device cuda]` (the issue's GPU size: `--n 10000 --device cuda`);
 writes benchmarks/results/reference_mia_smollm2.json and prints one line per target.
 """
 
@@ -43,12 +44,21 @@ MAX_LENGTH = 64
 
 
 def fine_tune(
-    base, sequences, *, epochs: int, train_layers: int, lr: float, batch_size: int, seed: int, pad_id: int
+    base,
+    sequences,
+    *,
+    epochs: int,
+    train_layers: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    device: str = "cpu",
 ):
     """CE fine-tune of the top `train_layers` decoder layers + final norm, in place; returns the losses."""
     from attacks.membership.token_scores import pad_batch
 
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     trained = [*model.model.layers[-train_layers:], model.model.norm]
@@ -65,6 +75,7 @@ def fine_tune(
         for start in range(0, len(order), batch_size):
             batch = [sequences[i] for i in order[start : start + batch_size]]
             ids, mask = pad_batch(batch, pad_id)
+            ids, mask = ids.to(device), mask.to(device)
             labels = ids.masked_fill(mask == 0, -100)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
@@ -76,7 +87,7 @@ def fine_tune(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, losses
+    return model.cpu(), losses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/experiments/reference_mia_smollm2"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: fine-tuning and the audits")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -115,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             model, losses = fine_tune(
                 base, [e.input_ids for e in examples], epochs=args.epochs, train_layers=args.train_layers,
                 lr=args.lr, batch_size=args.batch_size, seed=args.seed, pad_id=int(pad),
+                device=args.device,
             )  # fmt: skip
             model.save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ReferenceAuditConfig(
             model=directory, references=[str(base_dir)], members=str(work / "members.jsonl"),
             nonmembers=str(work / "nonmembers.jsonl"), out=str(work / f"audit_{name}"), max_length=MAX_LENGTH,
-            cache_dir=str(work / "scores"), device="cpu", progress=False, seed=args.seed,
+            cache_dir=str(work / "scores"), device=args.device, progress=False, seed=args.seed,
         )  # fmt: skip
         result = run_reference_audit(cfg)
         audits[name] = {
@@ -154,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "threads": torch.get_num_threads(),
+        "device": args.device,
         "training": training,
         "audits": audits,
         "seconds": time.perf_counter() - started,
