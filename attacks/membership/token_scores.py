@@ -27,7 +27,7 @@ from torch import nn
 # Positions per block of vocabulary statistics. On a CPU the statistics are memory-bound: a block whose
 # float32 logits fit in the core's L2 cache is read from memory once instead of once per elementwise pass
 # (SmolLM2's 49,152-entry vocabulary: 5 positions per block, 4.4x faster than blocks of 512 on 2 Xeon
-# cores, which took the scoring overhead over a plain forward from 1.16x to ~1.03x). Accelerators keep
+# cores, which took the scoring overhead over a plain forward from 1.16x to 1.04x). Accelerators keep
 # long blocks (few kernel launches).
 CPU_BLOCK_BYTES = 1 << 20
 ACCELERATOR_BLOCK = 512
