@@ -12,6 +12,8 @@
 #                  ($SECURE_KD_HOME/assets/...): nothing is fetched here
 #   4. benchmarks  kd_loss, dp_step, distill_step (fp32 and bf16; secure-kd vs TRL's GKDTrainer),
 #                  each --device cuda, peak memory from torch.cuda.max_memory_allocated
+#   5. audit_10k   the reference audit of 10,000 + 10,000 records on SmolLM2 (where the asset is on
+#                  disk)                                                              reference_mia_n10000.json
 # and gpu_check.json: every stage's exit code, seconds and (tests) pass/fail/skip counts, with the
 # headline ratios of each benchmark. Exit code: 0 when every stage that ran passed, 1 otherwise,
 # 3 when the preflight found no CUDA device or a missing package (nothing else runs then).
@@ -146,6 +148,18 @@ stage distill_step 100 "$PY" benchmarks/distill_step.py --device "$DEVICE" "${QU
 stage distill_step_bf16 75 "$PY" benchmarks/distill_step.py --device "$DEVICE" "${QUICK[@]}" --precision bf16 \
   --rounds 2 --steps 3 --variants ce trl_gkd ours_live_top64 ours_cache ours_cache_fused \
   --out "$OUT_DIR/distill_step_bf16.json"
+
+# 5. the reference audit at the issue's GPU size, 10,000 members + 10,000 non-members on SmolLM2 (two
+# fine-tuned targets, one epoch on the top 2 layers; each audit's seconds are in its JSON): last, so the
+# benchmarks run first when the budget is short
+if [ "$DEVICE" = cpu ]; then
+  echo '{"stage": "audit_10k", "skipped": "dry run on the CPU (GPU_CHECK_DEVICE=cpu)"}' >>"$STAGES"
+elif "$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['smollm2_asset'] else 1)" "$OUT_DIR/preflight.json"; then
+  stage audit_10k 240 "$PY" benchmarks/experiments/reference_mia_smollm2.py --n 10000 --epochs 1 --train-layers 2 \
+    --device "$DEVICE" --work "${TMPDIR:-/tmp}/secure-kd-audit-10k" --out "$OUT_DIR/reference_mia_n10000.json"
+else
+  echo '{"stage": "audit_10k", "skipped": "the SmolLM2 asset is not on this machine"}' >>"$STAGES"
+fi
 
 # the summary
 "$PY" - "$OUT_DIR" "$FAILED" "$(($(date +%s) - START))" <<'EOF'
