@@ -129,11 +129,14 @@ if [ "$PREFLIGHT" -ne 0 ]; then
   exit 3
 fi
 
+# whether the preflight found the SmolLM2 asset on disk (the slow tests and the 10,000-record audit need it)
+has_asset() { "$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['smollm2_asset'] else 1)" "$OUT_DIR/preflight.json"; }
+
 # 2. the GPU tests; 3. the slow tests, where the real model is already on disk
 stage gpu_tests 150 "$PY" -m pytest tests/engine/test_gpu.py -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
 if [ "$DEVICE" = cpu ]; then
   echo '{"stage": "slow_tests", "skipped": "dry run on the CPU (GPU_CHECK_DEVICE=cpu)"}' >>"$STAGES"
-elif "$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['smollm2_asset'] else 1)" "$OUT_DIR/preflight.json"; then
+elif has_asset; then
   stage slow_tests 180 "$PY" -m pytest -m slow -q -p no:cacheprovider -x --junitxml="$OUT_DIR/slow_tests.xml"
 else
   echo '{"stage": "slow_tests", "skipped": "the SmolLM2 asset is not on this machine (secure-kd assets fetch-smollm2 needs the network; carry $SECURE_KD_HOME/assets or set SECURE_KD_HOME to a copy)"}' >>"$STAGES"
@@ -154,7 +157,7 @@ stage distill_step_bf16 75 "$PY" benchmarks/distill_step.py --device "$DEVICE" "
 # benchmarks run first when the budget is short
 if [ "$DEVICE" = cpu ]; then
   echo '{"stage": "audit_10k", "skipped": "dry run on the CPU (GPU_CHECK_DEVICE=cpu)"}' >>"$STAGES"
-elif "$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['smollm2_asset'] else 1)" "$OUT_DIR/preflight.json"; then
+elif has_asset; then
   stage audit_10k 240 "$PY" benchmarks/experiments/reference_mia_smollm2.py --n 10000 --epochs 1 --train-layers 2 \
     --device "$DEVICE" --work "${TMPDIR:-/tmp}/secure-kd-audit-10k" --out "$OUT_DIR/reference_mia_n10000.json"
 else
